@@ -1,0 +1,127 @@
+"""Masked-attention transformer decoder (Mask2Former's MultiScaleMaskedTransformerDecoder)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .config import DecoderConfig
+from .layers import MLP, ConvNorm, sine_position_encoding
+
+N_LEVELS = 3  # Mask2Former always attends round-robin over three scales
+
+
+class _AttentionLayer(nn.Module):
+    """Post-norm attention block; ``attr`` is ModelScope's module name (``self_attn``/``multihead_attn``)."""
+
+    def __init__(self, d_model: int, nhead: int, attr: str, pre_norm: bool) -> None:
+        super().__init__()
+        setattr(self, attr, nn.MultiheadAttention(d_model, nhead, dropout=0.0))
+        self._attr = attr
+        self.norm = nn.LayerNorm(d_model)
+        self.pre_norm = pre_norm
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return getattr(self, self._attr)(q, k, value=v, attn_mask=mask, need_weights=False)[0]
+
+
+class SelfAttentionLayer(_AttentionLayer):
+    def __init__(self, d_model: int, nhead: int, pre_norm: bool) -> None:
+        super().__init__(d_model, nhead, "self_attn", pre_norm)
+
+    def forward(self, tgt: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
+        if self.pre_norm:
+            t = self.norm(tgt)
+            return tgt + self.attend(t + query_pos, t + query_pos, t, None)
+        q = tgt + query_pos
+        return self.norm(tgt + self.attend(q, q, tgt, None))
+
+
+class CrossAttentionLayer(_AttentionLayer):
+    def __init__(self, d_model: int, nhead: int, pre_norm: bool) -> None:
+        super().__init__(d_model, nhead, "multihead_attn", pre_norm)
+
+    def forward(self, tgt: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
+                query_pos: torch.Tensor) -> torch.Tensor:
+        if self.pre_norm:
+            t = self.norm(tgt)
+            return tgt + self.attend(t + query_pos, memory + pos, memory, mask)
+        return self.norm(tgt + self.attend(tgt + query_pos, memory + pos, memory, mask))
+
+
+class FFNLayer(nn.Module):
+    def __init__(self, d_model: int, dim_ff: int, pre_norm: bool) -> None:
+        super().__init__()
+        self.linear1 = nn.Linear(d_model, dim_ff)
+        self.linear2 = nn.Linear(dim_ff, d_model)
+        self.norm = nn.LayerNorm(d_model)
+        self.pre_norm = pre_norm
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+
+    def forward(self, tgt: torch.Tensor) -> torch.Tensor:
+        if self.pre_norm:
+            return tgt + self.linear2(F.relu(self.linear1(self.norm(tgt))))
+        return self.norm(tgt + self.linear2(F.relu(self.linear1(tgt))))
+
+
+class MaskedTransformerDecoder(nn.Module):
+    def __init__(self, cfg: DecoderConfig, in_channels: int) -> None:
+        super().__init__()
+        d = cfg.hidden_dim
+        self.num_heads = cfg.nheads
+        self.num_queries = cfg.num_queries
+        self.transformer_self_attention_layers = nn.ModuleList(
+            SelfAttentionLayer(d, cfg.nheads, cfg.pre_norm) for _ in range(cfg.dec_layers))
+        self.transformer_cross_attention_layers = nn.ModuleList(
+            CrossAttentionLayer(d, cfg.nheads, cfg.pre_norm) for _ in range(cfg.dec_layers))
+        self.transformer_ffn_layers = nn.ModuleList(
+            FFNLayer(d, cfg.dim_feedforward, cfg.pre_norm) for _ in range(cfg.dec_layers))
+        self.decoder_norm = nn.LayerNorm(d)
+        self.query_feat = nn.Embedding(cfg.num_queries, d)
+        self.query_embed = nn.Embedding(cfg.num_queries, d)
+        self.level_embed = nn.Embedding(N_LEVELS, d)
+        self.input_proj = nn.ModuleList(
+            ConvNorm(in_channels, d, kernel_size=1)
+            if in_channels != d or cfg.enforce_input_project else nn.Sequential()
+            for _ in range(N_LEVELS)
+        )
+        self.class_embed = nn.Linear(d, cfg.num_classes + 1)
+        self.mask_embed = MLP(d, d, cfg.mask_dim, 3)
+        self.num_pos_feats = d // 2
+
+    def _masks(self, output: torch.Tensor, mask_features: torch.Tensor) -> torch.Tensor:
+        x = self.decoder_norm(output).transpose(0, 1)
+        return torch.einsum("bqc,bchw->bqhw", self.mask_embed(x), mask_features)
+
+    def _attention_mask(self, masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Where a query may not look: resized mask probability < 0.5, rows that hide everything opened."""
+        m = F.interpolate(masks, size=size, mode="bilinear", align_corners=False)
+        m = m.sigmoid().flatten(2).unsqueeze(1).repeat(1, self.num_heads, 1, 1).flatten(0, 1) < 0.5
+        return m & ~m.all(-1, keepdim=True)
+
+    def forward(self, feats: list[torch.Tensor], mask_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sizes = [(f.shape[2], f.shape[3]) for f in feats]
+        src, pos = [], []
+        for i, f in enumerate(feats):
+            pos.append(sine_position_encoding(f, self.num_pos_feats).flatten(2).permute(2, 0, 1))
+            src.append((self.input_proj[i](f).flatten(2) + self.level_embed.weight[i][None, :, None]).permute(2, 0, 1))
+        b = src[0].shape[1]
+        query_pos = self.query_embed.weight.unsqueeze(1).repeat(1, b, 1)
+        output = self.query_feat.weight.unsqueeze(1).repeat(1, b, 1)
+        masks = self._masks(output, mask_features)
+        n_layers = len(self.transformer_ffn_layers)
+        for i in range(n_layers):
+            level = i % N_LEVELS
+            attn_mask = self._attention_mask(masks, sizes[level])
+            output = self.transformer_cross_attention_layers[i](output, src[level], attn_mask, pos[level], query_pos)
+            output = self.transformer_self_attention_layers[i](output, query_pos)
+            output = self.transformer_ffn_layers[i](output)
+            masks = self._masks(output, mask_features)
+        logits = self.class_embed(self.decoder_norm(output).transpose(0, 1))
+        return logits, masks
