@@ -1,0 +1,135 @@
+"""Export one version: source → PyTorch → ONNX → parity gate → config + manifest → published bundle."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import onnxruntime
+import onnxscript
+import torch
+
+import m2fpkit
+from m2fpkit.runtime.bundle import BundleConfig, Postprocess, Preprocess, TensorSpec
+from m2fpkit.runtime.manifest import write_manifest
+from m2fpkit.runtime.palette import palette_for
+from m2fpkit.runtime.store import BundleStore
+
+from . import onnx_export, parity, sources
+from .model.config import M2FPConfig
+from .model.m2fp import PIXEL_MEAN, PIXEL_STD, SIZE_DIVISIBILITY, count_parameters
+from .progress import Progress
+from .specs import VersionSpec
+
+log = logging.getLogger(__name__)
+
+BUNDLE_NAME = "m2fp"
+
+
+@dataclass
+class ExportResult:
+    bundle_dir: Path
+    config: BundleConfig
+    seconds: float
+
+
+def _pad(n: int) -> int:
+    return -(-n // SIZE_DIVISIBILITY) * SIZE_DIVISIBILITY
+
+
+def preprocess_for(cfg: M2FPConfig, overrides: dict) -> Preprocess:
+    if cfg.single_human:
+        base = Preprocess(resize="center-canvas", canvas=tuple(cfg.single_human_size), canvas_fill=128)
+    else:
+        base = Preprocess(resize="shortest-edge", short_edge=640, max_size=1333)
+    base = dataclasses.replace(base, mean=tuple(PIXEL_MEAN), std=tuple(PIXEL_STD), size_divisibility=SIZE_DIVISIBILITY)
+    allowed = {"short_edge", "max_size"}
+    unknown = set(overrides) - allowed
+    if unknown:
+        raise ValueError(f"preprocess: cannot override {', '.join(sorted(unknown))} (allowed: short_edge, max_size)")
+    return dataclasses.replace(base, **overrides)
+
+
+def parity_sizes(pre: Preprocess) -> list[tuple[int, int]]:
+    """Three padded input sizes the runtime will really see for this policy."""
+    if pre.resize == "center-canvas":
+        w, h = pre.canvas  # type: ignore[misc]
+        return [(_pad(h), _pad(w)), (_pad(h // 2), _pad(w)), (_pad(h), _pad(w * 3 // 4))]
+    s = pre.short_edge
+    return [(_pad(s), _pad(s)), (_pad(s), _pad(s * 4 // 3)), (_pad(s * 3 // 2), _pad(s))]
+
+
+def make_config(spec: VersionSpec, ck: sources.Checkpoint, pre: Preprocess, report: dict, created_at: str,
+                n_params: int) -> BundleConfig:
+    cfg = ck.config
+    classes = tuple(cfg.classes)
+    q = cfg.decoder.num_queries
+    return BundleConfig(
+        name=BUNDLE_NAME, version=spec.version, created_at=created_at, task=cfg.task,
+        backbone=f"resnet{cfg.backbone.depth}", classes=classes, palette=tuple(palette_for(classes)),
+        num_queries=q,
+        inputs=(TensorSpec(onnx_export.INPUT, "float32", (1, 3, "height", "width")),),
+        outputs=(TensorSpec("pred_logits", "float32", (1, q, len(classes) + 1)),
+                 TensorSpec("pred_masks", "float32", (1, q, "height/4", "width/4"))),
+        compatible_api=spec.compatible_api, preprocess=pre,
+        postprocess=Postprocess(instance_paste_threshold=cfg.parsing_ins_score_thr),
+        channel=spec.channel, notes=spec.notes,
+        human_class=None if cfg.single_human else cfg.num_parsing,
+        source={"kind": ck.kind, "uri": ck.uri, "sha256": ck.sha256},
+        tools={"torch": torch.__version__, "onnx": onnx.__version__, "onnxscript": onnxscript.__version__,
+               "onnxruntime": onnxruntime.__version__, "opset": spec.opset, "m2fpkit": m2fpkit.__version__,
+               "exporter": "torch.onnx dynamo"},
+        parity=report,
+        architecture={"parameters": n_params, **cfg.to_modelscope()},
+    )
+
+
+def export_version(spec: VersionSpec, bundles: Path, *, force: bool = False) -> ExportResult:
+    """Build ``spec`` into ``bundles/m2fp/<version>``; nothing is published unless parity passes."""
+    store = BundleStore(bundles, BUNDLE_NAME)
+    progress = Progress(6, f"{spec.version}:")
+    created_at = dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    with store.staging(spec.version, force=force) as stage:
+        with progress(f"load source {spec.source}"):
+            ck = sources.resolve(spec.source, task=spec.task)
+            if spec.task and ck.config.task != spec.task:
+                raise sources.SourceError(f"{spec.version}: spec says task {spec.task!r} but the checkpoint is "
+                                          f"{ck.config.task!r}")
+        with progress("build PyTorch model"):
+            model = ck.build_model()
+            n_params = count_parameters(model)
+            log.info("%s: %s, %.2f M parameters", spec.version, f"resnet{ck.config.backbone.depth}", n_params / 1e6)
+        pre = preprocess_for(ck.config, spec.preprocess)
+        onnx_path = stage / "model.onnx"
+        with progress(f"export ONNX (opset {spec.opset})"):
+            onnx_export.export_onnx(model, onnx_path, opset=spec.opset)
+        with progress("parity gate: onnxruntime vs PyTorch"):
+            report = parity.check(model, onnx_path, parity_sizes(pre))
+        with progress("write config.json and metadata"):
+            config = make_config(spec, ck, pre, report, created_at, n_params)
+            onnx_export.set_metadata(onnx_path, {
+                "m2fp.name": config.name, "m2fp.version": config.version, "m2fp.semver": str(config.semver),
+                "m2fp.schema_version": str(config.schema_version), "m2fp.task": config.task,
+                "m2fp.num_classes": str(config.num_classes), "m2fp.created_at": created_at,
+                "m2fp.source_sha256": ck.sha256,
+            })
+            (stage / "config.json").write_text(config.to_json(), encoding="utf-8")
+        with progress("write manifest and publish"):
+            write_manifest(stage)
+    log.info("%s: published %s in %.1f s", spec.version, store.path(spec.version), progress.elapsed)
+    return ExportResult(store.path(spec.version), config, progress.elapsed)
+
+
+def update_aliases(bundles: Path, aliases: dict[str, str]) -> dict[str, str]:
+    """Point each alias at its version if that version is published; return what was written."""
+    store = BundleStore(bundles, BUNDLE_NAME)
+    present = set(store.versions())
+    current = store.read_aliases()
+    wanted = {a: v for a, v in aliases.items() if v in present}
+    if any(current.get(a) != v for a, v in wanted.items()):
+        store.write_aliases({**current, **wanted})
+    return wanted

@@ -1,0 +1,106 @@
+"""``m2fp-export``: build versions into verified bundles."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+DEFAULT_BUNDLES = Path(__file__).resolve().parent.parent / "bundles"
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose < 0 else logging.INFO if verbose == 0 else logging.DEBUG
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)
+    logging.getLogger("m2fpkit").setLevel(level)
+    # the exporter's own chatter (rewrite rules, constant folding) is noise at our level of detail
+    for name in ("torch", "onnxscript", "onnx_ir"):
+        logging.getLogger(name).setLevel(logging.ERROR if verbose < 2 else logging.DEBUG)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("versions", nargs=-1)
+@click.option("--all", "build_all", is_flag=True, help="Build every spec marked build_by_default that is not built yet.")
+@click.option("--list", "list_specs", is_flag=True, help="List the version specs and exit.")
+@click.option("--source", help="Override the spec's source: a ModelScope dir, modelscope:ID[@REV] or random:PRESET[?seed=N].")
+@click.option("--task", type=click.Choice(["multi-human", "single-human"]), help="Task for --source (default: the checkpoint's).")
+@click.option("--channel", type=click.Choice(["stable", "recommended", "experimental"]), help="Channel for a version without a spec.")
+@click.option("--bundles", "bundles", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_BUNDLES,
+              show_default=True, help="Bundle root.")
+@click.option("--specs", "specs_path", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="Version spec file (default: the packaged versions.toml).")
+@click.option("--force", is_flag=True, help="Replace an existing version (atomically).")
+@click.option("-v", "--verbose", count=True, help="More log output.")
+@click.option("-q", "--quiet", is_flag=True, help="Warnings and errors only.")
+def main(versions: tuple[str, ...], build_all: bool, list_specs: bool, source: str | None, task: str | None,
+         channel: str | None, bundles: Path, specs_path: Path | None, force: bool, verbose: int, quiet: bool) -> None:
+    """Export M2FP VERSIONS (e.g. v1.2) into verified, self-describing ONNX bundles."""
+    _setup_logging(-1 if quiet else verbose)
+    from . import specs as specs_mod  # light; heavy imports below only when exporting
+
+    try:
+        specfile = specs_mod.load(specs_path) if specs_path else specs_mod.load()
+    except specs_mod.SpecError as exc:
+        raise click.ClickException(str(exc)) from None
+    if list_specs:
+        _list(specfile, bundles)
+        return
+    if build_all:
+        from m2fpkit.runtime.store import BundleStore
+        present = set(BundleStore(bundles).versions())
+        versions = tuple(v for v, s in specfile.versions.items() if s.build_by_default and (force or v not in present))
+        if not versions:
+            click.echo("all default versions are built", err=True)
+    elif not versions:
+        raise click.UsageError("name a VERSION (see --list), or use --all")
+    if source and len(versions) != 1:
+        raise click.UsageError("--source goes with exactly one VERSION")
+    try:
+        from . import build
+    except ImportError as exc:
+        raise click.ClickException(f"{exc.name} is missing: install with the [export] extra "
+                                   "(pip install -e '.[export]' torch==2.13.0)") from None
+    from m2fpkit.runtime.errors import BundleError
+    from m2fpkit.runtime.versions import is_version_name
+
+    failed = []
+    for version in versions:
+        if not is_version_name(version):
+            raise click.UsageError(f"{version!r} is not a version name like v1.2 or v2.0-beta")
+        spec = specfile.versions.get(version)
+        if spec is None and not source:
+            raise click.ClickException(str(specs_mod.SpecError(
+                f"no spec for {version!r} (known: {', '.join(specfile.versions)}); pass --source to export it anyway")))
+        if spec is None:
+            spec = specs_mod.VersionSpec(version=version, source=source, task=task, channel=channel or "experimental",
+                                         notes=f"exported from {source}")
+        elif source:
+            spec = dataclasses.replace(spec, source=source, task=task, channel=channel or spec.channel)
+        try:
+            result = build.export_version(spec, bundles, force=force)
+        except (build.sources.SourceError, build.parity.ParityError, BundleError, ValueError) as exc:
+            logging.getLogger("m2fpkit.export").error("%s: %s", version, exc)
+            failed.append(version)
+            continue
+        click.echo(f"{version}: {result.bundle_dir} ({result.seconds:.1f} s)")
+    written = build.update_aliases(bundles, specfile.aliases)
+    if written:
+        logging.getLogger("m2fpkit.export").info("aliases: %s", ", ".join(f"{a} → {v}" for a, v in written.items()))
+    if failed:
+        raise click.ClickException(f"export failed for {', '.join(failed)}")
+
+
+def _list(specfile, bundles: Path) -> None:
+    from m2fpkit.runtime.store import BundleStore
+    present = set(BundleStore(bundles).versions())
+    aliases = {}
+    for a, v in specfile.aliases.items():
+        aliases.setdefault(v, []).append(a)
+    click.echo(f"{'VERSION':<12} {'TASK':<13} {'CHANNEL':<13} {'API':<10} {'BUILT':<6} {'ALIASES':<14} SOURCE")
+    for v, s in specfile.versions.items():
+        click.echo(f"{v:<12} {s.task or '-':<13} {s.channel:<13} {','.join(s.compatible_api):<10} "
+                   f"{'yes' if v in present else 'no':<6} {','.join(aliases.get(v, [])) or '-':<14} {s.source}")

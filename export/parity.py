@@ -1,0 +1,110 @@
+"""The parity gate: onnxruntime must compute what the PyTorch model computes, or there is no bundle."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from .model.m2fp import M2FP, PIXEL_MEAN, PIXEL_STD
+
+log = logging.getLogger(__name__)
+
+ATOL, RTOL = 1e-3, 1e-3
+#: share of elements that must be within ATOL + RTOL·|ref|; the masked-attention threshold can flip
+#: a mask bit on a rare element and move its logits by ~1e-2, so a handful may fall outside
+MIN_WITHIN = 0.999
+MAX_ABS = 0.05
+MIN_LABEL_AGREEMENT = 0.995
+
+
+class ParityError(Exception):
+    """The ONNX graph does not reproduce the PyTorch model; the message names each output's error."""
+
+
+def synthetic_image(h: int, w: int, seed: int) -> np.ndarray:
+    """A smooth, structured RGB 0-255 float image (blobs and gradients), deterministic per seed."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.uniform(0, 255, size=(3, max(2, h // 48), max(2, w // 48))).astype(np.float32)
+    img = torch.nn.functional.interpolate(torch.from_numpy(coarse)[None], size=(h, w), mode="bicubic",
+                                          align_corners=False)[0].numpy()
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    img[0] += 40 * np.sin(xx / 17.0)
+    img[1] += 40 * np.cos(yy / 23.0)
+    return np.clip(img, 0, 255)
+
+
+def normalise(img_chw: np.ndarray) -> np.ndarray:
+    mean = np.asarray(PIXEL_MEAN, np.float32)[:, None, None]
+    std = np.asarray(PIXEL_STD, np.float32)[:, None, None]
+    return ((img_chw - mean) / std)[None].astype(np.float32)
+
+
+def semantic_labels(logits: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """Per-pixel argmax of Σ_q softmax(cls)[:-1] · sigmoid(mask) at mask resolution."""
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    probs = (e / e.sum(-1, keepdims=True))[..., :-1]
+    sig = 1.0 / (1.0 + np.exp(-masks))
+    sem = np.einsum("bqc,bqhw->bchw", probs, sig)
+    return sem.argmax(1)
+
+
+@dataclass
+class OutputDiff:
+    max_abs: float
+    max_rel: float
+    within: float
+
+    def ok(self) -> bool:
+        return self.within >= MIN_WITHIN and self.max_abs <= MAX_ABS
+
+
+def _diff(ref: np.ndarray, got: np.ndarray) -> OutputDiff:
+    err = np.abs(ref - got)
+    return OutputDiff(max_abs=float(err.max()),
+                      max_rel=float((err / np.maximum(np.abs(ref), 1e-6)).max()),
+                      within=float((err <= ATOL + RTOL * np.abs(ref)).mean()))
+
+
+def check(model: M2FP, onnx_path: Path, sizes: list[tuple[int, int]]) -> dict:
+    """Run both on ``sizes`` (multiples of 32); return the figures, raise :class:`ParityError` on failure."""
+    if len(sizes) < 3:
+        raise ValueError("parity needs at least 3 input sizes")
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    results, failures = [], []
+    for i, (h, w) in enumerate(sizes):
+        x = normalise(synthetic_image(h, w, seed=1000 + i))
+        with torch.no_grad():
+            ref = [t.numpy() for t in model(torch.from_numpy(x))]
+        got = sess.run(names, {sess.get_inputs()[0].name: x})
+        entry: dict = {"height": h, "width": w}
+        for name, r, g in zip(names, ref, got):
+            if r.shape != g.shape:
+                failures.append(f"{name} at {h}x{w}: shape {g.shape} vs PyTorch {r.shape}")
+                continue
+            d = _diff(r, g)
+            entry[name] = {"max_abs": d.max_abs, "max_rel": d.max_rel, "within_tolerance": d.within}
+            if not d.ok():
+                failures.append(f"{name} at {h}x{w}: max abs diff {d.max_abs:.3g}, "
+                                f"{100 * d.within:.3f}% within atol={ATOL}+rtol={RTOL} (need {100 * MIN_WITHIN}%"
+                                f" and max ≤ {MAX_ABS})")
+        if len(ref) == 2 and ref[1].shape == got[1].shape:
+            agree = float((semantic_labels(*ref) == semantic_labels(*got)).mean())
+            entry["label_agreement"] = agree
+            if agree < MIN_LABEL_AGREEMENT:
+                failures.append(f"label map at {h}x{w}: {100 * agree:.3f}% pixels agree (need {100 * MIN_LABEL_AGREEMENT}%)")
+        log.info("parity %dx%d: %s", h, w, {k: v for k, v in entry.items() if k not in ("height", "width")})
+        results.append(entry)
+    report = {"passed": not failures, "runtime": f"onnxruntime {ort.__version__}", "inputs": results,
+              "tolerance": {"atol": ATOL, "rtol": RTOL, "min_within": MIN_WITHIN, "max_abs": MAX_ABS,
+                            "min_label_agreement": MIN_LABEL_AGREEMENT}}
+    if failures:
+        raise ParityError("ONNX graph differs from the PyTorch model: " + "; ".join(failures))
+    return report

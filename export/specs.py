@@ -1,0 +1,89 @@
+"""Version specs: the declarative ``versions.toml`` that names every exportable version."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from m2fpkit.runtime.bundle import CHANNELS, TASKS
+from m2fpkit.runtime.versions import is_alias_name, is_version_name
+
+DEFAULT_SPECS = Path(__file__).with_name("versions.toml")
+_KEYS = {"source", "task", "channel", "compatible_api", "notes", "opset", "preprocess", "build_by_default"}
+
+
+class SpecError(ValueError):
+    """versions.toml is wrong; the message names the key path."""
+
+
+@dataclass(frozen=True)
+class VersionSpec:
+    version: str
+    source: str
+    #: None: whatever the checkpoint is (a ModelScope directory says so in its configuration)
+    task: str | None = "multi-human"
+    channel: str = "stable"
+    compatible_api: tuple[str, ...] = ("1.0",)
+    notes: str = ""
+    opset: int = 18
+    #: overrides of the task's default preprocessing (e.g. short_edge, max_size)
+    preprocess: dict[str, Any] = field(default_factory=dict)
+    build_by_default: bool = True
+
+
+@dataclass(frozen=True)
+class SpecFile:
+    versions: dict[str, VersionSpec]
+    aliases: dict[str, str]
+
+    def get(self, version: str) -> VersionSpec:
+        try:
+            return self.versions[version]
+        except KeyError:
+            known = ", ".join(self.versions) or "none"
+            raise SpecError(f"no spec for {version!r} (known: {known}); pass --source to export it anyway") from None
+
+
+def _check(cond: bool, path: str, msg: str) -> None:
+    if not cond:
+        raise SpecError(f"versions.toml → {path}: {msg}")
+
+
+def load(path: Path = DEFAULT_SPECS) -> SpecFile:
+    try:
+        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError(f"{path}: {exc}") from None
+    defaults = raw.get("defaults", {})
+    _check(isinstance(defaults, dict), "defaults", "expected a table")
+    versions: dict[str, VersionSpec] = {}
+    for name, body in (raw.get("versions") or {}).items():
+        p = f"versions.{name}"
+        _check(is_version_name(name), p, "version names look like v1.2 or v2.0-beta")
+        _check(isinstance(body, dict), p, "expected a table")
+        merged = {**{k: v for k, v in defaults.items() if k in ("opset", "compatible_api")}, **body}
+        unknown = set(merged) - _KEYS
+        _check(not unknown, p, f"unknown key(s) {', '.join(sorted(unknown))}")
+        _check(isinstance(merged.get("source"), str), f"{p}.source", "missing or not a string")
+        task = merged.get("task", "multi-human")
+        _check(task in TASKS, f"{p}.task", f"expected one of {', '.join(TASKS)}")
+        channel = merged.get("channel", "stable")
+        _check(channel in CHANNELS, f"{p}.channel", f"expected one of {', '.join(CHANNELS)}")
+        api = merged.get("compatible_api", ["1.0"])
+        _check(isinstance(api, list) and api and all(isinstance(a, str) for a in api),
+               f"{p}.compatible_api", "expected a list of strings like [\"1.0\"]")
+        opset = merged.get("opset", 18)
+        _check(isinstance(opset, int) and opset >= 18, f"{p}.opset", "expected an integer ≥ 18")
+        pre = merged.get("preprocess", {})
+        _check(isinstance(pre, dict), f"{p}.preprocess", "expected a table")
+        versions[name] = VersionSpec(version=name, source=merged["source"], task=task, channel=channel,
+                                     compatible_api=tuple(api), notes=str(merged.get("notes", "")), opset=opset,
+                                     preprocess=dict(pre), build_by_default=bool(merged.get("build_by_default", True)))
+    aliases = raw.get("aliases", {})
+    _check(isinstance(aliases, dict), "aliases", "expected a table")
+    for alias, target in aliases.items():
+        _check(is_alias_name(alias), f"aliases.{alias}", "alias names are lower-case words like latest")
+        _check(target in versions, f"aliases.{alias}", f"{target!r} is not a version in this file")
+    return SpecFile(versions=versions, aliases=dict(aliases))

@@ -1,0 +1,301 @@
+"""The bundle format: ``config.json`` ⇄ :class:`BundleConfig`, and checks of a bundle directory.
+
+A bundle ``<root>/<name>/<version>/`` holds ``model.onnx`` (+ ``model.onnx.data``), ``config.json``
+and ``manifest.json`` (size and SHA-256 of every file). Errors name the offending key path, e.g.
+``config.json → preprocess → mean: expected 3 numbers``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import BundleError
+from .versions import SemVer, is_version_name
+
+SCHEMA_VERSION = 1
+CONFIG = "config.json"
+TASKS = ("multi-human", "single-human")
+CHANNELS = ("stable", "recommended", "experimental")
+RESIZE_POLICIES = ("shortest-edge", "center-canvas")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How image pixels become the graph input (ModelScope's pipeline, see docs in README)."""
+
+    resize: str = "shortest-edge"
+    short_edge: int = 640
+    max_size: int = 1333
+    #: center-canvas only: ``[width, height]`` of the canvas, and the raw pixel value around the image
+    canvas: tuple[int, int] | None = None
+    canvas_fill: int = 128
+    interpolation: str = "bilinear-antialias"
+    channel_order: str = "RGB"
+    mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
+    std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+    size_divisibility: int = 32
+    #: value of the bottom/right padding, in normalised units (ModelScope pads after normalising)
+    pad_value: float = 0.0
+
+
+@dataclass(frozen=True)
+class Postprocess:
+    topk: int = 100
+    human_score_threshold: float = 0.1
+    part_score_threshold: float = 0.1
+    #: ModelScope's ``parsing_ins_score_thr``: instances below it are not pasted into the semantic map
+    instance_paste_threshold: float = 0.5
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+
+
+@dataclass(frozen=True)
+class BundleConfig:
+    name: str
+    version: str
+    created_at: str
+    task: str
+    backbone: str
+    classes: tuple[str, ...]
+    palette: tuple[tuple[int, int, int], ...]
+    num_queries: int
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    compatible_api: tuple[str, ...]
+    preprocess: Preprocess = field(default_factory=Preprocess)
+    postprocess: Postprocess = field(default_factory=Postprocess)
+    channel: str = "stable"
+    notes: str = ""
+    human_class: int | None = None
+    model_file: str = "model.onnx"
+    source: dict[str, Any] = field(default_factory=dict)
+    tools: dict[str, Any] = field(default_factory=dict)
+    parity: dict[str, Any] = field(default_factory=dict)
+    architecture: dict[str, Any] = field(default_factory=dict)
+    golden: dict[str, Any] | None = None
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def semver(self) -> SemVer:
+        return SemVer.parse(self.version)
+
+    @property
+    def input_size(self) -> list[int] | None:
+        """``[height, width]`` of a fixed input, or None when the input size follows the image."""
+        if self.preprocess.resize == "center-canvas" and self.preprocess.canvas:
+            return [self.preprocess.canvas[1], self.preprocess.canvas[0]]
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = _jsonable(dataclasses.asdict(self))
+        d["num_classes"] = self.num_classes
+        d["semver"] = str(self.semver)
+        d["input_size"] = self.input_size
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> "BundleConfig":
+        return _parse_config(raw)
+
+    @classmethod
+    def read(cls, bundle_dir: Path) -> "BundleConfig":
+        path = Path(bundle_dir) / CONFIG
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise BundleError(f"{CONFIG} is missing") from None
+        except (OSError, ValueError) as exc:
+            raise BundleError(f"{CONFIG} is not valid JSON: {exc}") from None
+        return cls.from_dict(raw)
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+# ---------------------------------------------------------------------------------------------- parsing
+
+def _err(path: str, msg: str) -> BundleError:
+    return BundleError(f"{CONFIG} → {path}: {msg}")
+
+
+def _get(d: dict, key: str, path: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+    if key not in d:
+        if default is ...:
+            raise _err(f"{path}{key}", "missing")
+        return default
+    v = d[key]
+    if kind is float and isinstance(v, int) and not isinstance(v, bool):
+        v = float(v)
+    ok = isinstance(v, kind) and not (isinstance(v, bool) and kind in (int, float, (int, str)))
+    if not ok:
+        name = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        raise _err(f"{path}{key}", f"expected {name}, got {v!r}"[:200])
+    return v
+
+
+def _numbers(d: dict, key: str, path: str, n: int, default: Any) -> tuple[float, ...]:
+    v = d.get(key, default)
+    if not isinstance(v, (list, tuple)) or len(v) != n or not all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+        raise _err(f"{path}{key}", f"expected {n} numbers, got {v!r}"[:200])
+    return tuple(float(x) for x in v)
+
+
+def _parse_preprocess(d: Any) -> Preprocess:
+    p = "preprocess → "
+    if not isinstance(d, dict):
+        raise _err("preprocess", "expected an object")
+    dflt = Preprocess()
+    resize = _get(d, "resize", p, str, dflt.resize)
+    if resize not in RESIZE_POLICIES:
+        raise _err(p + "resize", f"expected one of {', '.join(RESIZE_POLICIES)}, got {resize!r}")
+    canvas = d.get("canvas")
+    if resize == "center-canvas":
+        if (not isinstance(canvas, (list, tuple)) or len(canvas) != 2
+                or not all(isinstance(x, int) and not isinstance(x, bool) and 32 <= x <= 8192 for x in canvas)):
+            raise _err(p + "canvas", f"expected [width, height] in pixels, got {canvas!r}")
+        canvas = (canvas[0], canvas[1])
+    else:
+        canvas = None
+    order = _get(d, "channel_order", p, str, dflt.channel_order)
+    if order not in ("RGB", "BGR"):
+        raise _err(p + "channel_order", f"expected RGB or BGR, got {order!r}")
+    std = _numbers(d, "std", p, 3, dflt.std)
+    if any(s <= 0 for s in std):
+        raise _err(p + "std", "must be positive")
+    out = Preprocess(
+        resize=resize,
+        short_edge=_get(d, "short_edge", p, int, dflt.short_edge),
+        max_size=_get(d, "max_size", p, int, dflt.max_size),
+        canvas=canvas,
+        canvas_fill=_get(d, "canvas_fill", p, int, dflt.canvas_fill),
+        interpolation=_get(d, "interpolation", p, str, dflt.interpolation),
+        channel_order=order,
+        mean=_numbers(d, "mean", p, 3, dflt.mean),  # type: ignore[arg-type]
+        std=std,  # type: ignore[arg-type]
+        size_divisibility=_get(d, "size_divisibility", p, int, dflt.size_divisibility),
+        pad_value=_get(d, "pad_value", p, float, dflt.pad_value),
+    )
+    if out.size_divisibility < 1 or out.short_edge < 1 or out.max_size < out.short_edge:
+        raise _err("preprocess", "size_divisibility, short_edge and max_size must be positive, max_size ≥ short_edge")
+    return out
+
+
+def _parse_postprocess(d: Any) -> Postprocess:
+    p = "postprocess → "
+    if not isinstance(d, dict):
+        raise _err("postprocess", "expected an object")
+    dflt = Postprocess()
+    return Postprocess(
+        topk=_get(d, "topk", p, int, dflt.topk),
+        human_score_threshold=_get(d, "human_score_threshold", p, float, dflt.human_score_threshold),
+        part_score_threshold=_get(d, "part_score_threshold", p, float, dflt.part_score_threshold),
+        instance_paste_threshold=_get(d, "instance_paste_threshold", p, float, dflt.instance_paste_threshold),
+    )
+
+
+def _parse_tensors(v: Any, key: str) -> tuple[TensorSpec, ...]:
+    if not isinstance(v, list) or not v:
+        raise _err(key, "expected a non-empty list of {name, dtype, shape}")
+    out = []
+    for i, t in enumerate(v):
+        p = f"{key} → {i} → "
+        if not isinstance(t, dict):
+            raise _err(f"{key} → {i}", "expected an object")
+        shape = _get(t, "shape", p, list)
+        if not all((isinstance(s, int) and not isinstance(s, bool)) or isinstance(s, str) for s in shape):
+            raise _err(p + "shape", "expected integers or symbolic names")
+        out.append(TensorSpec(_get(t, "name", p, str), _get(t, "dtype", p, str), tuple(shape)))
+    return tuple(out)
+
+
+def _parse_config(raw: Any) -> BundleConfig:
+    if not isinstance(raw, dict):
+        raise BundleError(f"{CONFIG}: expected a JSON object")
+    schema = _get(raw, "schema_version", "", int)
+    if schema != SCHEMA_VERSION:
+        raise _err("schema_version", f"this runtime reads schema {SCHEMA_VERSION}, the bundle has {schema}")
+    version = _get(raw, "version", "", str)
+    if not is_version_name(version):
+        raise _err("version", f"{version!r} is not a version name like v1.2 or v2.0-beta")
+    task = _get(raw, "task", "", str)
+    if task not in TASKS:
+        raise _err("task", f"expected one of {', '.join(TASKS)}, got {task!r}")
+    channel = _get(raw, "channel", "", str, "stable")
+    if channel not in CHANNELS:
+        raise _err("channel", f"expected one of {', '.join(CHANNELS)}, got {channel!r}")
+    classes = _get(raw, "classes", "", list)
+    if not classes or not all(isinstance(c, str) and c for c in classes):
+        raise _err("classes", "expected a non-empty list of class names")
+    palette = _get(raw, "palette", "", list)
+    if len(palette) != len(classes):
+        raise _err("palette", f"{len(palette)} colours for {len(classes)} classes")
+    for i, c in enumerate(palette):
+        if (not isinstance(c, list) or len(c) != 3
+                or not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= 255 for x in c)):
+            raise _err(f"palette → {i}", f"expected [r, g, b] in 0..255, got {c!r}")
+    if "num_classes" in raw and raw["num_classes"] != len(classes):
+        raise _err("num_classes", f"{raw['num_classes']} but classes has {len(classes)} names")
+    human = raw.get("human_class")
+    if task == "multi-human":
+        if not isinstance(human, int) or isinstance(human, bool) or not 0 < human < len(classes):
+            raise _err("human_class", f"a multi-human bundle needs the index of its human class, got {human!r}")
+    elif human is not None:
+        raise _err("human_class", "must be null for a single-human bundle")
+    api = _get(raw, "compatible_api", "", list)
+    if not api or not all(isinstance(a, str) for a in api):
+        raise _err("compatible_api", "expected a non-empty list of API versions like \"1.0\"")
+    model_file = _get(raw, "model_file", "", str, "model.onnx")
+    if "/" in model_file or model_file.startswith("."):
+        raise _err("model_file", f"{model_file!r} must be a file name inside the bundle")
+    preprocess = _parse_preprocess(raw.get("preprocess", {}))
+    if (task == "single-human") != (preprocess.resize == "center-canvas"):
+        raise _err("preprocess → resize", f"{preprocess.resize!r} does not fit task {task!r}")
+    golden = raw.get("golden")
+    if golden is not None and not isinstance(golden, dict):
+        raise _err("golden", "expected an object or null")
+    return BundleConfig(
+        name=_get(raw, "name", "", str),
+        version=version,
+        created_at=_get(raw, "created_at", "", str),
+        task=task,
+        backbone=_get(raw, "backbone", "", str),
+        classes=tuple(classes),
+        palette=tuple(tuple(c) for c in palette),  # type: ignore[misc]
+        num_queries=_get(raw, "num_queries", "", int),
+        inputs=_parse_tensors(raw.get("inputs"), "inputs"),
+        outputs=_parse_tensors(raw.get("outputs"), "outputs"),
+        compatible_api=tuple(api),
+        preprocess=preprocess,
+        postprocess=_parse_postprocess(raw.get("postprocess", {})),
+        channel=channel,
+        notes=_get(raw, "notes", "", str, ""),
+        human_class=human,
+        model_file=model_file,
+        source=_get(raw, "source", "", dict, {}),
+        tools=_get(raw, "tools", "", dict, {}),
+        parity=_get(raw, "parity", "", dict, {}),
+        architecture=_get(raw, "architecture", "", dict, {}),
+        golden=golden,
+    )
