@@ -1,0 +1,122 @@
+"""onnxruntime session construction: thread pools, spinning and memory settings in one place.
+
+Defaults were chosen by measurement (benchmarks/bench_runtime_options.py, README "Benchmarks"):
+per-session intra-op pools with spinning off (idle sessions do not burn the cores the active one
+needs), ``concurrent_runs × intra_op_threads ≤ cores``, sessions created one at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnxruntime as ort
+
+log = logging.getLogger(__name__)
+
+_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+def cpu_count() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """How sessions use the machine. ``0`` threads means "all cores / concurrent_runs"."""
+
+    concurrent_runs: int = 1
+    intra_op_threads: int = 0
+    #: "per-session" pools (spinning controllable) or one process-wide "global" pool
+    thread_pool: str = "per-session"
+    allow_spinning: bool = False
+    optimization: str = "extended"
+    #: one arena shared by all sessions instead of one per session
+    shared_arena: bool = False
+    disable_prepacking: bool = False
+    enable_mem_pattern: bool = True
+
+    def threads(self) -> int:
+        if self.intra_op_threads > 0:
+            return self.intra_op_threads
+        return max(1, cpu_count() // max(1, self.concurrent_runs))
+
+    def validate(self) -> "RuntimeSettings":
+        if self.concurrent_runs < 1:
+            raise ValueError("concurrent_runs must be ≥ 1")
+        if self.thread_pool not in ("per-session", "global"):
+            raise ValueError("thread_pool must be 'per-session' or 'global'")
+        if self.optimization not in _LEVELS:
+            raise ValueError(f"optimization must be one of {', '.join(_LEVELS)}")
+        if self.concurrent_runs * self.threads() > cpu_count():
+            log.warning("concurrent_runs × intra_op_threads = %d exceeds %d cores: runs will contend",
+                        self.concurrent_runs * self.threads(), cpu_count())
+        return self
+
+
+class SessionFactory:
+    """Creates sessions one at a time (construction is not thread-safe and holds the GIL)."""
+
+    _process_lock = threading.Lock()
+    _global_pool: int | None = None
+    _shared_arena = False
+
+    def __init__(self, settings: RuntimeSettings | None = None) -> None:
+        self.settings = (settings or RuntimeSettings()).validate()
+        self._setup_process()
+
+    def _setup_process(self) -> None:
+        s = self.settings
+        with SessionFactory._process_lock:
+            if s.thread_pool == "global":
+                if SessionFactory._global_pool is None:
+                    ort.set_global_thread_pool_sizes(s.threads(), 1)
+                    SessionFactory._global_pool = s.threads()
+                elif SessionFactory._global_pool != s.threads():
+                    log.warning("global thread pool already sized %d; keeping it", SessionFactory._global_pool)
+            if s.shared_arena and not SessionFactory._shared_arena:
+                mem = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+                cfg = ort.OrtArenaCfg(0, 1, -1, -1)  # max_mem unlimited, kSameAsRequested extension
+                ort.create_and_register_allocator(mem, cfg)
+                SessionFactory._shared_arena = True
+
+    def options(self) -> ort.SessionOptions:
+        s = self.settings
+        o = ort.SessionOptions()
+        o.graph_optimization_level = _LEVELS[s.optimization]
+        o.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        o.enable_mem_pattern = s.enable_mem_pattern
+        o.log_severity_level = 3
+        if s.thread_pool == "global":
+            o.use_per_session_threads = False
+        else:
+            o.intra_op_num_threads = s.threads()
+            o.inter_op_num_threads = 1
+            o.add_session_config_entry("session.intra_op.allow_spinning", "1" if s.allow_spinning else "0")
+        if s.shared_arena:
+            o.add_session_config_entry("session.use_env_allocators", "1")
+        if s.disable_prepacking:
+            o.add_session_config_entry("session.disable_prepacking", "1")
+        return o
+
+    def create(self, model_path: Path) -> ort.InferenceSession:
+        with SessionFactory._process_lock:
+            return ort.InferenceSession(str(model_path), self.options(), providers=["CPUExecutionProvider"])
+
+
+def cap_library_threads(n: int = 1) -> None:
+    """Keep OpenCV's pool small in a server process; onnxruntime owns the cores."""
+    import cv2
+
+    cv2.setNumThreads(n)
