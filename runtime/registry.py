@@ -20,7 +20,7 @@ import enum
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -191,12 +191,24 @@ class Registry:
         slot = self._slots.get(version)
         return slot.config if slot else None
 
-    def latest(self) -> str | None:
-        """The ``latest`` alias if it names a usable version; else the newest ready (then usable) release."""
+    def is_ready(self, version: str) -> bool:
+        slot = self._slots.get(version)
+        return bool(slot and slot.active is not None and not slot.removed)
+
+    def is_usable(self, version: str) -> bool:
+        slot = self._slots.get(version)
+        return bool(slot and slot.usable)
+
+    def latest(self, accept: Callable[[str], bool] | None = None) -> str | None:
+        """The ``latest`` alias if it names a usable version; else the newest ready (then usable) release.
+
+        ``accept`` narrows the candidates (e.g. to versions compatible with the client's API).
+        """
+        ok = accept or (lambda _v: True)
         target = self.aliases().get("latest")
-        if target and target in self._slots and self._slots[target].usable:
+        if target and target in self._slots and self._slots[target].usable and ok(target):
             return target
-        usable = [n for n, s in self._slots.items() if s.usable]
+        usable = [n for n, s in self._slots.items() if s.usable and ok(n)]
         ready = [n for n in usable if self._slots[n].active is not None]
         pool = ready or usable
         releases = [n for n in pool if not SemVer.parse(n).prerelease] or pool

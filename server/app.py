@@ -1,0 +1,108 @@
+"""The aiohttp application factory: state, middleware, routes and resources' life cycle."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from m2fpkit.runtime.registry import Registry, RegistryOptions
+
+from . import admin, handlers, keys
+from .admission import Admission
+from .config import ServerConfig
+from .errors import classify, error_response
+from .metrics import Metrics
+from .routes_state import RoutesState
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("m2fpkit.access")
+
+
+@web.middleware
+async def request_context(request: web.Request, handler) -> web.StreamResponse:
+    """Request id, JSON errors for everything, metrics and one access-log line per request."""
+    request["request_id"] = request.headers.get("X-Request-ID", "")[:64] or uuid.uuid4().hex[:16]
+    t0 = time.perf_counter()
+    metrics = request.app[keys.METRICS]
+    is_parse = request.path.endswith("/parse")
+    if is_parse:
+        metrics.in_flight.inc()
+    try:
+        response = await handler(request)
+    except Exception as exc:  # every failure becomes a JSON error; unknown ones are logged, never echoed
+        status, code, detail, headers = classify(exc)
+        if status == 500:
+            log.exception("request %s %s failed", request.method, request.path)
+        metrics.errors.labels(code, str(status)).inc()
+        response = error_response(request, status, code, detail, headers)
+    finally:
+        if is_parse:
+            metrics.in_flight.dec()
+    response.headers["X-Request-ID"] = request["request_id"]
+    version, rule = request.get("version", "-"), request.get("rule", "-")
+    if is_parse:
+        metrics.requests.labels(version, rule, str(response.status)).inc()
+    access_log.info("%s %s %s %d version=%s rule=%s %.1fms", request["request_id"], request.method,
+                    request.path_qs, response.status, version, rule, (time.perf_counter() - t0) * 1000,
+                    extra={"request_id": request["request_id"], "status": response.status, "version": version,
+                           "rule": rule, "latency_ms": round((time.perf_counter() - t0) * 1000, 1)})
+    return response
+
+
+async def runtime_context(app: web.Application) -> AsyncIterator[None]:
+    cfg = app[keys.CONFIG]
+    budget = cfg.memory_budget_mb * 2**20 if cfg.memory_budget_mb else None
+    registry = Registry(cfg.bundles, RegistryOptions(
+        settings=cfg.runtime, limits=cfg.limits, idle_ttl=cfg.idle_ttl, memory_budget=budget,
+        preload=cfg.preload, watch=cfg.watch, watch_polling=cfg.watch_polling))
+    routes = RoutesState(registry, cfg.routes_file)
+    if cfg.routes_file is not None:
+        routes.reload()  # a broken routes file at start is fatal: better than serving with wrong weights
+    app[keys.REGISTRY] = registry
+    app[keys.ROUTES] = routes
+    app[keys.ADMISSION] = Admission(cfg.runtime.concurrent_runs, cfg.max_queue)
+    app[keys.BACKGROUND] = set()
+    await registry.start()
+    stop = asyncio.Event()
+    watcher = asyncio.ensure_future(routes.watch(stop)) if cfg.watch else None
+    log.info("serving %s: %s", cfg.bundles, ", ".join(f"{s['version']}({s['state']})" for s in registry.status())
+             or "no versions yet")
+    try:
+        yield
+    finally:
+        stop.set()
+        if watcher:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await watcher
+        for t in list(app[keys.BACKGROUND]):
+            t.cancel()
+        await registry.close(drain_timeout=cfg.drain_timeout)
+
+
+def make_app(config: ServerConfig | None = None) -> web.Application:
+    cfg = config or ServerConfig()
+    app = web.Application(client_max_size=cfg.max_body_bytes, middlewares=[request_context])
+    app[keys.CONFIG] = cfg
+    app[keys.METRICS] = Metrics()
+    app.cleanup_ctx.append(runtime_context)
+    app.router.add_get("/", handlers.index)
+    app.router.add_static("/static/", handlers.STATIC, show_index=False, follow_symlinks=False)
+    app.router.add_get("/healthz", handlers.healthz)
+    app.router.add_get("/readyz", handlers.readyz)
+    app.router.add_get("/metrics", handlers.metrics)
+    app.router.add_get("/api/openapi.json", handlers.openapi)
+    app.router.add_get("/api/versions", handlers.versions)
+    app.router.add_post("/api/{version}/parse", handlers.parse)
+    app.router.add_get("/api/{version}/meta", handlers.meta)
+    app.router.add_get("/admin/routes", admin.get_routes)
+    app.router.add_post("/admin/routes/reload", admin.reload_routes)
+    app.router.add_put("/admin/routes/weights", admin.set_weights)
+    app.router.add_post("/admin/routes/rollback", admin.rollback)
+    return app

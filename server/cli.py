@@ -1,0 +1,76 @@
+"""``m2fp-serve``: the HTTP server over a bundle root."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from .config import DEFAULT_BUNDLES
+
+
+class JsonFormatter(logging.Formatter):
+    FIELDS = ("request_id", "status", "version", "rule", "latency_ms")
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), "level": record.levelname,
+               "logger": record.name, "message": record.getMessage()}
+        out.update({k: getattr(record, k) for k in self.FIELDS if hasattr(record, k)})
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def setup_logging(fmt: str, level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--bundles", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_BUNDLES,
+              show_default=True, help="Bundle root (holds m2fp/<version>/).")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8080, show_default=True, type=int)
+@click.option("--routes", "routes_file", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="Routes file (TOML or JSON): weights, aliases, sticky key, shadow. Hot-reloaded.")
+@click.option("--admin-token", envvar="M2FP_ADMIN_TOKEN", help="Bearer token enabling /admin/* (env M2FP_ADMIN_TOKEN).")
+@click.option("--max-body-mb", default=20.0, show_default=True, help="Largest request body (413 above).")
+@click.option("--max-pixels", default=40_000_000, show_default=True, help="Largest image, checked before decoding.")
+@click.option("--max-queue", default=8, show_default=True, help="Parses that may wait; more get 503 + Retry-After.")
+@click.option("--concurrency", default=1, show_default=True, help="Parses run at once (threads split between them).")
+@click.option("--timeout", "request_timeout", default=60.0, show_default=True, help="Seconds before a 504.")
+@click.option("--idle-ttl", default=600.0, show_default=True, help="Unload unpinned versions idle this long (s).")
+@click.option("--memory-budget-mb", type=int, help="Evict least recently used unpinned versions above this.")
+@click.option("--preload", multiple=True, help="Versions to load at start (latest and aliases always are).")
+@click.option("--drain-timeout", default=30.0, show_default=True, help="Seconds to finish requests on shutdown.")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="info", show_default=True)
+def main(bundles: Path, host: str, port: int, routes_file: Path | None, admin_token: str | None, max_body_mb: float,
+         max_pixels: int, max_queue: int, concurrency: int, request_timeout: float, idle_ttl: float,
+         memory_budget_mb: int | None, preload: tuple[str, ...], drain_timeout: float, log_format: str,
+         log_level: str) -> None:
+    """Serve M2FP bundles over HTTP: parse API, versions, WebUI, metrics."""
+    setup_logging(log_format, log_level)
+    from aiohttp import web
+
+    from m2fpkit.runtime.predictor import ImageLimits
+    from m2fpkit.runtime.session import RuntimeSettings, cap_library_threads
+
+    from .app import make_app
+    from .config import ServerConfig
+
+    cap_library_threads(1)
+    cfg = ServerConfig(bundles=bundles, routes_file=routes_file, admin_token=admin_token,
+                       max_body_bytes=int(max_body_mb * 2**20), limits=ImageLimits(max_pixels=max_pixels),
+                       max_queue=max_queue, request_timeout=request_timeout, drain_timeout=drain_timeout,
+                       idle_ttl=idle_ttl, memory_budget_mb=memory_budget_mb, preload=preload,
+                       runtime=RuntimeSettings(concurrent_runs=concurrency))
+    web.run_app(make_app(cfg), host=host, port=port, access_log=None, shutdown_timeout=drain_timeout,
+                print=lambda msg: logging.getLogger("m2fpkit.server").info(msg.strip()))

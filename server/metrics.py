@@ -1,0 +1,33 @@
+"""Prometheus metrics of one app (own registry, so tests and several apps never collide)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("m2fp_requests_total", "Parse requests answered", ["version", "rule", "status"],
+                                registry=r)
+        self.errors = Counter("m2fp_errors_total", "Requests answered with an error", ["error", "status"],
+                              registry=r)
+        self.latency = Histogram("m2fp_request_seconds", "Parse latency, admission to response", ["version", "rule"],
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.inference = Histogram("m2fp_inference_seconds", "onnxruntime run time", ["version"],
+                                   buckets=LATENCY_BUCKETS, registry=r)
+        self.in_flight = Gauge("m2fp_in_flight", "Parse requests being processed", registry=r)
+        self.queue_depth = Gauge("m2fp_queue_depth", "Parse requests waiting for a worker", registry=r)
+        self.rejected = Counter("m2fp_overload_rejections_total", "Requests refused because the queue was full",
+                                registry=r)
+        self.lifecycle = Gauge("m2fp_version_events", "Registry events since start (loads, unloads, swaps, …)",
+                               ["event"], registry=r)
+        self.loaded = Gauge("m2fp_version_loaded", "1 if the version is loaded", ["version", "state"], registry=r)
+        self.shadow_runs = Counter("m2fp_shadow_runs_total", "Shadow comparisons", ["primary", "candidate", "outcome"],
+                                   registry=r)
+        self.shadow_agreement = Histogram("m2fp_shadow_label_agreement", "Label-map pixel agreement of shadow runs",
+                                          ["primary", "candidate"],
+                                          buckets=(0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 1.0), registry=r)

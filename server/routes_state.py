@@ -1,0 +1,66 @@
+"""The live routing table: loaded from the routes file, hot-reloaded, changed by admins, rolled back."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from pathlib import Path
+
+from m2fpkit.runtime.registry import Registry
+
+from .routing import Routes, RoutesError, load_routes
+
+log = logging.getLogger(__name__)
+HISTORY = 20
+
+
+class RoutesState:
+    def __init__(self, registry: Registry, path: Path | None) -> None:
+        self.registry, self.path = registry, path
+        self.current = Routes()
+        self._history: list[Routes] = []
+
+    def apply(self, routes: Routes, *, remember: bool = True) -> Routes:
+        if remember and routes != self.current:
+            self._history = (self._history + [self.current])[-HISTORY:]
+        self.current = routes
+        self.registry.set_alias_overrides(routes.aliases)
+        self.registry.set_pinned(routes.weighted_versions() | ({routes.shadow.version} if routes.shadow else set()))
+        log.info("routes: %s", routes.to_dict())
+        return routes
+
+    def reload(self) -> Routes:
+        """Re-read the routes file; a broken file raises and leaves the current routes in place."""
+        if self.path is None:
+            raise RoutesError("no routes file configured (start with --routes FILE)")
+        return self.apply(load_routes(self.path))
+
+    def set_weights(self, weights: dict[str, float]) -> Routes:
+        from .routing import parse_routes
+
+        raw = self.current.to_dict()
+        raw["weights"] = weights
+        raw.pop("source", None)
+        return self.apply(dataclasses.replace(parse_routes(raw, "admin weights"), source="admin"))
+
+    def rollback(self) -> Routes:
+        if not self._history:
+            raise RoutesError("no earlier routing to roll back to")
+        previous = self._history.pop()
+        return self.apply(previous, remember=False)
+
+    async def watch(self, stop: asyncio.Event) -> None:
+        """Reload when the routes file changes; keep the old routes if the new file is broken."""
+        if self.path is None:
+            return
+        import watchfiles
+
+        target = self.path.resolve()
+        async for _ in watchfiles.awatch(target.parent, stop_event=stop, debounce=200, step=50, recursive=False,
+                                         watch_filter=lambda _c, p: Path(p).resolve() == target):
+            try:
+                self.reload()
+                await self.registry.rescan()
+            except RoutesError as exc:
+                log.error("routes file change ignored: %s", exc)
