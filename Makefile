@@ -1,0 +1,44 @@
+# Set-up and everyday commands. Every target installs what it needs first (idempotent).
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# torch is pinned: this CPU build is what the export needs; an unpinned torch pulls a multi-GB CUDA build
+TORCH  := torch==2.13.0
+HOST   ?= 127.0.0.1
+PORT   ?= 8080
+
+.PHONY: serve test bundles bench bench-quick setup clean-bundles
+
+serve: bundles  ## build the demo bundles if missing, then run the server (the main job)
+	$(VENV)/bin/m2fp-serve --bundles bundles --host $(HOST) --port $(PORT)
+
+test: $(VENV)/.stamp-test /usr/bin/chromium  ## run the whole test suite
+	$(VENV)/bin/pytest -q
+
+bundles: $(VENV)/.stamp-base  ## export the demo versions (tiny random-init models) into bundles/
+	$(VENV)/bin/m2fp-export --all --bundles bundles
+
+bench-quick: $(VENV)/.stamp-test  ## benchmarks on tiny bundles (seconds; asserts nothing about speed)
+	$(PY) -m benchmarks.run --quick
+
+bench: $(VENV)/.stamp-test  ## full benchmarks on the r101 architecture (tens of minutes)
+	$(PY) -m benchmarks.run
+
+setup: $(VENV)/.stamp-test /usr/bin/chromium
+
+$(VENV)/.stamp-base: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH) -e '.[export]'
+	touch $@
+
+$(VENV)/.stamp-test: $(VENV)/.stamp-base
+	$(PIP) install -q $(TORCH) -e '.[export,test]'
+	touch $@
+
+/usr/bin/chromium:  ## headless browser for the WebUI test (Debian's build; no downloads by test tools)
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+
+clean-bundles:
+	rm -rf bundles/m2fp
