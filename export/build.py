@@ -19,7 +19,7 @@ from m2fpkit.runtime.manifest import write_manifest
 from m2fpkit.runtime.palette import palette_for
 from m2fpkit.runtime.store import BundleStore
 
-from . import onnx_export, parity, sources
+from . import golden, onnx_export, parity, sources
 from .model.config import M2FPConfig
 from .model.m2fp import PIXEL_MEAN, PIXEL_STD, SIZE_DIVISIBILITY, count_parameters
 from .progress import Progress
@@ -91,7 +91,7 @@ def make_config(spec: VersionSpec, ck: sources.Checkpoint, pre: Preprocess, repo
 def export_version(spec: VersionSpec, bundles: Path, *, force: bool = False) -> ExportResult:
     """Build ``spec`` into ``bundles/m2fp/<version>``; nothing is published unless parity passes."""
     store = BundleStore(bundles, BUNDLE_NAME)
-    progress = Progress(6, f"{spec.version}:")
+    progress = Progress(7, f"{spec.version}:")
     created_at = dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
     with store.staging(spec.version, force=force) as stage:
         with progress(f"load source {spec.source}"):
@@ -117,6 +117,8 @@ def export_version(spec: VersionSpec, bundles: Path, *, force: bool = False) -> 
                 "m2fp.num_classes": str(config.num_classes), "m2fp.created_at": created_at,
                 "m2fp.source_sha256": ck.sha256,
             })
+        with progress("golden sample (PyTorch label map, checked by the runtime at load)"):
+            config = dataclasses.replace(config, golden=golden.write_golden(model, config, stage))
             (stage / "config.json").write_text(config.to_json(), encoding="utf-8")
         with progress("write manifest and publish"):
             write_manifest(stage)
