@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import lkg
 from .bundle import BundleConfig
 from .errors import BundleError, UnknownVersion, VersionUnavailable
 from .memory import rss_bytes, trim_heap
@@ -63,6 +64,8 @@ class Slot:
     path: Path
     config: BundleConfig | None = None
     fingerprint: str = ""
+    #: SHA-256 of manifest.json when last verified (last-known-good identity)
+    manifest_sha: str = ""
     #: why the version cannot be used (verification or load failure); None when fine
     reason: str | None = None
     #: why the latest content on disk was refused while an older load keeps serving
@@ -127,6 +130,8 @@ class Registry:
         self.factory = SessionFactory(self.options.settings)
         self._slots: dict[str, Slot] = {}
         self._alias_overrides: dict[str, str] = {}
+        self._routes_snapshot: dict = {}
+        self.last_known_good: lkg.LastKnownGood | None = None
         self._pinned_extra: set[str] = set(self.options.preload)
         self._infer = ThreadPoolExecutor(self.options.settings.concurrent_runs, thread_name_prefix="m2fp-infer")
         self._load = ThreadPoolExecutor(1, thread_name_prefix="m2fp-load")
@@ -137,7 +142,11 @@ class Registry:
 
     # ------------------------------------------------------------------------------- life cycle
     async def start(self) -> None:
+        """Serve the last-known-good set first (if recorded and intact), then everything on disk."""
         self.store.dir.mkdir(parents=True, exist_ok=True)
+        self.last_known_good = lkg.load(self.store.dir)
+        if self.last_known_good is not None:
+            await self._boot_last_known_good(self.last_known_good)
         await self.rescan()
         await self._preload()
         if self.options.watch:
@@ -174,8 +183,50 @@ class Registry:
 
     # ---------------------------------------------------------------------------------- names
     def aliases(self) -> dict[str, str]:
-        """Alias → version: the store's aliases.json, overridden by the routing file's."""
-        return {**self.store.read_aliases(), **self._alias_overrides}
+        """Alias → version: the store's aliases.json, overridden by the routing file's.
+
+        An alias whose target is not usable (e.g. points at a broken new bundle) falls back to the
+        target recorded in the last-known-good state, if that one is usable.
+        """
+        out = {**self.store.read_aliases(), **self._alias_overrides}
+        if self.last_known_good is not None:
+            for alias, old in self.last_known_good.aliases.items():
+                if not self.is_usable(out.get(alias, "")) and self.is_usable(old):
+                    out[alias] = old
+        return out
+
+    def set_routes_snapshot(self, routes: dict) -> None:
+        """The routing table in force, recorded with the last-known-good state."""
+        self._routes_snapshot = dict(routes)
+        self._record_last_known_good()
+
+    async def _boot_last_known_good(self, state: lkg.LastKnownGood) -> None:
+        loop = asyncio.get_running_loop()
+        for version, why in state.intact(self.store.dir).items():
+            if why is not None:
+                log.warning("last-known-good %s not restored: %s", version, why)
+                continue
+            path = self.store.dir / version
+            try:
+                config = await loop.run_in_executor(self._load, verify_files, path)
+            except BundleError as exc:
+                log.warning("last-known-good %s not restored: %s", version, exc)
+                continue
+            self._slots[version] = Slot(version, path, config=config, fingerprint=fingerprint(path),
+                                        manifest_sha=lkg.manifest_sha256(path))
+        log.info("last-known-good set (%s): %s", state.recorded_at, ", ".join(sorted(self._slots)) or "empty")
+        await self._preload()
+
+    def _record_last_known_good(self) -> None:
+        versions = {n: s.manifest_sha for n, s in self._slots.items() if s.usable and s.manifest_sha}
+        if not versions:
+            return
+        aliases = {a: v for a, v in self.aliases().items() if v in versions}
+        try:
+            lkg.record(self.store.dir, versions, aliases, self._routes_snapshot)
+            self.last_known_good = lkg.LastKnownGood(versions, aliases, self._routes_snapshot)
+        except (OSError, ValueError) as exc:
+            log.warning("cannot record the last-known-good state: %s", exc)
 
     def set_alias_overrides(self, aliases: dict[str, str]) -> None:
         self._alias_overrides = dict(aliases)
@@ -328,6 +379,8 @@ class Registry:
         old = slot.active
         slot.active, slot.config, slot.fingerprint = new, predictor.config, fp
         slot.reason, slot.update_error, slot.was_loaded = None, None, True
+        with contextlib.suppress(OSError):
+            slot.manifest_sha = lkg.manifest_sha256(slot.path)
         slot.last_used = time.monotonic()
         self.events["loads"] += 1
         if old is not None:
@@ -337,6 +390,7 @@ class Registry:
         else:
             log.info("%s: ready in %.2f s (+%.0f MB)", slot.name, seconds, mem / 2**20)
         self._enforce_budget(exclude=slot.name)
+        self._record_last_known_good()
 
     def _retire(self, slot: Slot, loaded: Loaded) -> None:
         """Stop handing ``loaded`` out; close it now or when its last lease is returned."""
@@ -354,6 +408,10 @@ class Registry:
         trim_heap()
         if slot.removed and not slot.draining and self._slots.get(slot.name) is slot:
             self._slots.pop(slot.name, None)
+
+    async def preload(self) -> None:
+        """Load every pinned version that is not loaded yet (latest, aliases, weighted, preload list)."""
+        await self._preload()
 
     async def _preload(self) -> None:
         for name in sorted(self.pinned(), key=SemVer.parse):
@@ -395,6 +453,7 @@ class Registry:
                         slot.loading = asyncio.create_task(self._load_slot(slot))
                 else:
                     slot.config, slot.reason = config, None
+                    slot.manifest_sha = lkg.manifest_sha256(path)
                     log.info("%s: discovered (%s, %s)", name, config.task, config.channel)
         await self._preload()
 

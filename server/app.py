@@ -13,12 +13,13 @@ from aiohttp import web
 
 from m2fpkit.runtime.registry import Registry, RegistryOptions
 
-from . import admin, handlers, keys
+from . import admin, distribution, handlers, keys
 from .admission import Admission
 from .config import ServerConfig
 from .errors import classify, error_response
 from .metrics import Metrics
 from .routes_state import RoutesState
+from .routing import RoutesError
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("m2fpkit.access")
@@ -62,13 +63,21 @@ async def runtime_context(app: web.Application) -> AsyncIterator[None]:
         settings=cfg.runtime, limits=cfg.limits, idle_ttl=cfg.idle_ttl, memory_budget=budget,
         preload=cfg.preload, watch=cfg.watch, watch_polling=cfg.watch_polling))
     routes = RoutesState(registry, cfg.routes_file)
-    if cfg.routes_file is not None:
-        routes.reload()  # a broken routes file at start is fatal: better than serving with wrong weights
     app[keys.REGISTRY] = registry
     app[keys.ROUTES] = routes
     app[keys.ADMISSION] = Admission(cfg.runtime.concurrent_runs, cfg.max_queue)
     app[keys.BACKGROUND] = set()
-    await registry.start()
+    await registry.start()  # serves the last-known-good set first when one is recorded
+    if cfg.routes_file is not None:
+        try:
+            routes.reload()
+        except RoutesError as exc:
+            # a broken routes file: fall back to the last routes that served, else refuse to start
+            if not routes.restore_last_known_good():
+                await registry.close()
+                raise
+            log.error("routes file refused (%s); serving the last-known-good routes", exc)
+        await registry.preload()  # versions the routes weight or alias are pinned: load them now
     stop = asyncio.Event()
     watcher = asyncio.ensure_future(routes.watch(stop)) if cfg.watch else None
     log.info("serving %s: %s", cfg.bundles, ", ".join(f"{s['version']}({s['state']})" for s in registry.status())
@@ -105,4 +114,5 @@ def make_app(config: ServerConfig | None = None) -> web.Application:
     app.router.add_post("/admin/routes/reload", admin.reload_routes)
     app.router.add_put("/admin/routes/weights", admin.set_weights)
     app.router.add_post("/admin/routes/rollback", admin.rollback)
+    distribution.setup(app)  # GET /bundles, /bundles/{version}.tar (404 without --distribution-token)
     return app

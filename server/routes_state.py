@@ -27,6 +27,7 @@ class RoutesState:
         self.current = routes
         self.registry.set_alias_overrides(routes.aliases)
         self.registry.set_pinned(routes.weighted_versions() | ({routes.shadow.version} if routes.shadow else set()))
+        self.registry.set_routes_snapshot(routes.to_dict())
         log.info("routes: %s", routes.to_dict())
         return routes
 
@@ -35,6 +36,17 @@ class RoutesState:
         if self.path is None:
             raise RoutesError("no routes file configured (start with --routes FILE)")
         return self.apply(load_routes(self.path))
+
+    def restore_last_known_good(self) -> bool:
+        """Apply the routes recorded in the last-known-good state, if any; True if applied."""
+        state = self.registry.last_known_good
+        if state is None or not state.routes:
+            return False
+        from .routing import parse_routes
+
+        raw = {k: v for k, v in state.routes.items() if k != "source"}
+        self.apply(dataclasses.replace(parse_routes(raw, "last-known-good"), source="last-known-good"))
+        return True
 
     def set_weights(self, weights: dict[str, float]) -> Routes:
         from .routing import parse_routes
