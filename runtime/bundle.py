@@ -273,8 +273,8 @@ def _parse_config(raw: Any) -> BundleConfig:
     if (task == "single-human") != (preprocess.resize == "center-canvas"):
         raise _err("preprocess → resize", f"{preprocess.resize!r} does not fit task {task!r}")
     golden = raw.get("golden")
-    if golden is not None and not isinstance(golden, dict):
-        raise _err("golden", "expected an object or null")
+    if golden is not None:
+        _check_golden(golden)
     return BundleConfig(
         name=_get(raw, "name", "", str),
         version=version,
@@ -299,3 +299,15 @@ def _parse_config(raw: Any) -> BundleConfig:
         architecture=_get(raw, "architecture", "", dict, {}),
         golden=golden,
     )
+
+
+def _check_golden(golden: Any) -> None:
+    if not isinstance(golden, dict):
+        raise _err("golden", "expected an object or null")
+    for key in ("image", "label_map"):
+        rel = golden.get(key)
+        if not isinstance(rel, str) or not rel or rel.startswith("/") or ".." in Path(rel).parts or "\\" in rel:
+            raise _err(f"golden → {key}", f"expected a relative path inside the bundle, got {rel!r}")
+    agree = golden.get("min_agreement", 0.995)
+    if isinstance(agree, bool) or not isinstance(agree, (int, float)) or not 0 < agree <= 1:
+        raise _err("golden → min_agreement", f"expected a number in (0, 1], got {agree!r}")

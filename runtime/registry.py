@@ -162,6 +162,9 @@ class Registry:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+        loads = [s.loading for s in self._slots.values() if s.loading is not None]
+        if loads:
+            await asyncio.wait(loads, timeout=drain_timeout)
         deadline = time.monotonic() + drain_timeout
         while any(l.in_flight for s in self._slots.values() for l in [s.active, *s.draining] if l) \
                 and time.monotonic() < deadline:
@@ -285,11 +288,17 @@ class Registry:
             raise VersionUnavailable(f"version {target} failed: {slot.reason}")
         return target
 
+    def _newest_release(self) -> str | None:
+        usable = [n for n, s in self._slots.items() if s.usable]
+        releases = [n for n in usable if not SemVer.parse(n).prerelease] or usable
+        return max(releases, key=SemVer.parse) if releases else None
+
     def pinned(self) -> set[str]:
+        """Versions kept loaded: latest and the release about to become latest, aliases, weighted, preload."""
         pins = set(self._pinned_extra) | set(self.aliases().values())
-        latest = self.latest()
-        if latest:
-            pins.add(latest)
+        for v in (self.latest(), self._newest_release()):
+            if v:
+                pins.add(v)
         return {p for p in pins if p in self._slots}
 
     # ------------------------------------------------------------------------------------ use
@@ -315,7 +324,14 @@ class Registry:
             return await self.run_in_executor(predictor.predict, data, limits or self.options.limits)
 
     async def run_in_executor(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._infer, fn, *args)
+        """Run ``fn`` on the inference pool; if the caller is cancelled, still wait for the thread to finish
+        (so a lease held around this call is returned only when the predictor is really idle)."""
+        fut = asyncio.get_running_loop().run_in_executor(self._infer, fn, *args)
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            await asyncio.wait([fut])
+            raise
 
     async def load(self, name: str) -> str:
         version = self.resolve(name)
@@ -506,7 +522,7 @@ class Registry:
         for name in sorted(self._slots, key=SemVer.parse):
             s = self._slots[name]
             c = s.config
-            names = sorted(a for a, v in aliases.items() if v == name) + (["latest"] if name == latest and "latest" not in aliases else [])
+            names = [a for a, v in aliases.items() if v == name and a != "latest"] + (["latest"] if name == latest else [])
             out.append({
                 "version": name, "state": s.state.value, "reason": s.reason, "update_error": s.update_error,
                 "channel": c.channel if c else None, "task": c.task if c else None,

@@ -17,8 +17,11 @@ _ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int64":
 def verify_files(bundle_dir: Path) -> BundleConfig:
     """Check the manifest (every file's size and SHA-256) and parse config.json; return the config."""
     bundle_dir = Path(bundle_dir)
-    verify_manifest(bundle_dir)
+    listed = verify_manifest(bundle_dir)["files"]
     config = BundleConfig.read(bundle_dir)
+    for key in ("image", "label_map") if config.golden else ():
+        if config.golden[key] not in listed:  # type: ignore[index]
+            raise BundleError(f"config.json → golden → {key}: {config.golden[key]} is not in manifest.json")
     if config.version != bundle_dir.name:
         raise BundleError(f"config.json → version: {config.version!r} but the directory is {bundle_dir.name!r}")
     if not (bundle_dir / config.model_file).is_file():
@@ -44,7 +47,7 @@ def check_graph(config: BundleConfig, session: ort.InferenceSession) -> None:
                 problems.append(f"{kind} {spec.name}: type {arg.type} vs config {spec.dtype}")
     logits = next((o for o in session.get_outputs() if o.name == "pred_logits"), None)
     if logits is not None and isinstance(logits.shape[-1], int) and logits.shape[-1] != config.num_classes + 1:
-        problems.append(f"pred_logits has {logits.shape[-1]} classes (+1 no-object) but config.json lists "
+        problems.append(f"pred_logits has {logits.shape[-1] - 1} classes (+1 no-object) but config.json lists "
                         f"{config.num_classes} classes")
     meta = session.get_modelmeta().custom_metadata_map
     for key, want in (("m2fp.version", config.version), ("m2fp.num_classes", str(config.num_classes)),

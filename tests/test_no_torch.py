@@ -1,0 +1,123 @@
+"""The runtime and the server never import torch (nor Pillow), and every module imports on its own.
+
+Each check runs in a fresh interpreter (``subprocess.run([sys.executable, "-c", ...])``): this test
+process has torch loaded already (the reference fixtures need it), so ``sys.modules`` here proves nothing.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import pkgutil
+import subprocess
+import sys
+import textwrap
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from reference.bundles import clone_bundle, synthetic_png
+
+LIGHT_PACKAGES = ("m2fpkit.runtime", "m2fpkit.server")
+ALL_PACKAGES = (*LIGHT_PACKAGES, "m2fpkit.export")
+FORBIDDEN = ("torch", "PIL")
+SUBPROCESS_TIMEOUT = 300
+
+
+def modules_of(package: str) -> list[str]:
+    """The package and every module and subpackage under it."""
+    pkg = importlib.import_module(package)
+    return [package, *sorted(m.name for m in pkgutil.walk_packages(pkg.__path__, package + "."))]
+
+
+def run_python(code: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=SUBPROCESS_TIMEOUT)
+
+
+def _loaded(prefixes: tuple[str, ...]) -> str:
+    """Python source of an expression listing the loaded modules under ``prefixes``."""
+    return (f"sorted(m for m in sys.modules if any(m == p or m.startswith(p + '.') for p in {prefixes!r}))")
+
+
+SMOKE = textwrap.dedent("""
+    import asyncio, importlib, json, pkgutil, sys
+
+    import m2fpkit.runtime
+    import m2fpkit.server
+
+    imported = []
+    for name in ("m2fpkit.runtime", "m2fpkit.server"):
+        pkg = importlib.import_module(name)
+        for info in pkgutil.walk_packages(pkg.__path__, name + "."):
+            importlib.import_module(info.name)
+            imported.append(info.name)
+    exported = [getattr(m2fpkit.runtime, n).__name__ for n in m2fpkit.runtime.__all__]
+
+    from m2fpkit.runtime import Predictor, Registry, RegistryOptions
+
+    root, bundle, image_path = sys.argv[1:4]
+    image = open(image_path, "rb").read()
+
+    async def serve_one():
+        async with Registry(root, RegistryOptions(watch=True, idle_ttl=5)) as reg:
+            pred = await reg.predict("latest", image)
+            return pred.version, pred.result.label_map.shape
+
+    version, shape = asyncio.run(serve_one())
+    predictor = Predictor.load(bundle)
+    direct = predictor.predict(image)
+    predictor.close()
+    print(json.dumps({
+        "imported": imported, "exported": exported, "version": version, "shape": list(shape),
+        "direct": [direct.version, list(direct.result.label_map.shape)],
+        "forbidden": LOADED,
+    }))
+""").replace("LOADED", _loaded(FORBIDDEN))
+
+
+def test_runtime_and_server_run_a_prediction_without_torch_or_pillow(ms_multi, tmp_path):
+    root = tmp_path / "bundles"
+    bundle = clone_bundle(ms_multi.bundle_dir, root, "v1.0", preprocess={"short_edge": 160})
+    image = tmp_path / "image.png"
+    image.write_bytes(synthetic_png(96, 128, seed=2))
+    proc = run_python(SMOKE, str(root), str(bundle), str(image), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["forbidden"] == [], f"imported by the runtime or the server: {out['forbidden']}"
+    assert out["version"] == "v1.0" and out["shape"] == [96, 128]
+    assert out["direct"] == ["v1.0", [96, 128]]
+    expected = [m for p in LIGHT_PACKAGES for m in modules_of(p)[1:]]
+    assert sorted(out["imported"]) == sorted(expected)
+    assert {"m2fpkit.runtime.registry", "m2fpkit.runtime.watcher", "m2fpkit.server.app"} <= set(out["imported"])
+    assert len(out["exported"]) == len(importlib.import_module("m2fpkit.runtime").__all__)
+
+
+ONE_MODULE = textwrap.dedent("""
+    import importlib, json, sys
+    importlib.import_module(sys.argv[1])
+    print(json.dumps(LOADED))
+""").replace("LOADED", _loaded(FORBIDDEN))
+
+
+@pytest.mark.parametrize("package", ALL_PACKAGES)
+def test_every_module_imports_cleanly_on_its_own(package, tmp_path):
+    """``python -c 'import <module>'`` for each module; runtime and server ones must not pull in torch."""
+    names = modules_of(package)
+    assert len(names) > 1
+
+    def check(name: str) -> str | None:
+        proc = run_python(ONE_MODULE, name, cwd=tmp_path)
+        if proc.returncode != 0:
+            return f"{name}: exit {proc.returncode}\n{proc.stderr[-2000:]}"
+        if package in LIGHT_PACKAGES and proc.stderr.strip():
+            return f"{name}: wrote to stderr on import:\n{proc.stderr[-2000:]}"
+        forbidden = json.loads(proc.stdout.strip().splitlines()[-1])
+        if package in LIGHT_PACKAGES and forbidden:
+            return f"{name}: imports {forbidden}"
+        return None
+
+    with ThreadPoolExecutor(2) as pool:  # two interpreters at a time: the machine has 2 cores
+        problems = [p for p in pool.map(check, names) if p]
+    assert problems == [], "\n\n".join(problems)

@@ -1,0 +1,520 @@
+"""The version registry: discovery, life cycle, lazy single-flight loads, ``latest`` and aliases, failures,
+idle unload, memory-budget eviction, warm-up and golden self-test, and the blocking ``Runtime`` facade.
+
+Every bundle root is made of cheap clones (:mod:`reference.bundles`) of the session's exported bundles,
+with a small input size so inference stays quick on a shared 2-core machine. The file watcher is off
+here (``rescan()`` is called explicitly); ``test_hot_swap.py`` covers it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import m2fpkit.runtime.registry as registry_mod
+from m2fpkit.runtime.api import Runtime
+from m2fpkit.runtime.errors import InvalidVersionName, UnknownVersion, VersionUnavailable
+from m2fpkit.runtime.predictor import Predictor
+from m2fpkit.runtime.registry import Registry, RegistryOptions, State
+from m2fpkit.runtime.store import BundleStore
+from reference.bundles import add_golden, clone_bundle, corrupt, replace_bundle, synthetic_png
+
+FAST_MULTI = {"short_edge": 160}
+FAST_SINGLE = {"canvas": [96, 128]}
+MB = 1 << 20
+IMAGE = synthetic_png(96, 128, seed=7)
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+def bounded(seconds: float):
+    """Fail an async test that runs longer than ``seconds`` instead of hanging the suite."""
+
+    def deco(fn):
+        @functools.wraps(fn)
+        async def wrapper(*args, **kwargs):
+            async with asyncio.timeout(seconds):
+                return await fn(*args, **kwargs)
+
+        return wrapper
+
+    return deco
+
+
+async def wait_until(cond, what: str, timeout: float = 30.0, step: float = 0.02) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+        await asyncio.sleep(step)
+
+
+def states(reg: Registry) -> dict[str, str]:
+    return {s["version"]: s["state"] for s in reg.status()}
+
+
+def status_of(reg: Registry, version: str) -> dict:
+    return next(s for s in reg.status() if s["version"] == version)
+
+
+@pytest.fixture(scope="module")
+def multi_src(ms_multi, tmp_path_factory) -> Path:
+    return clone_bundle(ms_multi.bundle_dir, tmp_path_factory.mktemp("reg_multi"), "v0.1", preprocess=FAST_MULTI)
+
+
+@pytest.fixture(scope="module")
+def single_src(ms_single, tmp_path_factory) -> Path:
+    return clone_bundle(ms_single.bundle_dir, tmp_path_factory.mktemp("reg_single"), "v0.2", preprocess=FAST_SINGLE)
+
+
+@pytest.fixture
+def root(tmp_path) -> Path:
+    return tmp_path / "bundles"
+
+
+@pytest.fixture
+async def make_registry():
+    made: list[Registry] = []
+
+    async def make(root: Path, *, start: bool = True, **options) -> Registry:
+        options.setdefault("watch", False)
+        options.setdefault("idle_ttl", 0)
+        reg = Registry(root, RegistryOptions(**options))
+        made.append(reg)
+        if start:
+            await reg.start()
+        return reg
+
+    yield make
+    for reg in made:
+        await reg.close(drain_timeout=5)
+
+
+def publish(src: Path, root: Path, *versions: str, **kw) -> None:
+    for v in versions:
+        clone_bundle(src, root, v, **kw)
+
+
+# -------------------------------------------------------------------------------- discovery
+
+@bounded(120)
+async def test_discovery_ignores_hidden_staging_and_non_version_entries(multi_src, single_src, root, make_registry):
+    publish(multi_src, root, "v1.0")
+    publish(single_src, root, "v1.1-rc.1", channel="experimental")
+    d = root / "m2fp"
+    shutil.copytree(d / "v1.0", d / ".staging-v3.0-0123abcd")  # complete, but hidden: not published yet
+    shutil.copytree(d / "v1.0", d / ".removed-v0.9-0123abcd")
+    shutil.copytree(d / "v1.0", d / "current")                 # not a version name
+    shutil.copytree(d / "v1.0", d / "V4.0")                    # not a version name (capital V)
+    (d / "v5.0").write_text("a file named like a version\n")
+    (d / "v6.0").symlink_to(d / "v1.0", target_is_directory=True)  # links are ignored
+    (d / "notes").mkdir()
+
+    reg = await make_registry(root)
+    assert reg.versions() == ["v1.0", "v1.1-rc.1"]
+    st = {s["version"]: s for s in reg.status()}
+    assert list(st) == ["v1.0", "v1.1-rc.1"]
+    assert st["v1.0"]["state"] == "ready" and st["v1.0"]["aliases"] == ["latest"]  # preloaded as latest
+    assert st["v1.1-rc.1"]["state"] == "discovered" and not st["v1.1-rc.1"]["loaded"]
+    # discovery verified the bundle and read its config without loading it
+    assert (st["v1.1-rc.1"]["task"], st["v1.1-rc.1"]["channel"]) == ("single-human", "experimental")
+    assert reg.events["loads"] == 1
+    with pytest.raises(InvalidVersionName):
+        reg.resolve(".staging-v3.0-0123abcd")
+    with pytest.raises(UnknownVersion):
+        reg.resolve("v6.0")
+    with pytest.raises(UnknownVersion):
+        reg.resolve("v5.0")
+
+
+# ------------------------------------------------------------------- life cycle and lazy load
+
+@bounded(180)
+async def test_states_lazy_load_and_warmup_before_ready(multi_src, root, make_registry, monkeypatch):
+    publish(multi_src, root, "v1.0", "v2.0")
+    seen: list[tuple[str, bool, State | None]] = []
+    reg = await make_registry(root, start=False)
+    original = Predictor.warmup
+
+    def spy(self):
+        seen.append((self.version, reg.is_ready(self.version), reg.slot_states().get(self.version)))
+        return original(self)
+
+    monkeypatch.setattr(Predictor, "warmup", spy)
+    await reg.start()
+    # latest (v2.0) is loaded at start and warmed up before it became ready; v1.0 only discovered
+    assert seen == [("v2.0", False, State.LOADING)]
+    assert reg.slot_states() == {"v1.0": State.DISCOVERED, "v2.0": State.READY}
+    assert reg.config("v1.0") is not None and reg.config("v1.0").version == "v1.0"
+    assert reg.events["loads"] == 1
+
+    task = asyncio.create_task(reg.predict("v1.0", IMAGE))
+    await wait_until(lambda: reg.slot_states()["v1.0"] == State.LOADING, "v1.0 to be loading")
+    assert status_of(reg, "v1.0")["state"] == "loading" and not reg.is_ready("v1.0")
+    pred = await task
+    assert pred.version == "v1.0" and pred.result.label_map.shape == (96, 128)
+    assert reg.slot_states()["v1.0"] == State.READY
+    assert seen[-1] == ("v1.0", False, State.LOADING)
+    assert len(seen) == 2 and reg.events["loads"] == 2
+    s = status_of(reg, "v1.0")
+    assert s["loaded"] and s["requests"] == 1 and s["in_flight"] == 0 and s["load_seconds"] > 0
+
+
+@bounded(120)
+async def test_warmup_can_be_switched_off(multi_src, root, make_registry, monkeypatch):
+    publish(multi_src, root, "v1.0")
+    calls: list[str] = []
+    monkeypatch.setattr(Predictor, "warmup", lambda self: calls.append(self.version))
+    reg = await make_registry(root, warmup=False)
+    assert reg.is_ready("v1.0")
+    assert (await reg.predict("latest", IMAGE)).version == "v1.0"
+    assert calls == []
+
+
+@bounded(180)
+async def test_concurrent_first_requests_load_once(multi_src, root, make_registry, monkeypatch):
+    publish(multi_src, root, "v1.0", "v2.0")
+    reg = await make_registry(root)
+    assert reg.events["loads"] == 1  # latest
+    loads: list[str] = []
+    original = Predictor.load.__func__
+
+    def counting_load(cls, bundle_dir, factory=None):
+        loads.append(Path(bundle_dir).name)
+        return original(cls, bundle_dir, factory)
+
+    monkeypatch.setattr(Predictor, "load", classmethod(counting_load))
+    preds = await asyncio.gather(*(reg.predict("v1.0", IMAGE) for _ in range(8)), reg.load("v1.0"), reg.load("v1.0"))
+    assert [p.version for p in preds[:8]] == ["v1.0"] * 8
+    assert preds[8:] == ["v1.0", "v1.0"]
+    assert loads == ["v1.0"]
+    assert reg.events["loads"] == 2 and reg.events["load_failures"] == 0
+    assert status_of(reg, "v1.0")["requests"] == 8
+
+
+# ------------------------------------------------------------------------- latest and aliases
+
+@bounded(120)
+async def test_latest_is_the_newest_release_by_semver(multi_src, root, make_registry):
+    publish(multi_src, root, "v2.0", "v9.0", "v10.0", "v10.1-rc.1")
+    reg = await make_registry(root)
+    assert reg.latest() == "v10.0"  # not "v9.0" (string order), not the newer pre-release
+    assert reg.resolve("latest") == "v10.0"
+    assert reg.is_ready("v10.0") and "v10.0" in reg.pinned()
+    assert (await reg.predict("latest", IMAGE)).version == "v10.0"
+    assert status_of(reg, "v10.0")["aliases"] == ["latest"]
+    assert status_of(reg, "v10.1-rc.1")["aliases"] == []
+    # a version becomes latest once it is ready
+    publish(multi_src, root, "v11.0")
+    await reg.rescan()
+    assert await reg.load("v11.0") == "v11.0"
+    assert reg.latest() == "v11.0"
+    assert (await reg.predict("latest", IMAGE)).version == "v11.0"
+
+
+@bounded(120)
+async def test_prereleases_only_when_there_is_no_release(multi_src, root, make_registry):
+    publish(multi_src, root, "v1.0-alpha", "v1.0-beta.2", "v1.0-beta.10", "v0.9-rc.1")
+    reg = await make_registry(root)
+    assert reg.latest() == "v1.0-beta.10"  # numeric identifiers compare numerically
+    assert (await reg.predict("latest", IMAGE)).version == "v1.0-beta.10"
+
+
+@bounded(60)
+async def test_published_release_becomes_latest_without_a_request(multi_src, root, make_registry):
+    publish(multi_src, root, "v1.0")
+    reg = await make_registry(root)
+    assert reg.latest() == "v1.0"
+    publish(multi_src, root, "v2.0")
+    await reg.rescan()
+    deadline = time.monotonic() + 10
+    while reg.latest() != "v2.0" and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert reg.latest() == "v2.0"
+    assert reg.is_ready("v2.0")  # latest is a loaded, verified version
+
+
+@bounded(120)
+async def test_alias_file_overrides_latest(multi_src, root, make_registry):
+    publish(multi_src, root, "v1.0", "v2.0")
+    publish(multi_src, root, "v3.0", then=lambda s: corrupt(s, "flip-byte"))
+    reg = await make_registry(root)
+    assert reg.latest() == "v2.0"
+    store = BundleStore(root)
+    store.set_alias("latest", "v1.0")
+    assert reg.latest() == "v1.0" and reg.resolve("latest") == "v1.0"
+    assert (await reg.predict("latest", IMAGE)).version == "v1.0"
+    assert status_of(reg, "v1.0")["aliases"] == ["latest"] and status_of(reg, "v2.0")["aliases"] == []
+    # an alias to a missing or failed version does not take latest down with it (it falls back to a
+    # working version: the newest ready release, or the last-known-good target of the alias)
+    for broken in ("v8.0", "v3.0"):
+        store.set_alias("latest", broken)
+        assert reg.latest() in ("v1.0", "v2.0")
+        assert reg.resolve("latest") == reg.latest()
+        assert (await reg.predict("latest", IMAGE)).version == reg.latest()
+
+
+@bounded(60)
+async def test_status_shows_where_latest_resolves_with_a_dangling_latest_alias(multi_src, root, make_registry):
+    publish(multi_src, root, "v1.0", "v2.0")
+    reg = await make_registry(root)
+    BundleStore(root).set_alias("latest", "v8.0")
+    assert reg.latest() == "v2.0"
+    assert "latest" in status_of(reg, "v2.0")["aliases"]
+
+
+@bounded(120)
+async def test_alias_resolution(multi_src, root, make_registry):
+    publish(multi_src, root, "v1.0", "v2.0")
+    reg = await make_registry(root)
+    store = BundleStore(root)
+    store.set_alias("stable", "v1.0")
+    store.set_alias("gone", "v8.0")
+    assert reg.aliases() == {"stable": "v1.0", "gone": "v8.0"}
+    assert reg.resolve("stable") == "v1.0"
+    assert (await reg.predict("stable", IMAGE)).version == "v1.0"
+    assert "v1.0" in reg.pinned() and status_of(reg, "v1.0")["pinned"]
+    assert status_of(reg, "v1.0")["aliases"] == ["stable"]
+    with pytest.raises(UnknownVersion, match="gone"):
+        reg.resolve("gone")
+    with pytest.raises(UnknownVersion, match="nope"):
+        await reg.predict("nope", IMAGE)
+    # the routing file's aliases override the store's
+    reg.set_alias_overrides({"stable": "v2.0", "canary": "v2.0"})
+    assert reg.resolve("stable") == "v2.0" and reg.resolve("canary") == "v2.0"
+    assert (await reg.predict("canary", IMAGE)).version == "v2.0"
+    reg.set_alias_overrides({})
+    assert reg.resolve("stable") == "v1.0"
+
+
+BAD_NAMES = ["..", ".", "../v1.0", "v1.0/..", "v1.0/../../etc", "/etc/passwd", "m2fp/v1.0", "", "V1.0",
+             " v1.0", "v1.0 ", "v1.0\x00", ".staging-v1.0-0123abcd", "aliases.json", "~", "..\\v1.0",
+             "v1.0%2F..", "latest/..", "Latest", "a" * 40]
+
+
+@bounded(60)
+async def test_unknown_and_invalid_names(multi_src, root, make_registry):
+    publish(multi_src, root, "v1.0")
+    reg = await make_registry(root)
+    for name in ("v7.0", "v1", "v1.0.1", "v1.0-rc.1"):
+        with pytest.raises(UnknownVersion):
+            reg.resolve(name)
+        with pytest.raises(UnknownVersion):
+            await reg.predict(name, IMAGE)
+    for name in BAD_NAMES:
+        with pytest.raises(InvalidVersionName):
+            reg.resolve(name)
+        with pytest.raises(InvalidVersionName):
+            await reg.predict(name, IMAGE)
+        with pytest.raises(InvalidVersionName):
+            BundleStore(root).path(name)
+    with pytest.raises(InvalidVersionName):
+        reg.resolve(None)  # type: ignore[arg-type]
+    assert reg.versions() == ["v1.0"]
+
+
+# ---------------------------------------------------------------------------------- failures
+
+@bounded(180)
+async def test_corrupted_bundles_fail_with_a_reason_and_others_keep_working(multi_src, root, make_registry):
+    publish(multi_src, root, "v1.0")
+    publish(multi_src, root, "v0.9", then=lambda s: corrupt(s, "config-schema"))
+    publish(multi_src, root, "v2.0", then=lambda s: corrupt(s, "flip-byte"))
+    publish(multi_src, root, "v3.0", then=lambda s: corrupt(s, "extra-class"))  # caught only when loaded
+    reg = await make_registry(root)
+    st = {s["version"]: s for s in reg.status()}
+    # v3.0 looked like latest until its load failed; then v1.0 was preloaded as latest instead
+    assert {v: s["state"] for v, s in st.items()} == {
+        "v0.9": "failed", "v1.0": "ready", "v2.0": "failed", "v3.0": "failed"}
+    assert "config.json → preprocess → mean" in st["v0.9"]["reason"]
+    assert "model.onnx.data" in st["v2.0"]["reason"] and "SHA-256" in st["v2.0"]["reason"]
+    assert "does not match config.json" in st["v3.0"]["reason"] and "pred_logits" in st["v3.0"]["reason"]
+    assert st["v1.0"]["reason"] is None and st["v1.0"]["aliases"] == ["latest"]
+    assert [v for v, s in st.items() if s["loaded"]] == ["v1.0"]
+    assert reg.events["load_failures"] == 1
+
+    for version, fragment in (("v0.9", "preprocess"), ("v2.0", "SHA-256"), ("v3.0", "pred_logits")):
+        with pytest.raises(VersionUnavailable, match=fragment):
+            await reg.predict(version, IMAGE)
+    assert reg.events["load_failures"] == 1  # a failed version is not retried on every request
+    assert reg.latest() == "v1.0"
+    assert (await reg.predict("latest", IMAGE)).version == "v1.0"
+    assert (await reg.predict("v1.0", IMAGE)).version == "v1.0"
+
+    # a fixed bundle is picked up on the next scan
+    replace_bundle(multi_src, root, "v2.0")
+    await reg.rescan()
+    assert status_of(reg, "v2.0")["reason"] is None
+    assert (await reg.predict("v2.0", IMAGE)).version == "v2.0"
+    assert states(reg)["v3.0"] == "failed"
+
+
+# ------------------------------------------------------------------------- idle and memory
+
+@bounded(180)
+async def test_idle_versions_unload_but_pinned_ones_stay(multi_src, root, make_registry):
+    publish(multi_src, root, "v1.0", "v1.5", "v2.0", "v3.0")
+    reg = await make_registry(root, idle_ttl=0.5)
+    BundleStore(root).set_alias("stable", "v2.0")
+    reg.set_pinned(["v1.5"])
+    for v in ("v1.0", "v1.5", "v2.0", "v3.0"):
+        assert (await reg.predict(v, IMAGE)).version == v
+        assert reg.is_ready(v)
+    assert reg.pinned() == {"v1.5", "v2.0", "v3.0"}
+    await wait_until(lambda: states(reg)["v1.0"] == "unloaded", "idle v1.0 to unload", timeout=30)
+    await asyncio.sleep(1.5)  # three more TTLs: the pinned ones stay
+    assert states(reg) == {"v1.0": "unloaded", "v1.5": "ready", "v2.0": "ready", "v3.0": "ready"}
+    assert reg.events["unloads"] == 1
+    s = status_of(reg, "v1.0")
+    assert not s["loaded"] and s["memory_bytes"] == 0 and s["reason"] is None
+    loads = reg.events["loads"]
+    assert (await reg.predict("v1.0", IMAGE)).version == "v1.0"  # lazily loaded again
+    assert reg.events["loads"] == loads + 1
+
+
+@bounded(180)
+async def test_memory_budget_evicts_least_recently_used_unpinned(multi_src, root, make_registry, monkeypatch):
+    # each load measures exactly 100 MB (the real RSS delta of a tiny model is noise)
+    counter = itertools.count()
+    monkeypatch.setattr(registry_mod, "rss_bytes", lambda: next(counter) * 100 * MB)
+    publish(multi_src, root, "v1.0", "v2.0", "v3.0", "v4.0")
+    reg = await make_registry(root, memory_budget=350 * MB)
+    assert states(reg)["v4.0"] == "ready" and status_of(reg, "v4.0")["memory_bytes"] == 100 * MB
+    for v in ("v1.0", "v2.0", "v1.0"):  # v1.0 used again after v2.0
+        await reg.predict(v, IMAGE)
+    assert reg.events["evictions"] == 0
+    await reg.predict("v3.0", IMAGE)  # 400 MB > 350 MB: the least recently used unpinned version goes
+    assert states(reg) == {"v1.0": "ready", "v2.0": "unloaded", "v3.0": "ready", "v4.0": "ready"}
+    assert reg.events["evictions"] == 1
+
+    reg.set_pinned(["v1.0", "v3.0"])
+    await reg.predict("v2.0", IMAGE)  # over budget again, but everything else is pinned
+    assert states(reg) == {"v1.0": "ready", "v2.0": "ready", "v3.0": "ready", "v4.0": "ready"}
+    assert reg.events["evictions"] == 1
+
+    reg.set_pinned([])
+    await reg.predict("v1.0", IMAGE)  # a hit does not load, so no eviction happens here
+    assert reg.events["evictions"] == 1
+    assert sum(s["memory_bytes"] for s in reg.status()) == 400 * MB
+
+
+@bounded(180)
+async def test_pinned_latest_is_never_evicted(multi_src, root, make_registry, monkeypatch):
+    counter = itertools.count()
+    monkeypatch.setattr(registry_mod, "rss_bytes", lambda: next(counter) * 100 * MB)
+    publish(multi_src, root, "v1.0", "v2.0", "v3.0")
+    reg = await make_registry(root, memory_budget=1)  # everything is over budget
+    for v in ("v1.0", "v2.0", "v1.0"):
+        await reg.predict(v, IMAGE)
+        assert reg.is_ready("v3.0")
+    assert states(reg) == {"v1.0": "ready", "v2.0": "unloaded", "v3.0": "ready"}
+    assert reg.events["evictions"] == 2
+
+
+# ---------------------------------------------------------------------------- golden samples
+
+@bounded(180)
+async def test_golden_self_test_gates_readiness(multi_src, root, make_registry):
+    golden_png = synthetic_png(100, 100, seed=11)
+    probe = Predictor.load(multi_src)
+    try:
+        expected = probe.predict(golden_png).result.label_map.copy()
+        n_classes = probe.config.num_classes
+    finally:
+        probe.close()
+    wrong = ((expected.astype(np.int64) + 1) % n_classes).astype(np.uint8)
+    slightly_off = expected.copy()
+    flat = slightly_off.reshape(-1)
+    flat[:: 50] = (flat[:: 50] + 1) % n_classes  # 2 % of the pixels disagree
+
+    publish(multi_src, root, "v1.0", then=lambda s: add_golden(s, golden_png, expected))
+    publish(multi_src, root, "v2.0", then=lambda s: add_golden(s, golden_png, wrong))
+    publish(multi_src, root, "v3.0", then=lambda s: add_golden(s, golden_png, slightly_off, min_agreement=0.97))
+    publish(multi_src, root, "v3.1", then=lambda s: add_golden(s, golden_png, slightly_off))
+    reg = await make_registry(root)
+    for v in ("v1.0", "v3.0"):
+        assert (await reg.predict(v, IMAGE)).version == v
+        assert reg.config(v).golden is not None
+    for v, share in (("v2.0", "0.00%"), ("v3.1", "98.00%")):
+        with pytest.raises(VersionUnavailable, match="golden self-test"):
+            await reg.predict(v, IMAGE)
+        s = status_of(reg, v)
+        assert s["state"] == "failed" and not s["loaded"]
+        assert "golden self-test" in s["reason"] and share in s["reason"], s["reason"]
+    assert reg.latest() == "v3.0"  # the newest version that passed its self-test
+
+
+@bounded(60)
+async def test_golden_sample_outside_the_bundle_is_refused(multi_src, root):
+    from m2fpkit.runtime.errors import BundleError
+
+    golden_png = synthetic_png(64, 64, seed=1)
+    probe = Predictor.load(multi_src)
+    expected = probe.predict(golden_png).result.label_map.copy()
+    probe.close()
+    publish(multi_src, root, "v1.0", then=lambda s: add_golden(s, golden_png, expected))
+
+    def point_outside(stage: Path) -> None:
+        from reference.bundles import edit_config
+        edit_config(stage, lambda raw: raw.update(golden={"image": "../v1.0/golden/image.png",
+                                                           "label_map": "../v1.0/golden/labels.png"}))
+
+    path = clone_bundle(multi_src, root, "v2.0", then=point_outside)
+    with pytest.raises(BundleError, match="golden"):
+        predictor = Predictor.load(path)
+        try:
+            predictor.self_test()
+        finally:
+            predictor.close()
+
+
+# ------------------------------------------------------------------------------- sync facade
+
+def test_runtime_facade_works_from_plain_threads(multi_src, single_src, root):
+    publish(multi_src, root, "v1.0")
+    publish(single_src, root, "v2.0")
+    results: list[tuple[str, str, str]] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    with Runtime(root, RegistryOptions(watch=False, idle_ttl=0)) as rt:
+        assert rt.resolve("latest") == "v2.0"
+
+        def worker(i: int) -> None:
+            try:
+                for name in ("latest", "v1.0", "latest"):
+                    pred = rt.predict(name, synthetic_png(64 + 8 * i, 96, seed=i))
+                    with lock:
+                        results.append((name, pred.version, pred.result.task))
+            except BaseException as exc:  # reported below
+                with lock:
+                    errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=180)
+        assert not any(t.is_alive() for t in threads)
+        assert errors == []
+        assert sorted(set(results)) == [("latest", "v2.0", "single-human"), ("v1.0", "v1.0", "multi-human")]
+        assert len(results) == 12
+        assert {s["version"]: s["state"] for s in rt.status()} == {"v1.0": "ready", "v2.0": "ready"}
+
+        publish(multi_src, root, "v3.0")
+        rt.rescan()
+        assert [s["version"] for s in rt.status()] == ["v1.0", "v2.0", "v3.0"]
+        assert rt.predict("v3.0", IMAGE).version == "v3.0"
+        with pytest.raises(UnknownVersion):
+            rt.predict("v7.0", IMAGE)
+        with pytest.raises(InvalidVersionName):
+            rt.predict("../v1.0", IMAGE)
+    assert not rt._thread.is_alive()
