@@ -45,8 +45,9 @@ def _jpeg_markers(data: bytes) -> tuple[tuple[int, int] | None, int | None]:
     size: tuple[int, int] | None = None
     pos, n = 2, len(data)
     while pos < n:
-        if data[pos] != 0xFF:
-            raise _truncated("JPEG")
+        pos = data.find(b"\xff", pos)  # stray bytes between segments: libjpeg skips them too
+        if pos < 0:
+            break
         while pos < n and data[pos] == 0xFF:  # fill bytes
             pos += 1
         if pos >= n:
@@ -120,7 +121,9 @@ def _unsupported_name(data: bytes) -> str:
         return "GIF"
     if head[4:8] == b"ftyp":
         brand = head[8:12]
-        return "AVIF" if brand.startswith(b"avi") else "HEIC/HEIF" if brand[:3] in (b"hei", b"mif", b"msf") else "ISO media"
+        if brand.startswith(b"avi"):
+            return "AVIF"
+        return "HEIC/HEIF" if brand[:3] in (b"hei", b"mif", b"msf") else "ISO media"
     if head[:4] == b"%PDF":
         return "PDF"
     if text.startswith(b"<svg") or (text.startswith(b"<?xml") and b"<svg" in data[:4096].lower()):

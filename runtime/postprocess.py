@@ -15,6 +15,7 @@ does, but only for what is needed:
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import numpy as np
 
@@ -33,8 +34,11 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
+def _sigmoid(x: np.ndarray, inplace: bool = False) -> np.ndarray:
+    out = np.negative(x, out=x if inplace else None)
+    np.exp(out, out=out)
+    out += 1.0
+    return np.reciprocal(out, out=out)
 
 
 # ------------------------------------------------------------------------ torch.topk(sorted=False)
@@ -89,15 +93,15 @@ def _to_original(low: np.ndarray, prepared: Prepared) -> np.ndarray:
     return resize_float(up, prepared.original_hw)
 
 
-def _argmax_maps(maps: np.ndarray, prepared: Prepared) -> tuple[np.ndarray, np.ndarray]:
-    """Label map (uint8) and winning value of ``maps`` [h, w, C] resized to the original size.
+def _argmax_maps(maps: np.ndarray, resize: Callable[[np.ndarray], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Label map (uint8) and winning value of ``maps`` [h, w, C] after ``resize`` to the original size.
 
     Channels are resized one at a time; ties go to the lowest class, as ``argmax`` does.
     """
-    best = _to_original(np.ascontiguousarray(maps[:, :, 0]), prepared)
+    best = resize(np.ascontiguousarray(maps[:, :, 0]))
     labels = np.zeros(best.shape, dtype=np.uint8)
     for c in range(1, maps.shape[2]):
-        cur = _to_original(np.ascontiguousarray(maps[:, :, c]), prepared)
+        cur = resize(np.ascontiguousarray(maps[:, :, c]))
         better = cur > best
         labels[better] = c
         np.maximum(best, cur, out=best)
@@ -113,12 +117,13 @@ def _single_human(logits: np.ndarray, masks: np.ndarray, prepared: Prepared, cfg
     for q0 in range(0, masks.shape[0], _QUERY_CHUNK):
         chunk = np.ascontiguousarray(masks[q0:q0 + _QUERY_CHUNK].transpose(1, 2, 0))
         up = resize_float(chunk, prepared.padded_hw)[y0:y1, x0:x1]
-        sem += _sigmoid(up.reshape(-1, up.shape[2])) @ probs[q0:q0 + _QUERY_CHUNK]
-    labels, best = _argmax_maps(sem.reshape(y1 - y0, x1 - x0, -1), prepared)
+        sem += _sigmoid(up.reshape(-1, up.shape[2]), inplace=True) @ probs[q0:q0 + _QUERY_CHUNK]
+    labels, best = _argmax_maps(sem.reshape(y1 - y0, x1 - x0, -1),
+                                lambda m: resize_float(m, prepared.original_hw))
     n_cls = probs.shape[1]
     counts = np.bincount(labels.ravel(), minlength=n_cls)
     # at a pixel labelled c the winning value is sem[c]: ModelScope's per-class sum of sigmoid(sem[c])
-    sums = np.bincount(labels.ravel(), weights=_sigmoid(best).ravel(), minlength=n_cls)
+    sums = np.bincount(labels.ravel(), weights=_sigmoid(best, inplace=True).ravel(), minlength=n_cls)
     instances = tuple(
         Instance(int(c), cfg.classes[c], float(sums[c] / (counts[c] + 1)), labels == c)
         for c in np.flatnonzero(counts))
@@ -132,27 +137,39 @@ def _query_mask(low: np.ndarray, prepared: Prepared) -> tuple[np.float32, np.nda
     full = _to_original(low, prepared)
     binary = full > 0
     positive = full[binary]
-    total = _sigmoid(positive).sum(dtype=np.float64)
+    total = _sigmoid(positive, inplace=True).sum(dtype=np.float64)
     return np.float32(total / (positive.size + 1e-6)), binary
 
 
-def _paste(low_masks: np.ndarray, q: np.ndarray, lab: np.ndarray, score: np.ndarray,
-           n_cat: int, thr: float) -> np.ndarray:
-    """ModelScope's ``paste_instance_to_semseg_probs`` at mask resolution: [h, w, n_cat]."""
-    out = np.zeros(low_masks.shape[1:] + (n_cat,), dtype=np.float32)
+def _paste_labels(masks: np.ndarray, q: np.ndarray, lab: np.ndarray, score: np.ndarray,
+                  n_cat: int, thr: float, prepared: Prepared) -> np.ndarray:
+    """Argmax of ModelScope's ``paste_instance_to_semseg_probs`` (its parsing semantic output).
+
+    Per category, instances scoring at least ``thr`` are pasted in ascending score order where
+    ``sigmoid(mask) * score > 0.5`` and averaged; one category map at a time is kept in memory.
+    """
+    best = np.zeros(prepared.original_hw, dtype=np.float32)
+    labels = np.zeros(prepared.original_hw, dtype=np.uint8)
     for c in range(n_cat):
         sel = np.flatnonzero((lab == c) & (score >= np.float32(thr)))
         if not sel.size:
-            continue
-        acc = np.zeros(low_masks.shape[1:], dtype=np.float32)
-        times = np.zeros(low_masks.shape[1:], dtype=np.float32)
+            continue  # an all-zero category map never beats the running maximum (ties go low)
+        acc = np.zeros(prepared.original_hw, dtype=np.float32)
+        times = np.zeros(prepared.original_hw, dtype=np.float32)
         for i in sel[np.argsort(score[sel], kind="stable")]:
-            p = _sigmoid(low_masks[q[i]]) * score[i]
+            p = _sigmoid(_to_original(masks[q[i]], prepared), inplace=True)
+            p *= score[i]
             hit = p > 0.5
-            acc[hit] += p[hit]
+            np.add(acc, p, out=acc, where=hit)
             times += hit
-        out[:, :, c] = acc / np.maximum(times, 1.0)
-    return out
+        acc /= np.maximum(times, 1.0)
+        if c == 0:
+            best = acc
+            continue
+        better = acc > best
+        labels[better] = c
+        np.maximum(best, acc, out=best)
+    return labels
 
 
 def _multi_human(logits: np.ndarray, masks: np.ndarray, prepared: Prepared, cfg: BundleConfig) -> ParseResult:
@@ -180,8 +197,8 @@ def _multi_human(logits: np.ndarray, masks: np.ndarray, prepared: Prepared, cfg:
     kept_parts = np.flatnonzero(part_cand & (score >= p_thr) & (score > 0))
     kept_humans = np.flatnonzero(human_cand & (score > h_thr))
 
-    sem = _paste(masks, q, np.where(is_human, -1, lab), score, human, pp.instance_paste_threshold)
-    labels, _ = _argmax_maps(sem, prepared)
+    labels = _paste_labels(masks, q, np.where(is_human, -1, lab), score, human,
+                           pp.instance_paste_threshold, prepared)
 
     # persons: ids by descending score; overlapping pixels go to the higher-scoring person
     by_score = kept_humans[np.argsort(-score[kept_humans], kind="stable")]
@@ -189,11 +206,12 @@ def _multi_human(logits: np.ndarray, masks: np.ndarray, prepared: Prepared, cfg:
     person_map = np.zeros(labels.shape, dtype=np.uint16)
     for i in by_score[::-1]:
         person_map[binary[int(q[i])]] = person_of[int(i)]
-    part_owner: dict[int, int | None] = {}
-    for i in kept_parts:
-        hits = np.bincount(person_map[binary[int(q[i])]], minlength=len(by_score) + 1)
+    owner: dict[int, int | None] = {}  # per query: the person its mask overlaps most
+    for query in {int(q[i]) for i in kept_parts}:
+        hits = np.bincount(person_map[binary[query]], minlength=len(by_score) + 1)
         hits[0] = 0
-        part_owner[int(i)] = int(hits.argmax()) if hits.max() > 0 else None
+        owner[query] = int(hits.argmax()) if hits.max() > 0 else None
+    part_owner = {int(i): owner[int(q[i])] for i in kept_parts}
 
     def instance(i: int, pid: int | None) -> Instance:
         return Instance(int(lab[i]), cfg.classes[int(lab[i])], float(score[i]), binary[int(q[i])], pid)

@@ -87,7 +87,8 @@ def canvas_size(h: int, w: int, canvas_w: int, canvas_h: int) -> tuple[int, int]
     return max(1, new_h), max(1, new_w)
 
 
-def _on_canvas(rgb: np.ndarray, canvas: tuple[int, int], fill: int) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+def _on_canvas(rgb: np.ndarray, canvas: tuple[int, int],
+               fill: int) -> tuple[np.ndarray, tuple[int, int, int, int]]:
     canvas_w, canvas_h = canvas
     h, w = rgb.shape[:2]
     new_h, new_w = canvas_size(h, w, canvas_w, canvas_h)
