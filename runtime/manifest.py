@@ -49,7 +49,7 @@ def read_manifest(bundle_dir: Path) -> dict:
     except (OSError, ValueError) as exc:
         raise BundleError(f"{MANIFEST} is unreadable: {exc}") from None
     files = manifest.get("files") if isinstance(manifest, dict) else None
-    if manifest.get("algorithm") != "sha256" or not isinstance(files, dict) or not files:
+    if not isinstance(manifest, dict) or manifest.get("algorithm") != "sha256" or not isinstance(files, dict) or not files:
         raise BundleError(f"{MANIFEST}: expected {{'algorithm': 'sha256', 'files': {{...}}}}")
     for rel, entry in files.items():
         if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str) or not isinstance(entry.get("size"), int):

@@ -7,16 +7,17 @@ from functools import total_ordering
 
 from .errors import InvalidVersionName
 
-_VERSION = re.compile(r"^v(\d{1,6})(?:\.(\d{1,6}))?(?:\.(\d{1,6}))?(?:-([0-9A-Za-z]+(?:\.[0-9A-Za-z]+)*))?$")
-_ALIAS = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+_NUM = r"(0|[1-9]\d{0,5})"  # no leading zeros: v01.2 would be another name for v1.2
+_VERSION = re.compile(rf"v{_NUM}(?:\.{_NUM})?(?:\.{_NUM})?(?:-([0-9A-Za-z]+(?:\.[0-9A-Za-z]+)*))?")
+_ALIAS = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 
 
 def is_version_name(name: str) -> bool:
-    return bool(_VERSION.match(name))
+    return bool(_VERSION.fullmatch(name))
 
 
 def is_alias_name(name: str) -> bool:
-    return bool(_ALIAS.match(name)) and not is_version_name(name)
+    return bool(_ALIAS.fullmatch(name)) and not is_version_name(name)
 
 
 def check_name(name: str) -> str:
@@ -37,7 +38,7 @@ class SemVer:
 
     @classmethod
     def parse(cls, name: str) -> "SemVer":
-        m = _VERSION.match(name)
+        m = _VERSION.fullmatch(name)
         if not m:
             raise InvalidVersionName(f"{name!r} is not a version name (like v1.2 or v2.0-beta)")
         return cls(int(m[1]), int(m[2] or 0), int(m[3] or 0), m[4] or "")
