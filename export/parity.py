@@ -14,11 +14,14 @@ from .model.m2fp import M2FP, PIXEL_MEAN, PIXEL_STD
 
 log = logging.getLogger(__name__)
 
+#: An element agrees when |onnx − torch| ≤ ATOL·s + RTOL·|torch|, with s = max(1, RMS of that output):
+#: float reassociation errors grow with the magnitude of the activations, so the absolute part is
+#: taken relative to the output's own scale (s = 1 for outputs of unit size or smaller).
 ATOL, RTOL = 1e-3, 1e-3
-#: share of elements that must be within ATOL + RTOL·|ref|; the masked-attention threshold can flip
-#: a mask bit on a rare element and move its logits by ~1e-2, so a handful may fall outside
+#: share of elements that must agree; the masked-attention threshold can flip a mask bit on a rare
+#: element and move its logits by ~1e-2, so a handful may fall outside
 MIN_WITHIN = 0.999
-MAX_ABS = 0.05
+MAX_ABS = 0.05  # × s
 MIN_LABEL_AGREEMENT = 0.995
 
 
@@ -58,16 +61,18 @@ class OutputDiff:
     max_abs: float
     max_rel: float
     within: float
+    scale: float
 
     def ok(self) -> bool:
-        return self.within >= MIN_WITHIN and self.max_abs <= MAX_ABS
+        return self.within >= MIN_WITHIN and self.max_abs <= MAX_ABS * self.scale
 
 
 def _diff(ref: np.ndarray, got: np.ndarray) -> OutputDiff:
     err = np.abs(ref - got)
+    scale = max(1.0, float(np.sqrt(np.mean(np.square(ref, dtype=np.float64)))))
     return OutputDiff(max_abs=float(err.max()),
                       max_rel=float((err / np.maximum(np.abs(ref), 1e-6)).max()),
-                      within=float((err <= ATOL + RTOL * np.abs(ref)).mean()))
+                      within=float((err <= ATOL * scale + RTOL * np.abs(ref)).mean()), scale=scale)
 
 
 def check(model: M2FP, onnx_path: Path, sizes: list[tuple[int, int]]) -> dict:
@@ -90,11 +95,12 @@ def check(model: M2FP, onnx_path: Path, sizes: list[tuple[int, int]]) -> dict:
                 failures.append(f"{name} at {h}x{w}: shape {g.shape} vs PyTorch {r.shape}")
                 continue
             d = _diff(r, g)
-            entry[name] = {"max_abs": d.max_abs, "max_rel": d.max_rel, "within_tolerance": d.within}
+            entry[name] = {"max_abs": d.max_abs, "max_rel": d.max_rel, "within_tolerance": d.within,
+                           "scale": d.scale}
             if not d.ok():
                 failures.append(f"{name} at {h}x{w}: max abs diff {d.max_abs:.3g}, "
-                                f"{100 * d.within:.3f}% within atol={ATOL}+rtol={RTOL} (need {100 * MIN_WITHIN}%"
-                                f" and max ≤ {MAX_ABS})")
+                                f"{100 * d.within:.3f}% within atol={ATOL}×{d.scale:.2g}+rtol={RTOL} "
+                                f"(need {100 * MIN_WITHIN}% and max ≤ {MAX_ABS * d.scale:.3g})")
         if len(ref) == 2 and ref[1].shape == got[1].shape:
             agree = float((semantic_labels(*ref) == semantic_labels(*got)).mean())
             entry["label_agreement"] = agree
