@@ -28,7 +28,7 @@ access_log = logging.getLogger("m2fpkit.access")
 @web.middleware
 async def request_context(request: web.Request, handler) -> web.StreamResponse:
     """Request id, JSON errors for everything, metrics and one access-log line per request."""
-    request["request_id"] = request.headers.get("X-Request-ID", "")[:64] or uuid.uuid4().hex[:16]
+    request[keys.REQUEST_ID] = request.headers.get("X-Request-ID", "")[:64] or uuid.uuid4().hex[:16]
     t0 = time.perf_counter()
     metrics = request.app[keys.METRICS]
     is_parse = request.path.endswith("/parse")
@@ -45,13 +45,13 @@ async def request_context(request: web.Request, handler) -> web.StreamResponse:
     finally:
         if is_parse:
             metrics.in_flight.dec()
-    response.headers["X-Request-ID"] = request["request_id"]
-    version, rule = request.get("version", "-"), request.get("rule", "-")
+    response.headers["X-Request-ID"] = request[keys.REQUEST_ID]
+    version, rule = request.get(keys.VERSION, "-"), request.get(keys.RULE, "-")
     if is_parse:
         metrics.requests.labels(version, rule, str(response.status)).inc()
-    access_log.info("%s %s %s %d version=%s rule=%s %.1fms", request["request_id"], request.method,
+    access_log.info("%s %s %s %d version=%s rule=%s %.1fms", request[keys.REQUEST_ID], request.method,
                     request.path_qs, response.status, version, rule, (time.perf_counter() - t0) * 1000,
-                    extra={"request_id": request["request_id"], "status": response.status, "version": version,
+                    extra={"request_id": request[keys.REQUEST_ID], "status": response.status, "version": version,
                            "rule": rule, "latency_ms": round((time.perf_counter() - t0) * 1000, 1)})
     return response
 

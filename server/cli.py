@@ -41,6 +41,9 @@ def setup_logging(fmt: str, level: str) -> None:
 @click.option("--routes", "routes_file", type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="Routes file (TOML or JSON): weights, aliases, sticky key, shadow. Hot-reloaded.")
 @click.option("--admin-token", envvar="M2FP_ADMIN_TOKEN", help="Bearer token enabling /admin/* (env M2FP_ADMIN_TOKEN).")
+@click.option("--distribution-token", envvar="M2FP_DISTRIBUTION_TOKEN",
+              help="Bearer token enabling read-only bundle downloads at /bundles for m2fp-bundle pull "
+                   "(env M2FP_DISTRIBUTION_TOKEN; must differ from the admin token).")
 @click.option("--max-body-mb", default=20.0, show_default=True, help="Largest request body (413 above).")
 @click.option("--max-pixels", default=40_000_000, show_default=True, help="Largest image, checked before decoding.")
 @click.option("--max-queue", default=8, show_default=True, help="Parses that may wait; more get 503 + Retry-After.")
@@ -52,11 +55,14 @@ def setup_logging(fmt: str, level: str) -> None:
 @click.option("--drain-timeout", default=30.0, show_default=True, help="Seconds to finish requests on shutdown.")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="info", show_default=True)
-def main(bundles: Path, host: str, port: int, routes_file: Path | None, admin_token: str | None, max_body_mb: float,
+def main(bundles: Path, host: str, port: int, routes_file: Path | None, admin_token: str | None,
+         distribution_token: str | None, max_body_mb: float,
          max_pixels: int, max_queue: int, concurrency: int, request_timeout: float, idle_ttl: float,
          memory_budget_mb: int | None, preload: tuple[str, ...], drain_timeout: float, log_format: str,
          log_level: str) -> None:
     """Serve M2FP bundles over HTTP: parse API, versions, WebUI, metrics."""
+    if distribution_token and distribution_token == admin_token:
+        raise click.BadParameter("must differ from the admin token", param_hint="--distribution-token")
     setup_logging(log_format, log_level)
     from aiohttp import web
 
@@ -68,6 +74,7 @@ def main(bundles: Path, host: str, port: int, routes_file: Path | None, admin_to
 
     cap_library_threads(1)
     cfg = ServerConfig(bundles=bundles, routes_file=routes_file, admin_token=admin_token,
+                       distribution_token=distribution_token,
                        max_body_bytes=int(max_body_mb * 2**20), limits=ImageLimits(max_pixels=max_pixels),
                        max_queue=max_queue, request_timeout=request_timeout, drain_timeout=drain_timeout,
                        idle_ttl=idle_ttl, memory_budget_mb=memory_budget_mb, preload=preload,

@@ -16,6 +16,8 @@ class ServerConfig:
     bundles: Path = DEFAULT_BUNDLES
     routes_file: Path | None = None
     admin_token: str | None = None
+    #: bearer token enabling the read-only bundle downloads (/bundles); disabled when None
+    distribution_token: str | None = None
     max_body_bytes: int = 20 * 2**20
     limits: ImageLimits = field(default_factory=ImageLimits)
     #: parses allowed to wait for a worker before new ones get 503 + Retry-After

@@ -8,6 +8,8 @@ from aiohttp import web
 
 from m2fpkit.runtime import errors as rt
 
+from . import keys
+
 log = logging.getLogger(__name__)
 
 
@@ -37,7 +39,7 @@ _STATUS: list[tuple[type[Exception], int, str]] = [
 
 def error_response(request: web.Request, status: int, error: str, detail: str,
                    headers: dict[str, str] | None = None) -> web.Response:
-    body = {"success": False, "error": error, "detail": detail, "request_id": request.get("request_id", "")}
+    body = {"success": False, "error": error, "detail": detail, "request_id": request.get(keys.REQUEST_ID, "")}
     return web.json_response(body, status=status, headers=headers)
 
 

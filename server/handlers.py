@@ -102,16 +102,19 @@ async def parse(request: web.Request) -> web.Response:
     app = request.app
     cfg, registry, admission, metrics = app[keys.CONFIG], app[keys.REGISTRY], app[keys.ADMISSION], app[keys.METRICS]
     opts = render_options(request)
-    version, rule = choose_version(request, request.match_info["version"])
-    request["version"], request["rule"] = version, rule
+    name = request.match_info["version"]
+    request[keys.VERSION], request[keys.RULE] = choose_version(request, name)  # fail fast on bad names
     data = await read_image(request)
     t_start = time.perf_counter()
     state = {"started": False}
 
     async def work() -> dict:
-        async with admission.slot():
-            queued = time.perf_counter() - t_start
-            async with registry.lease(version) as predictor:
+        # lease first: a queued request keeps the version it was routed to, even if that version is
+        # swapped out or removed while it waits for a worker (it drains, it does not vanish)
+        version = request[keys.VERSION]
+        async with registry.lease(version) as predictor:
+            async with admission.slot():
+                queued = time.perf_counter() - t_start
                 state["started"] = True
                 body = await registry.run_in_executor(render.parse, predictor, data, cfg.limits, opts)
                 body["timing"]["queue"] = round(queued * 1000, 2)
@@ -129,10 +132,11 @@ async def parse(request: web.Request) -> web.Response:
     finally:
         metrics.queue_depth.set(admission.waiting)
     elapsed = time.perf_counter() - t_start
+    version, rule = request[keys.VERSION], request[keys.RULE]
     metrics.latency.labels(version, rule).observe(elapsed)
     metrics.inference.labels(version).observe(body["timing"]["inference"] / 1000)
     body["route"] = rule
-    body["request_id"] = request["request_id"]
+    body["request_id"] = request[keys.REQUEST_ID]
     maybe_shadow(request, version, data)
     return web.json_response(body, headers={"X-Model-Version": version, "X-Route-Rule": rule})
 

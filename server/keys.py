@@ -19,3 +19,8 @@ ROUTES = web.AppKey("routes", RoutesState)
 ADMISSION = web.AppKey("admission", Admission)
 METRICS = web.AppKey("metrics", Metrics)
 BACKGROUND = web.AppKey("background", set[asyncio.Future])
+
+#: per-request state
+REQUEST_ID = web.RequestKey("request_id", str)
+VERSION = web.RequestKey("version", str)
+RULE = web.RequestKey("rule", str)

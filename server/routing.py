@@ -4,7 +4,8 @@ A request's route key (header, cookie, else client address) is hashed to a bucke
 Versions own consecutive bucket ranges in the order the routes file lists them, sized by weight, so
 raising a canary's weight only moves the buckets next to its range to it; users already on the
 canary stay there. Versions that are not ready are skipped: their buckets are re-spread over the
-ready versions by the same rule, so a not-ready version never causes a failed request.
+ready versions in proportion to their weights (users of healthy versions stay where they are), so a
+not-ready version never causes a failed request.
 """
 
 from __future__ import annotations
@@ -110,15 +111,28 @@ def bucket(key: str) -> int:
     return int.from_bytes(hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()[:8], "big") % BUCKETS
 
 
-def pick(weights: Iterable[tuple[str, float]], key_bucket: int, usable: Callable[[str], bool]) -> str | None:
-    """The version owning ``key_bucket`` among usable versions with weight > 0 (None if there is none)."""
-    live = [(v, w) for v, w in weights if w > 0 and usable(v)]
-    total = sum(w for _, w in live)
-    if not live or total <= 0:
+def _owner(weights: list[tuple[str, float]], key_bucket: int) -> str | None:
+    total = sum(w for _, w in weights)
+    if not weights or total <= 0:
         return None
     edge = 0.0
-    for v, w in live:
+    for v, w in weights:
         edge += w / total * BUCKETS
         if key_bucket < edge:
             return v
-    return live[-1][0]
+    return weights[-1][0]
+
+
+def pick(weights: Iterable[tuple[str, float]], key_bucket: int, usable: Callable[[str], bool]) -> str | None:
+    """The version owning ``key_bucket`` (None if no weighted version is usable).
+
+    If the owner is not usable, only its buckets move: they are scattered (a fixed permutation of
+    the buckets) over the usable versions in proportion to their weights, so users of healthy
+    versions never move.
+    """
+    weighted = [(v, w) for v, w in weights if w > 0]
+    owner = _owner(weighted, key_bucket)
+    if owner is None or usable(owner):
+        return owner
+    live = [(v, w) for v, w in weighted if usable(v)]
+    return _owner(live, (key_bucket * 7919 + 4099) % BUCKETS)
