@@ -13,7 +13,7 @@ PORT   ?= 8080
 serve: bundles  ## build the demo bundles if missing, then run the server (the main job)
 	$(VENV)/bin/m2fp-serve --bundles bundles --host $(HOST) --port $(PORT)
 
-test: $(VENV)/.stamp-test /usr/bin/chromium  ## run the whole test suite
+test: $(VENV)/.stamp-test /usr/bin/chromium /usr/sbin/nginx  ## run the whole test suite
 	$(VENV)/bin/pytest -q
 
 bundles: $(VENV)/.stamp-base  ## export the demo versions (tiny random-init models) into bundles/
@@ -25,7 +25,7 @@ bench-quick: $(VENV)/.stamp-test  ## benchmarks on tiny bundles (seconds; assert
 bench: $(VENV)/.stamp-test  ## full benchmarks on the r101 architecture (tens of minutes)
 	$(PY) -m benchmarks.run
 
-setup: $(VENV)/.stamp-test /usr/bin/chromium
+setup: $(VENV)/.stamp-test /usr/bin/chromium /usr/sbin/nginx
 
 $(VENV)/.stamp-base: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,9 @@ $(VENV)/.stamp-test: $(VENV)/.stamp-base
 
 /usr/bin/chromium:  ## headless browser for the WebUI test (Debian's build; no downloads by test tools)
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+
+/usr/sbin/nginx:  ## reverse proxy for the scale-out topology test (Debian's package)
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null
 
 clean-bundles:
 	rm -rf bundles/m2fp

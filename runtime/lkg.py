@@ -1,0 +1,144 @@
+"""Last-known-good state of an edge box: the version set and routing it last served successfully.
+
+``<store>/.lkg.json`` (``store`` = the model directory, e.g. ``bundles/m2fp``, next to
+``aliases.json``; a dot-file, so watchers and version scans ignore it)::
+
+    {"schema": 1, "recorded_at": "2026-11-25T12:00:00Z",
+     "versions": {"v1.0": "<sha256 of v1.0/manifest.json>", "v1.2": "…"},
+     "aliases": {"latest": "v1.2", "stable": "v1.0"},
+     "routes": {"weights": {"v1.2": 90, "v1.0": 10}, …}}
+
+A version is identified by the SHA-256 of its ``manifest.json`` bytes: the manifest pins the hash of
+every other file, so an unchanged manifest digest plus a passing manifest check means the very bundle
+that was recorded. :meth:`LastKnownGood.intact` tells which recorded versions are still on disk
+unchanged (cheap: one small file per version; the registry still verifies before loading).
+
+The file is written atomically (temporary file, fsync, rename, fsync of the directory), so a crash
+leaves the previous record or the new one, never half of either. :func:`load` never raises for a
+missing or damaged file: it returns None and logs why, because boot must go on without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .versions import is_alias_name, is_version_name
+
+log = logging.getLogger(__name__)
+
+LKG = ".lkg.json"
+SCHEMA = 1
+
+
+def manifest_sha256(bundle_dir: str | os.PathLike) -> str:
+    """SHA-256 of a bundle's ``manifest.json`` bytes: the identity of its whole content."""
+    return hashlib.sha256((Path(bundle_dir) / "manifest.json").read_bytes()).hexdigest()
+
+
+@dataclass(frozen=True)
+class LastKnownGood:
+    versions: dict[str, str]
+    aliases: dict[str, str] = field(default_factory=dict)
+    routes: dict[str, Any] = field(default_factory=dict)
+    recorded_at: str = ""
+
+    def intact(self, store_dir: str | os.PathLike) -> dict[str, str | None]:
+        """For each recorded version: None if its manifest on disk is the recorded one, else why not."""
+        out: dict[str, str | None] = {}
+        for version, digest in self.versions.items():
+            path = Path(store_dir) / version
+            try:
+                now = manifest_sha256(path)
+            except FileNotFoundError:
+                out[version] = "missing"
+                continue
+            except OSError as exc:
+                out[version] = f"unreadable: {exc.strerror or exc}"
+                continue
+            out[version] = None if now == digest else "manifest changed since it was recorded"
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": SCHEMA, "recorded_at": self.recorded_at, "versions": dict(self.versions),
+                "aliases": dict(self.aliases), "routes": self.routes}
+
+
+def _check(versions: Any, aliases: Any, routes: Any) -> None:
+    if not isinstance(versions, dict) or not all(
+            isinstance(v, str) and is_version_name(v) and isinstance(d, str) and len(d) == 64
+            and all(c in "0123456789abcdef" for c in d) for v, d in versions.items()):
+        raise ValueError("versions: expected {version name: manifest sha256 (64 hex digits)}")
+    if not isinstance(aliases, dict) or not all(
+            isinstance(a, str) and is_alias_name(a) and isinstance(v, str) and is_version_name(v)
+            for a, v in aliases.items()):
+        raise ValueError("aliases: expected {alias name: version name}")
+    if not isinstance(routes, dict):
+        raise ValueError("routes: expected an object")
+
+
+def record(store_dir: str | os.PathLike, versions: dict[str, str], aliases: dict[str, str],
+           routes: dict[str, Any]) -> None:
+    """Atomically write ``<store_dir>/.lkg.json``; raises ValueError for malformed input."""
+    _check(versions, aliases, routes)
+    store = Path(store_dir)
+    store.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    state = LastKnownGood(dict(versions), dict(aliases), json.loads(json.dumps(routes)), now)
+    data = (json.dumps(state.to_dict(), indent=2, sort_keys=True) + "\n").encode()
+    tmp = store / f".lkg.json.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, store / LKG)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(store)
+
+
+def load(store_dir: str | os.PathLike) -> LastKnownGood | None:
+    """The recorded state, or None when there is none or it is unreadable (logged)."""
+    path = Path(store_dir) / LKG
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning("%s ignored: unreadable (%s)", path, exc)
+        return None
+    try:
+        if not isinstance(raw, dict):
+            raise ValueError("expected an object")
+        if raw.get("schema") != SCHEMA:
+            raise ValueError(f"schema {raw.get('schema')!r}, this runtime reads {SCHEMA}")
+        versions, aliases, routes = raw.get("versions"), raw.get("aliases", {}), raw.get("routes", {})
+        _check(versions, aliases, routes)
+    except ValueError as exc:
+        log.warning("%s ignored: %s", path, exc)
+        return None
+    return LastKnownGood(dict(versions), dict(aliases), routes, str(raw.get("recorded_at", "")))
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename durable; some file systems cannot fsync a directory, which is then harmless."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
