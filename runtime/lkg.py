@@ -20,17 +20,16 @@ missing or damaged file: it returns None and logs why, because boot must go on w
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import hashlib
 import json
 import logging
 import os
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .atomic import write_atomic
 from .versions import is_alias_name, is_version_name
 
 log = logging.getLogger(__name__)
@@ -94,21 +93,7 @@ def record(store_dir: str | os.PathLike, versions: dict[str, str], aliases: dict
     now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
     state = LastKnownGood(dict(versions), dict(aliases), json.loads(json.dumps(routes)), now)
     data = (json.dumps(state.to_dict(), indent=2, sort_keys=True) + "\n").encode()
-    tmp = store / f".lkg.json.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, store / LKG)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(store)
+    write_atomic(store / LKG, data)
 
 
 def load(store_dir: str | os.PathLike) -> LastKnownGood | None:
@@ -132,13 +117,3 @@ def load(store_dir: str | os.PathLike) -> LastKnownGood | None:
         log.warning("%s ignored: %s", path, exc)
         return None
     return LastKnownGood(dict(versions), dict(aliases), routes, str(raw.get("recorded_at", "")))
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename durable; some file systems cannot fsync a directory, which is then harmless."""
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

@@ -24,7 +24,9 @@ from pathlib import Path
 
 import pytest
 
+from reference.bundles import clone_bundle
 from reference.cases import ReferenceCase, make_case
+from reference.modelscope_pipeline import Reference, reference, torch_threads
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -49,3 +51,35 @@ def ms_single(tmp_path_factory: pytest.TempPathFactory, reference_bundles_root: 
 @pytest.fixture
 def tmp_bundles(tmp_path: Path) -> Path:
     return tmp_path / "bundles"
+
+
+@pytest.fixture(scope="session")
+def fast_multi_src(ms_multi: ReferenceCase, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``ms_multi``'s bundle cloned as v0.1 with a 160-px short edge (fast registry/swap tests)."""
+    return clone_bundle(ms_multi.bundle_dir, tmp_path_factory.mktemp("fast_multi"), "v0.1",
+                        preprocess={"short_edge": 160})
+
+
+@pytest.fixture(scope="session")
+def fast_single_src(ms_single: ReferenceCase, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``ms_single``'s bundle cloned as v0.2 with a 96x128 canvas."""
+    return clone_bundle(ms_single.bundle_dir, tmp_path_factory.mktemp("fast_single"), "v0.2",
+                        preprocess={"canvas": [96, 128]})
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models run fastest on one torch thread (no OpenMP barriers per small op)."""
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="session")
+def ref_multi(tmp_path_factory: pytest.TempPathFactory) -> Reference:
+    """Our tiny multi-human M2FP and ModelScope's model + pipeline with the same lively weights (no export)."""
+    return reference("multi-human", tmp_path_factory.mktemp("ref_multi"))
+
+
+@pytest.fixture(scope="session")
+def ref_single(tmp_path_factory: pytest.TempPathFactory) -> Reference:
+    return reference("single-human", tmp_path_factory.mktemp("ref_single"))

@@ -20,7 +20,6 @@ import collections
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
@@ -30,8 +29,6 @@ from m2fpkit.runtime.registry import Registry, RegistryOptions
 from m2fpkit.runtime.store import BundleStore
 from reference.bundles import clone_bundle, corrupt, replace_bundle, synthetic_png
 
-FAST_MULTI = {"short_edge": 160}
-FAST_SINGLE = {"canvas": [96, 128]}
 IMAGES = [synthetic_png(h, w, seed=i) for i, (h, w) in enumerate([(96, 128), (72, 96), (128, 96), (100, 100)])]
 PHASE_TIMEOUT = 45.0
 TEST_TIMEOUT = 300.0
@@ -43,16 +40,6 @@ class Answer:
     started: float     # monotonic time when the request was issued
     version: str       # prediction.version
     task: str          # which content answered: multi-human or single-human
-
-
-@pytest.fixture(scope="module")
-def multi_src(ms_multi, tmp_path_factory) -> Path:
-    return clone_bundle(ms_multi.bundle_dir, tmp_path_factory.mktemp("swap_multi"), "v0.1", preprocess=FAST_MULTI)
-
-
-@pytest.fixture(scope="module")
-def single_src(ms_single, tmp_path_factory) -> Path:
-    return clone_bundle(ms_single.bundle_dir, tmp_path_factory.mktemp("swap_single"), "v0.2", preprocess=FAST_SINGLE)
 
 
 class PredictorSpy:
@@ -105,10 +92,10 @@ def _status(reg: Registry) -> dict[str, dict]:
 
 
 @pytest.mark.parametrize("watch_polling", [False, True], ids=["inotify", "polling"])
-async def test_swaps_under_load_never_fail_a_request(multi_src, single_src, tmp_path, monkeypatch, watch_polling):
+async def test_swaps_under_load_never_fail_a_request(fast_multi_src, fast_single_src, tmp_path, monkeypatch, watch_polling):
     root = tmp_path / "bundles"
     for v in ("v1.0", "v2.0"):
-        clone_bundle(multi_src, root, v)
+        clone_bundle(fast_multi_src, root, v)
     store = BundleStore(root)
     spy = PredictorSpy(monkeypatch)
     reg = Registry(root, RegistryOptions(watch=True, watch_polling=watch_polling, idle_ttl=0))
@@ -157,7 +144,7 @@ async def test_swaps_under_load_never_fail_a_request(multi_src, single_src, tmp_
             healthy("clients running")
 
             # 1. publish v3.0 (single-human content); once it is ready it becomes latest
-            await asyncio.to_thread(clone_bundle, single_src, root, "v3.0")
+            await asyncio.to_thread(clone_bundle, fast_single_src, root, "v3.0")
             await _wait(lambda: "v3.0" in _status(reg), "the watcher to discover v3.0", log)
             note("v3.0 discovered")
             assert await reg.load("v3.0") == "v3.0"
@@ -170,7 +157,7 @@ async def test_swaps_under_load_never_fail_a_request(multi_src, single_src, tmp_
             swaps = reg.events["swaps"]
             source_before = reg.config("v1.0").source["sha256"]
             t_replace = time.monotonic()
-            await asyncio.to_thread(replace_bundle, single_src, root, "v1.0")
+            await asyncio.to_thread(replace_bundle, fast_single_src, root, "v1.0")
             t_swapped = await _wait(lambda: reg.events["swaps"] == swaps + 1, "v1.0 to be swapped", log)
             healthy("v1.0 swapped")
             assert reg.config("v1.0").task == "single-human"
@@ -180,8 +167,8 @@ async def test_swaps_under_load_never_fail_a_request(multi_src, single_src, tmp_
             assert {(a.version, a.task) for a in since(t_swapped, "v1.0")} == {("v1.0", "single-human")}
 
             # 3. corrupted bundles under new names: refused, nothing else changes
-            await asyncio.to_thread(clone_bundle, multi_src, root, "v4.0", then=lambda s: corrupt(s, "flip-byte"))
-            await asyncio.to_thread(clone_bundle, multi_src, root, "v5.0", then=lambda s: corrupt(s, "extra-class"))
+            await asyncio.to_thread(clone_bundle, fast_multi_src, root, "v4.0", then=lambda s: corrupt(s, "flip-byte"))
+            await asyncio.to_thread(clone_bundle, fast_multi_src, root, "v5.0", then=lambda s: corrupt(s, "extra-class"))
             await _wait(lambda: _status(reg).get("v4.0", {}).get("state") == "failed", "v4.0 to be refused", log)
             await _wait(lambda: "v5.0" in _status(reg), "the watcher to discover v5.0", log)
             with pytest.raises(VersionUnavailable, match="does not match config.json"):
@@ -194,8 +181,8 @@ async def test_swaps_under_load_never_fail_a_request(multi_src, single_src, tmp_
 
             # 4. corrupted replacements of working versions: the old content keeps serving
             failures_before = reg.events["load_failures"]
-            await asyncio.to_thread(replace_bundle, multi_src, root, "v3.0", then=lambda s: corrupt(s, "flip-byte"))
-            await asyncio.to_thread(replace_bundle, multi_src, root, "v1.0", then=lambda s: corrupt(s, "extra-class"))
+            await asyncio.to_thread(replace_bundle, fast_multi_src, root, "v3.0", then=lambda s: corrupt(s, "flip-byte"))
+            await asyncio.to_thread(replace_bundle, fast_multi_src, root, "v1.0", then=lambda s: corrupt(s, "extra-class"))
             t_refused = await _wait(
                 lambda: (_status(reg)["v3.0"]["update_error"] or "").startswith("model.onnx.data")
                 and "pred_logits" in (_status(reg)["v1.0"]["update_error"] or ""),

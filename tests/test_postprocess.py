@@ -14,24 +14,10 @@ from m2fpkit.runtime import postprocess as post
 from m2fpkit.runtime.postprocess import postprocess, topk_unsorted
 from m2fpkit.runtime.preprocess import prepare
 from m2fpkit.runtime.result import ParseResult
-from reference.modelscope_pipeline import (bundle_config, our_outputs, reference, run_pipeline, synthetic_image,
-                                          torch_threads)
+from reference.modelscope_pipeline import (bundle_config, our_outputs, run_pipeline, synthetic_image)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with torch_threads(1):
-        yield
-
-
-@pytest.fixture(scope="module")
-def multi(tmp_path_factory):
-    return reference("multi-human", tmp_path_factory.mktemp("ms_multi_post"))
-
-
-@pytest.fixture(scope="module")
-def single(tmp_path_factory):
-    return reference("single-human", tmp_path_factory.mktemp("ms_single_post"))
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -63,9 +49,9 @@ def _compare(ref, rgb: np.ndarray, short: int = 640, longest: int = 1333) -> tup
     ((400, 300), 160, 320),   # downscale
     ((45, 60), 640, 1333),    # the real settings: 640x853 padded to 640x864
 ])
-def test_multi_human_matches_modelscope(multi, hw, short, longest):
+def test_multi_human_matches_modelscope(ref_multi, hw, short, longest):
     rgb = synthetic_image(*hw, seed=hw[0] + 1)
-    result, run = _compare(multi, rgb, short, longest)
+    result, run = _compare(ref_multi, rgb, short, longest)
     labels = [i.class_name for i in result.instances]
     assert len(labels) >= 10 and len(set(labels)) >= 3  # not vacuous
     assert "Human" in labels and labels[-1] == "Human" and labels[0] != "Human"
@@ -99,9 +85,9 @@ def _check_persons(result: ParseResult) -> None:
     (200, 400),   # landscape downscale
     (90, 60),     # small image, wide grey margins
 ])
-def test_single_human_matches_modelscope(single, hw):
+def test_single_human_matches_modelscope(ref_single, hw):
     rgb = synthetic_image(*hw, seed=hw[0] + 3)
-    result, run = _compare(single, rgb)
+    result, run = _compare(ref_single, rgb)
     ids = [i.class_id for i in result.instances]
     assert ids == sorted(ids) and ids == list(np.unique(result.label_map))
     assert len(ids) >= 2  # several classes present
@@ -110,11 +96,11 @@ def test_single_human_matches_modelscope(single, hw):
     assert result.persons == () and result.person_map is None
 
 
-def test_single_human_needs_sigmoid_before_the_einsum(single):
+def test_single_human_needs_sigmoid_before_the_einsum(ref_single):
     """sigmoid sits between the upsampling and the einsum: a low-resolution einsum would not match."""
     rgb = synthetic_image(150, 100, seed=153)
-    result, run = _compare(single, rgb)
-    prepared = prepare(rgb, bundle_config(single.cfg).preprocess)
+    result, run = _compare(ref_single, rgb)
+    prepared = prepare(rgb, bundle_config(ref_single.cfg).preprocess)
     low = np.einsum("qc,qhw->hwc", post._softmax(run.logits[0])[:, :-1], post._sigmoid(run.masks[0]))
     shortcut = np.stack([post._to_original(np.ascontiguousarray(low[..., c]), prepared)
                          for c in range(low.shape[-1])]).argmax(0)
@@ -122,11 +108,11 @@ def test_single_human_needs_sigmoid_before_the_einsum(single):
     assert (result.label_map == run.label_map).mean() >= 0.999
 
 
-def test_overlay_and_modelscope_format(multi):
+def test_overlay_and_modelscope_format(ref_multi):
     rgb = synthetic_image(120, 180, seed=121)
-    cfg = bundle_config(multi.cfg, short_edge=160, max_size=320)
+    cfg = bundle_config(ref_multi.cfg, short_edge=160, max_size=320)
     prepared = prepare(rgb, cfg.preprocess)
-    result = postprocess(*our_outputs(multi.ours, prepared.tensor), prepared, cfg)
+    result = postprocess(*our_outputs(ref_multi.ours, prepared.tensor), prepared, cfg)
     out = result.to_modelscope()
     assert set(out) == {"masks", "labels", "scores"}
     assert all(set(np.unique(m)) <= {0.0, 1.0} for m in out["masks"])
@@ -164,8 +150,8 @@ def _fake_outputs(q: int, confident: int, hw4: tuple[int, int], seed: int) -> tu
     return logits, masks
 
 
-def test_only_candidate_masks_are_upsampled(multi, monkeypatch):
-    cfg = bundle_config(multi.cfg, short_edge=160, max_size=320)
+def test_only_candidate_masks_are_upsampled(ref_multi, monkeypatch):
+    cfg = bundle_config(ref_multi.cfg, short_edge=160, max_size=320)
     prepared = prepare(synthetic_image(90, 120, seed=5), cfg.preprocess)
     hp, wp = prepared.padded_hw
     logits, masks = _fake_outputs(100, 4, (hp // 4, wp // 4), seed=0)
@@ -179,8 +165,8 @@ def test_only_candidate_masks_are_upsampled(multi, monkeypatch):
     assert all(len(shape) == 2 for shape in calls)  # one query at a time, never all Q
 
 
-def test_wrong_output_shapes_are_refused(multi):
-    cfg = bundle_config(multi.cfg, short_edge=160, max_size=320)
+def test_wrong_output_shapes_are_refused(ref_multi):
+    cfg = bundle_config(ref_multi.cfg, short_edge=160, max_size=320)
     prepared = prepare(synthetic_image(64, 64, seed=1), cfg.preprocess)
     logits, masks = _fake_outputs(20, 2, (40, 40), seed=1)
     with pytest.raises(ValueError):

@@ -9,25 +9,12 @@ import pytest
 
 from m2fpkit.runtime.bundle import Preprocess
 from m2fpkit.runtime.preprocess import Prepared, canvas_size, prepare, shortest_edge_size
-from reference.modelscope_pipeline import bundle_config, modelscope_input, reference, synthetic_image, torch_threads
+from reference.modelscope_pipeline import bundle_config, modelscope_input, synthetic_image
 
 CANVAS = (112, 150)  # single-human [width, height] of the tiny reference (not a multiple of 32)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with torch_threads(1):
-        yield
-
-
-@pytest.fixture(scope="module")
-def multi(tmp_path_factory):
-    return reference("multi-human", tmp_path_factory.mktemp("ms_multi_pre"))
-
-
-@pytest.fixture(scope="module")
-def single(tmp_path_factory):
-    return reference("single-human", tmp_path_factory.mktemp("ms_single_pre"))
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize(("hw", "short", "longest"), [
@@ -37,11 +24,11 @@ def single(tmp_path_factory):
     ((1000, 700), 640, 1333),  # downscale (antialiased)
     ((123, 77), 160, 320),
 ])
-def test_shortest_edge_matches_modelscope(multi, hw, short, longest):
+def test_shortest_edge_matches_modelscope(ref_multi, hw, short, longest):
     rgb = synthetic_image(*hw, seed=hw[0])
     pre = Preprocess(short_edge=short, max_size=longest)
     ours = prepare(rgb, pre)
-    tensor, image_size, crop = modelscope_input(multi.pipe, rgb, short, longest)
+    tensor, image_size, crop = modelscope_input(ref_multi.pipe, rgb, short, longest)
     assert ours.tensor.shape == tensor.shape
     assert ours.resized_hw == image_size and ours.crop_box is crop is None
     assert ours.original_hw == hw
@@ -58,12 +45,12 @@ def test_shortest_edge_matches_modelscope(multi, hw, short, longest):
     (151, 112),   # downscaled to 150x111: the same quirk
     (700, 500),
 ])
-def test_center_canvas_matches_modelscope(single, hw):
+def test_center_canvas_matches_modelscope(ref_single, hw):
     rgb = synthetic_image(*hw, seed=hw[1])
-    pre = bundle_config(single.cfg).preprocess
+    pre = bundle_config(ref_single.cfg).preprocess
     assert pre.canvas == CANVAS
     ours = prepare(rgb, pre)
-    tensor, image_size, crop = modelscope_input(single.pipe, rgb)
+    tensor, image_size, crop = modelscope_input(ref_single.pipe, rgb)
     assert ours.tensor.shape == tensor.shape
     assert ours.resized_hw == image_size and list(ours.crop_box) == crop
     np.testing.assert_allclose(ours.tensor, tensor, atol=1e-5, rtol=0)

@@ -27,8 +27,6 @@ from m2fpkit.runtime.registry import Registry, RegistryOptions, State
 from m2fpkit.runtime.store import BundleStore
 from reference.bundles import add_golden, clone_bundle, corrupt, replace_bundle, synthetic_png
 
-FAST_MULTI = {"short_edge": 160}
-FAST_SINGLE = {"canvas": [96, 128]}
 MB = 1 << 20
 IMAGE = synthetic_png(96, 128, seed=7)
 
@@ -65,16 +63,6 @@ def status_of(reg: Registry, version: str) -> dict:
     return next(s for s in reg.status() if s["version"] == version)
 
 
-@pytest.fixture(scope="module")
-def multi_src(ms_multi, tmp_path_factory) -> Path:
-    return clone_bundle(ms_multi.bundle_dir, tmp_path_factory.mktemp("reg_multi"), "v0.1", preprocess=FAST_MULTI)
-
-
-@pytest.fixture(scope="module")
-def single_src(ms_single, tmp_path_factory) -> Path:
-    return clone_bundle(ms_single.bundle_dir, tmp_path_factory.mktemp("reg_single"), "v0.2", preprocess=FAST_SINGLE)
-
-
 @pytest.fixture
 def root(tmp_path) -> Path:
     return tmp_path / "bundles"
@@ -106,9 +94,9 @@ def publish(src: Path, root: Path, *versions: str, **kw) -> None:
 # -------------------------------------------------------------------------------- discovery
 
 @bounded(120)
-async def test_discovery_ignores_hidden_staging_and_non_version_entries(multi_src, single_src, root, make_registry):
-    publish(multi_src, root, "v1.0")
-    publish(single_src, root, "v1.1-rc.1", channel="experimental")
+async def test_discovery_ignores_hidden_staging_and_non_version_entries(fast_multi_src, fast_single_src, root, make_registry):
+    publish(fast_multi_src, root, "v1.0")
+    publish(fast_single_src, root, "v1.1-rc.1", channel="experimental")
     d = root / "m2fp"
     shutil.copytree(d / "v1.0", d / ".staging-v3.0-0123abcd")  # complete, but hidden: not published yet
     shutil.copytree(d / "v1.0", d / ".removed-v0.9-0123abcd")
@@ -138,8 +126,8 @@ async def test_discovery_ignores_hidden_staging_and_non_version_entries(multi_sr
 # ------------------------------------------------------------------- life cycle and lazy load
 
 @bounded(180)
-async def test_states_lazy_load_and_warmup_before_ready(multi_src, root, make_registry, monkeypatch):
-    publish(multi_src, root, "v1.0", "v2.0")
+async def test_states_lazy_load_and_warmup_before_ready(fast_multi_src, root, make_registry, monkeypatch):
+    publish(fast_multi_src, root, "v1.0", "v2.0")
     seen: list[tuple[str, bool, State | None]] = []
     reg = await make_registry(root, start=False)
     original = Predictor.warmup
@@ -169,8 +157,8 @@ async def test_states_lazy_load_and_warmup_before_ready(multi_src, root, make_re
 
 
 @bounded(120)
-async def test_warmup_can_be_switched_off(multi_src, root, make_registry, monkeypatch):
-    publish(multi_src, root, "v1.0")
+async def test_warmup_can_be_switched_off(fast_multi_src, root, make_registry, monkeypatch):
+    publish(fast_multi_src, root, "v1.0")
     calls: list[str] = []
     monkeypatch.setattr(Predictor, "warmup", lambda self: calls.append(self.version))
     reg = await make_registry(root, warmup=False)
@@ -180,8 +168,8 @@ async def test_warmup_can_be_switched_off(multi_src, root, make_registry, monkey
 
 
 @bounded(180)
-async def test_concurrent_first_requests_load_once(multi_src, root, make_registry, monkeypatch):
-    publish(multi_src, root, "v1.0", "v2.0")
+async def test_concurrent_first_requests_load_once(fast_multi_src, root, make_registry, monkeypatch):
+    publish(fast_multi_src, root, "v1.0", "v2.0")
     reg = await make_registry(root)
     assert reg.events["loads"] == 1  # latest
     loads: list[str] = []
@@ -203,8 +191,8 @@ async def test_concurrent_first_requests_load_once(multi_src, root, make_registr
 # ------------------------------------------------------------------------- latest and aliases
 
 @bounded(120)
-async def test_latest_is_the_newest_release_by_semver(multi_src, root, make_registry):
-    publish(multi_src, root, "v2.0", "v9.0", "v10.0", "v10.1-rc.1")
+async def test_latest_is_the_newest_release_by_semver(fast_multi_src, root, make_registry):
+    publish(fast_multi_src, root, "v2.0", "v9.0", "v10.0", "v10.1-rc.1")
     reg = await make_registry(root)
     assert reg.latest() == "v10.0"  # not "v9.0" (string order), not the newer pre-release
     assert reg.resolve("latest") == "v10.0"
@@ -213,7 +201,7 @@ async def test_latest_is_the_newest_release_by_semver(multi_src, root, make_regi
     assert status_of(reg, "v10.0")["aliases"] == ["latest"]
     assert status_of(reg, "v10.1-rc.1")["aliases"] == []
     # a version becomes latest once it is ready
-    publish(multi_src, root, "v11.0")
+    publish(fast_multi_src, root, "v11.0")
     await reg.rescan()
     assert await reg.load("v11.0") == "v11.0"
     assert reg.latest() == "v11.0"
@@ -221,19 +209,19 @@ async def test_latest_is_the_newest_release_by_semver(multi_src, root, make_regi
 
 
 @bounded(120)
-async def test_prereleases_only_when_there_is_no_release(multi_src, root, make_registry):
-    publish(multi_src, root, "v1.0-alpha", "v1.0-beta.2", "v1.0-beta.10", "v0.9-rc.1")
+async def test_prereleases_only_when_there_is_no_release(fast_multi_src, root, make_registry):
+    publish(fast_multi_src, root, "v1.0-alpha", "v1.0-beta.2", "v1.0-beta.10", "v0.9-rc.1")
     reg = await make_registry(root)
     assert reg.latest() == "v1.0-beta.10"  # numeric identifiers compare numerically
     assert (await reg.predict("latest", IMAGE)).version == "v1.0-beta.10"
 
 
 @bounded(60)
-async def test_published_release_becomes_latest_without_a_request(multi_src, root, make_registry):
-    publish(multi_src, root, "v1.0")
+async def test_published_release_becomes_latest_without_a_request(fast_multi_src, root, make_registry):
+    publish(fast_multi_src, root, "v1.0")
     reg = await make_registry(root)
     assert reg.latest() == "v1.0"
-    publish(multi_src, root, "v2.0")
+    publish(fast_multi_src, root, "v2.0")
     await reg.rescan()
     deadline = time.monotonic() + 10
     while reg.latest() != "v2.0" and time.monotonic() < deadline:
@@ -243,9 +231,9 @@ async def test_published_release_becomes_latest_without_a_request(multi_src, roo
 
 
 @bounded(120)
-async def test_alias_file_overrides_latest(multi_src, root, make_registry):
-    publish(multi_src, root, "v1.0", "v2.0")
-    publish(multi_src, root, "v3.0", then=lambda s: corrupt(s, "flip-byte"))
+async def test_alias_file_overrides_latest(fast_multi_src, root, make_registry):
+    publish(fast_multi_src, root, "v1.0", "v2.0")
+    publish(fast_multi_src, root, "v3.0", then=lambda s: corrupt(s, "flip-byte"))
     reg = await make_registry(root)
     assert reg.latest() == "v2.0"
     store = BundleStore(root)
@@ -263,8 +251,8 @@ async def test_alias_file_overrides_latest(multi_src, root, make_registry):
 
 
 @bounded(60)
-async def test_status_shows_where_latest_resolves_with_a_dangling_latest_alias(multi_src, root, make_registry):
-    publish(multi_src, root, "v1.0", "v2.0")
+async def test_status_shows_where_latest_resolves_with_a_dangling_latest_alias(fast_multi_src, root, make_registry):
+    publish(fast_multi_src, root, "v1.0", "v2.0")
     reg = await make_registry(root)
     BundleStore(root).set_alias("latest", "v8.0")
     assert reg.latest() == "v2.0"
@@ -272,8 +260,8 @@ async def test_status_shows_where_latest_resolves_with_a_dangling_latest_alias(m
 
 
 @bounded(120)
-async def test_alias_resolution(multi_src, root, make_registry):
-    publish(multi_src, root, "v1.0", "v2.0")
+async def test_alias_resolution(fast_multi_src, root, make_registry):
+    publish(fast_multi_src, root, "v1.0", "v2.0")
     reg = await make_registry(root)
     store = BundleStore(root)
     store.set_alias("stable", "v1.0")
@@ -301,8 +289,8 @@ BAD_NAMES = ["..", ".", "../v1.0", "v1.0/..", "v1.0/../../etc", "/etc/passwd", "
 
 
 @bounded(60)
-async def test_unknown_and_invalid_names(multi_src, root, make_registry):
-    publish(multi_src, root, "v1.0")
+async def test_unknown_and_invalid_names(fast_multi_src, root, make_registry):
+    publish(fast_multi_src, root, "v1.0")
     reg = await make_registry(root)
     for name in ("v7.0", "v1", "v1.0.1", "v1.0-rc.1"):
         with pytest.raises(UnknownVersion):
@@ -324,11 +312,11 @@ async def test_unknown_and_invalid_names(multi_src, root, make_registry):
 # ---------------------------------------------------------------------------------- failures
 
 @bounded(180)
-async def test_corrupted_bundles_fail_with_a_reason_and_others_keep_working(multi_src, root, make_registry):
-    publish(multi_src, root, "v1.0")
-    publish(multi_src, root, "v0.9", then=lambda s: corrupt(s, "config-schema"))
-    publish(multi_src, root, "v2.0", then=lambda s: corrupt(s, "flip-byte"))
-    publish(multi_src, root, "v3.0", then=lambda s: corrupt(s, "extra-class"))  # caught only when loaded
+async def test_corrupted_bundles_fail_with_a_reason_and_others_keep_working(fast_multi_src, root, make_registry):
+    publish(fast_multi_src, root, "v1.0")
+    publish(fast_multi_src, root, "v0.9", then=lambda s: corrupt(s, "config-schema"))
+    publish(fast_multi_src, root, "v2.0", then=lambda s: corrupt(s, "flip-byte"))
+    publish(fast_multi_src, root, "v3.0", then=lambda s: corrupt(s, "extra-class"))  # caught only when loaded
     reg = await make_registry(root)
     st = {s["version"]: s for s in reg.status()}
     # v3.0 looked like latest until its load failed; then v1.0 was preloaded as latest instead
@@ -350,7 +338,7 @@ async def test_corrupted_bundles_fail_with_a_reason_and_others_keep_working(mult
     assert (await reg.predict("v1.0", IMAGE)).version == "v1.0"
 
     # a fixed bundle is picked up on the next scan
-    replace_bundle(multi_src, root, "v2.0")
+    replace_bundle(fast_multi_src, root, "v2.0")
     await reg.rescan()
     assert status_of(reg, "v2.0")["reason"] is None
     assert (await reg.predict("v2.0", IMAGE)).version == "v2.0"
@@ -360,8 +348,8 @@ async def test_corrupted_bundles_fail_with_a_reason_and_others_keep_working(mult
 # ------------------------------------------------------------------------- idle and memory
 
 @bounded(180)
-async def test_idle_versions_unload_but_pinned_ones_stay(multi_src, root, make_registry):
-    publish(multi_src, root, "v1.0", "v1.5", "v2.0", "v3.0")
+async def test_idle_versions_unload_but_pinned_ones_stay(fast_multi_src, root, make_registry):
+    publish(fast_multi_src, root, "v1.0", "v1.5", "v2.0", "v3.0")
     reg = await make_registry(root, idle_ttl=0.5)
     BundleStore(root).set_alias("stable", "v2.0")
     reg.set_pinned(["v1.5"])
@@ -381,11 +369,11 @@ async def test_idle_versions_unload_but_pinned_ones_stay(multi_src, root, make_r
 
 
 @bounded(180)
-async def test_memory_budget_evicts_least_recently_used_unpinned(multi_src, root, make_registry, monkeypatch):
+async def test_memory_budget_evicts_least_recently_used_unpinned(fast_multi_src, root, make_registry, monkeypatch):
     # each load measures exactly 100 MB (the real RSS delta of a tiny model is noise)
     counter = itertools.count()
     monkeypatch.setattr(registry_mod, "rss_bytes", lambda: next(counter) * 100 * MB)
-    publish(multi_src, root, "v1.0", "v2.0", "v3.0", "v4.0")
+    publish(fast_multi_src, root, "v1.0", "v2.0", "v3.0", "v4.0")
     reg = await make_registry(root, memory_budget=350 * MB)
     assert states(reg)["v4.0"] == "ready" and status_of(reg, "v4.0")["memory_bytes"] == 100 * MB
     for v in ("v1.0", "v2.0", "v1.0"):  # v1.0 used again after v2.0
@@ -407,10 +395,10 @@ async def test_memory_budget_evicts_least_recently_used_unpinned(multi_src, root
 
 
 @bounded(180)
-async def test_pinned_latest_is_never_evicted(multi_src, root, make_registry, monkeypatch):
+async def test_pinned_latest_is_never_evicted(fast_multi_src, root, make_registry, monkeypatch):
     counter = itertools.count()
     monkeypatch.setattr(registry_mod, "rss_bytes", lambda: next(counter) * 100 * MB)
-    publish(multi_src, root, "v1.0", "v2.0", "v3.0")
+    publish(fast_multi_src, root, "v1.0", "v2.0", "v3.0")
     reg = await make_registry(root, memory_budget=1)  # everything is over budget
     for v in ("v1.0", "v2.0", "v1.0"):
         await reg.predict(v, IMAGE)
@@ -422,9 +410,9 @@ async def test_pinned_latest_is_never_evicted(multi_src, root, make_registry, mo
 # ---------------------------------------------------------------------------- golden samples
 
 @bounded(180)
-async def test_golden_self_test_gates_readiness(multi_src, root, make_registry):
+async def test_golden_self_test_gates_readiness(fast_multi_src, root, make_registry):
     golden_png = synthetic_png(100, 100, seed=11)
-    probe = Predictor.load(multi_src)
+    probe = Predictor.load(fast_multi_src)
     try:
         expected = probe.predict(golden_png).result.label_map.copy()
         n_classes = probe.config.num_classes
@@ -435,10 +423,10 @@ async def test_golden_self_test_gates_readiness(multi_src, root, make_registry):
     flat = slightly_off.reshape(-1)
     flat[:: 50] = (flat[:: 50] + 1) % n_classes  # 2 % of the pixels disagree
 
-    publish(multi_src, root, "v1.0", then=lambda s: add_golden(s, golden_png, expected))
-    publish(multi_src, root, "v2.0", then=lambda s: add_golden(s, golden_png, wrong))
-    publish(multi_src, root, "v3.0", then=lambda s: add_golden(s, golden_png, slightly_off, min_agreement=0.97))
-    publish(multi_src, root, "v3.1", then=lambda s: add_golden(s, golden_png, slightly_off))
+    publish(fast_multi_src, root, "v1.0", then=lambda s: add_golden(s, golden_png, expected))
+    publish(fast_multi_src, root, "v2.0", then=lambda s: add_golden(s, golden_png, wrong))
+    publish(fast_multi_src, root, "v3.0", then=lambda s: add_golden(s, golden_png, slightly_off, min_agreement=0.97))
+    publish(fast_multi_src, root, "v3.1", then=lambda s: add_golden(s, golden_png, slightly_off))
     reg = await make_registry(root)
     for v in ("v1.0", "v3.0"):
         assert (await reg.predict(v, IMAGE)).version == v
@@ -453,21 +441,21 @@ async def test_golden_self_test_gates_readiness(multi_src, root, make_registry):
 
 
 @bounded(60)
-async def test_golden_sample_outside_the_bundle_is_refused(multi_src, root):
+async def test_golden_sample_outside_the_bundle_is_refused(fast_multi_src, root):
     from m2fpkit.runtime.errors import BundleError
 
     golden_png = synthetic_png(64, 64, seed=1)
-    probe = Predictor.load(multi_src)
+    probe = Predictor.load(fast_multi_src)
     expected = probe.predict(golden_png).result.label_map.copy()
     probe.close()
-    publish(multi_src, root, "v1.0", then=lambda s: add_golden(s, golden_png, expected))
+    publish(fast_multi_src, root, "v1.0", then=lambda s: add_golden(s, golden_png, expected))
 
     def point_outside(stage: Path) -> None:
         from reference.bundles import edit_config
         edit_config(stage, lambda raw: raw.update(golden={"image": "../v1.0/golden/image.png",
                                                            "label_map": "../v1.0/golden/labels.png"}))
 
-    path = clone_bundle(multi_src, root, "v2.0", then=point_outside)
+    path = clone_bundle(fast_multi_src, root, "v2.0", then=point_outside)
     with pytest.raises(BundleError, match="golden"):
         predictor = Predictor.load(path)
         try:
@@ -478,9 +466,9 @@ async def test_golden_sample_outside_the_bundle_is_refused(multi_src, root):
 
 # ------------------------------------------------------------------------------- sync facade
 
-def test_runtime_facade_works_from_plain_threads(multi_src, single_src, root):
-    publish(multi_src, root, "v1.0")
-    publish(single_src, root, "v2.0")
+def test_runtime_facade_works_from_plain_threads(fast_multi_src, fast_single_src, root):
+    publish(fast_multi_src, root, "v1.0")
+    publish(fast_single_src, root, "v2.0")
     results: list[tuple[str, str, str]] = []
     errors: list[BaseException] = []
     lock = threading.Lock()
@@ -509,7 +497,7 @@ def test_runtime_facade_works_from_plain_threads(multi_src, single_src, root):
         assert len(results) == 12
         assert {s["version"]: s["state"] for s in rt.status()} == {"v1.0": "ready", "v2.0": "ready"}
 
-        publish(multi_src, root, "v3.0")
+        publish(fast_multi_src, root, "v3.0")
         rt.rescan()
         assert [s["version"] for s in rt.status()] == ["v1.0", "v2.0", "v3.0"]
         assert rt.predict("v3.0", IMAGE).version == "v3.0"

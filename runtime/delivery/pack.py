@@ -20,7 +20,6 @@ a fresh directory, each write is counted against the declared size, and each fil
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import io
@@ -36,6 +35,7 @@ from ..errors import BundleError
 from ..manifest import MANIFEST, SIDE_FILES, read_manifest
 from ..versions import is_version_name
 from . import ArchiveError, archive_name
+from ..atomic import fsync_dir, write_all  # write_all: the one place unpacking writes (tests patch it)
 
 SIGNATURE = "manifest.sig"
 _CHUNK = 1 << 20
@@ -55,23 +55,6 @@ class Packed:
 
 
 # ------------------------------------------------------------------------------------ file helpers
-def write_all(fd: int, data: bytes | memoryview) -> None:
-    """Write every byte (the one place unpacking writes; tests patch it to simulate a full disk)."""
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def fsync_dir(path: Path) -> None:
-    """Make renames and new entries in ``path`` durable (ignored where directories cannot be fsynced)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 class _HashingReader(io.RawIOBase):
     """File wrapper hashing what tarfile reads from it."""
 

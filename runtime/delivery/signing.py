@@ -19,7 +19,6 @@ import binascii
 import hashlib
 import json
 import os
-import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -29,7 +28,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from ..manifest import MANIFEST, verify_manifest
 from . import SignatureError
-from .pack import SIGNATURE, fsync_dir
+from ..atomic import write_atomic
+from .pack import SIGNATURE
 
 ALGORITHM = "ed25519"
 PublicKeys = Ed25519PublicKey | str | os.PathLike | Sequence[Ed25519PublicKey | str | os.PathLike]
@@ -55,8 +55,8 @@ def keygen(private_path: str | os.PathLike, public_path: str | os.PathLike, *, f
                                     serialization.NoEncryption())
     public_pem = key.public_key().public_bytes(serialization.Encoding.PEM,
                                                serialization.PublicFormat.SubjectPublicKeyInfo)
-    _write_atomic(private_path, private_pem, 0o600)
-    _write_atomic(public_path, public_pem, 0o644)
+    write_atomic(private_path, private_pem, 0o600)
+    write_atomic(public_path, public_pem, 0o644)
     return key_id(key.public_key())
 
 
@@ -111,7 +111,7 @@ def sign(bundle_dir: str | os.PathLike, private_key: Ed25519PrivateKey | str | o
     manifest = (bundle_dir / MANIFEST).read_bytes()
     kid = key_id(key.public_key())
     body = {"algorithm": ALGORITHM, "key_id": kid, "signature": base64.b64encode(key.sign(manifest)).decode()}
-    _write_atomic(bundle_dir / SIGNATURE, (json.dumps(body, indent=2, sort_keys=True) + "\n").encode(), 0o644,
+    write_atomic(bundle_dir / SIGNATURE, (json.dumps(body, indent=2, sort_keys=True) + "\n").encode(), 0o644,
                   tmp_dir=bundle_dir.resolve().parent)
     return kid
 
@@ -164,23 +164,3 @@ def verify_signature(bundle_dir: str | os.PathLike, public_key: PublicKeys) -> s
     raise SignatureError(f"wrong signature: signed by key {signed_by}, trusted key(s) {trusted}")
 
 
-def _write_atomic(path: Path, data: bytes, mode: int, tmp_dir: Path | None = None) -> None:
-    """Temporary file + rename. ``tmp_dir`` keeps the temporary file out of a bundle directory, where a
-    concurrent manifest check would see an unlisted file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = (tmp_dir or path.parent) / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
