@@ -19,11 +19,15 @@ test: $(VENV)/.stamp-test /usr/bin/chromium /usr/sbin/nginx  ## run the whole te
 bundles: $(VENV)/.stamp-base  ## export the demo versions (tiny random-init models) into bundles/
 	$(VENV)/bin/m2fp-export --all --bundles bundles
 
-bench-quick: $(VENV)/.stamp-test  ## benchmarks on tiny bundles (seconds; asserts nothing about speed)
+bench-quick: $(VENV)/.stamp-bench  ## benchmarks on tiny bundles (asserts nothing about speed)
 	$(PY) -m benchmarks.run --quick
 
-bench: $(VENV)/.stamp-test  ## full benchmarks on the r101 architecture (tens of minutes)
+bench: $(VENV)/.stamp-bench  ## full benchmarks on the r101 architecture (tens of minutes)
 	$(PY) -m benchmarks.run
+
+$(VENV)/.stamp-bench: $(VENV)/.stamp-test
+	$(PIP) install -q $(TORCH) -e '.[export,test,bench]'
+	touch $@
 
 setup: $(VENV)/.stamp-test /usr/bin/chromium /usr/sbin/nginx
 
