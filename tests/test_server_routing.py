@@ -417,3 +417,34 @@ async def test_routes_file_edits_are_picked_up_and_broken_edits_ignored(aiohttp_
 
     # and the watcher is still alive for the next good edit
     await _poll_weights(client, {"v1.1": 1.0, "v1.2": 1.0}, lambda: write_routes(routes, {"v1.1": 1, "v1.2": 1}))
+
+
+async def shadow_samples(client, outcome: str) -> dict[tuple[str, str], float]:
+    text = await (await client.get("/metrics")).text()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == "m2fp_shadow_runs_total" and s.labels.get("outcome") == outcome:
+                out[(s.labels["primary"], s.labels["candidate"])] = s.value
+            if s.name == "m2fp_shadow_label_agreement_count" and outcome == "agreement":
+                out[(s.labels["primary"], s.labels["candidate"])] = s.value
+    return out
+
+
+async def test_shadow_traffic_compares_label_maps_when_idle(aiohttp_client, demo_root: Path, tmp_path: Path):
+    routes = tmp_path / "routes.toml"
+    write_routes(routes, {"v1.2": 1}, '[shadow]\nversion = "v1.0"\nfraction = 1.0\n')
+    client = await aiohttp_client(make_app(ServerConfig(bundles=demo_root, routes_file=routes)))
+    image = png_bytes(96, 64)
+    r = await client.post("/api/v1.2/parse?visualization=0", data=image, headers={"Content-Type": "image/png"})
+    assert r.status == 200 and r.headers["X-Model-Version"] == "v1.2"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not await shadow_samples(client, "compared"):
+        await asyncio.sleep(0.2)
+    assert await shadow_samples(client, "compared") == {("v1.2", "v1.0"): 1.0}
+    assert await shadow_samples(client, "agreement") == {("v1.2", "v1.0"): 1.0}
+    # the shadow version itself answers normally and is never shadowed against itself
+    r = await client.post("/api/v1.0/parse?visualization=0", data=image, headers={"Content-Type": "image/png"})
+    assert r.status == 200 and r.headers["X-Model-Version"] == "v1.0"
+    await asyncio.sleep(0.5)
+    assert ("v1.0", "v1.0") not in await shadow_samples(client, "compared")
