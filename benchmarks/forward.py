@@ -1,0 +1,232 @@
+"""Forward only: PyTorch eager vs onnxruntime on the same graph and input, against the box's SGEMM rate.
+
+One subprocess holds both: the PyTorch M2FP (built from the bundle's own source, so the weights are
+the bundle's: the state-dict hash is checked) and the bundle's onnxruntime session with the
+runtime's default settings. Runs alternate (torch, ort, torch, ort, …) so both see the same load.
+
+- MACs: ``torch.utils.flop_counter.FlopCounterMode`` over one forward (convolutions, matmuls,
+  bmm/einsum; GridSample and elementwise ops are not counted), split by module.
+- Achieved GFLOP/s = 2 × MACs / p50 seconds, as % of the SGEMM GFLOP/s measured in the same process
+  just before (best of numpy / onnxruntime / torch, all cores).
+- onnxruntime per-node profile (``SessionOptions.enable_profiling``) of one run at the first size,
+  aggregated by op type and by model part: the "where the time goes" table, with each op type's
+  achieved GFLOP/s where its MACs are known (Conv; MatMul/Gemm/Einsum).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from . import bundles
+from .common import Mode, Timer, log, run_child, summary, write_json
+
+PARTS = (("backbone", "backbone"), ("sem_seg_head.pixel_decoder", "pixel decoder"),
+         ("sem_seg_head.predictor", "transformer decoder"))
+MATMUL_OPS = ("MatMul", "Gemm", "FusedMatMul", "Einsum", "MatMulNBits", "FusedGemm", "QLinearMatMul",
+              "MatMulInteger", "DynamicQuantizeMatMul")
+CONV_OPS = ("Conv", "FusedConv", "QLinearConv", "ConvInteger", "NchwcConv")
+
+
+def input_tensor(h: int, w: int, seed: int = 0):
+    import numpy as np
+
+    from m2fpkit.runtime.bundle import Preprocess
+    from m2fpkit.runtime.preprocess import prepare
+
+    from .common import person_image
+    pre = Preprocess(resize="shortest-edge", short_edge=min(h, w), max_size=max(h, w))
+    t = prepare(person_image(w, h, seed), pre).tensor
+    assert t.shape[2:] == (h, w), t.shape
+    return np.ascontiguousarray(t)
+
+
+def count_macs(model, x) -> dict:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    fc = FlopCounterMode(display=False)
+    with fc, torch.inference_mode():
+        model(torch.from_numpy(x))
+    counts = fc.get_flop_counts()
+    by_op = {str(k): v // 2 for k, v in counts.get("Global", {}).items()}
+    parts = {}
+    for key, label in PARTS:
+        parts[label] = sum(counts.get(f"M2FP.{key}", {}).values()) // 2
+    return {"total": fc.get_total_flops() // 2, "by_aten_op": by_op, "by_part": parts}
+
+
+def node_parts(onnx_path: Path) -> dict[str, str]:
+    """ONNX node name → model part, from the exporter's name scopes."""
+    import onnx
+
+    m = onnx.load(str(onnx_path), load_external_data=False)
+    out = {}
+    for n in m.graph.node:
+        scopes = next((p.value for p in n.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "")
+        out[n.name] = next((label for key, label in PARTS if key in scopes), "other")
+    return out
+
+
+def profile(bundle_dir: Path, x, settings) -> dict:
+    """Per-node times of the last of two profiled runs, aggregated by op type and by model part."""
+    import onnxruntime as ort
+
+    from m2fpkit.runtime.bundle import BundleConfig
+    from m2fpkit.runtime.session import SessionFactory
+
+    cfg = BundleConfig.read(bundle_dir)
+    factory = SessionFactory(settings)
+    opts = factory.options()
+    opts.enable_profiling = True
+    opts.profile_file_prefix = str(Path(os.environ.get("TMPDIR", "/tmp")) / f"m2fp_profile_{os.getpid()}")
+    sess = ort.InferenceSession(str(bundle_dir / cfg.model_file), opts, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    for _ in range(2):
+        sess.run(None, {name: x})
+    path = sess.end_profiling()
+    events = json.loads(Path(path).read_text())
+    Path(path).unlink(missing_ok=True)
+    runs = [e for e in events if e.get("name") == "model_run"]
+    last = runs[-1]
+    t0, t1 = last["ts"], last["ts"] + last["dur"]
+    parts = node_parts(bundle_dir / cfg.model_file)
+    by_op: dict[str, float] = {}
+    by_part: dict[str, float] = {}
+    count: dict[str, int] = {}
+    nodes = []
+    for e in events:
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time") or not t0 <= e["ts"] <= t1:
+            continue
+        op = e.get("args", {}).get("op_name", "?")
+        node = e["name"][: -len("_kernel_time")]
+        dur = e["dur"] / 1e6
+        by_op[op] = by_op.get(op, 0.0) + dur
+        count[op] = count.get(op, 0) + 1
+        part = parts.get(node, "other")
+        by_part[part] = by_part.get(part, 0.0) + dur
+        nodes.append((dur, node, op))
+    total = sum(by_op.values())
+    nodes.sort(reverse=True)
+    return {
+        "run_seconds": last["dur"] / 1e6, "kernel_seconds": total,
+        "by_op": {k: {"seconds": v, "share": v / total, "nodes": count[k]}
+                  for k, v in sorted(by_op.items(), key=lambda kv: -kv[1])},
+        "by_part": {k: {"seconds": v, "share": v / total} for k, v in sorted(by_part.items(), key=lambda kv: -kv[1])},
+        "top_nodes": [{"node": n, "op": op, "seconds": d} for d, n, op in nodes[:15]],
+    }
+
+
+def child(bundle_dir: Path, sizes: list[tuple[int, int]], repeats: int, sgemm_n: int) -> dict:
+    import numpy as np
+    import torch
+
+    from m2fpkit.export import sources
+    from m2fpkit.runtime.bundle import BundleConfig
+    from m2fpkit.runtime.predictor import Predictor
+    from m2fpkit.runtime.session import SessionFactory, cpu_count
+
+    from .env import sgemm
+
+    threads = cpu_count()
+    torch.set_num_threads(threads)
+    cfg = BundleConfig.read(bundle_dir)
+    ck = sources.resolve(cfg.source["uri"])
+    model = ck.build_model()
+    if ck.sha256 != cfg.source.get("sha256"):
+        raise RuntimeError("PyTorch weights are not the bundle's")
+    factory = SessionFactory()
+    pred = Predictor.load(bundle_dir, factory)
+    peak = sgemm(sgemm_n, 5)
+    out: dict = {"threads": threads, "settings": str(factory.settings), "sgemm_gflops": peak,
+                 "parameters": sum(p.numel() for p in model.parameters()), "sizes": {}}
+    for i, (h, w) in enumerate(sizes):
+        x = input_tensor(h, w, seed=i)
+        macs = count_macs(model, x)
+        xt = torch.from_numpy(x)
+        with torch.inference_mode():
+            ref = [t.numpy() for t in model(xt)]
+        got = pred.run(x)
+        tt, to, ct, co = [], [], [], []
+        for _ in range(repeats):
+            with Timer() as t, torch.inference_mode():
+                model(xt)
+            tt.append(t.wall)
+            ct.append(t.cpu)
+            with Timer() as t:
+                pred.run(x)
+            to.append(t.wall)
+            co.append(t.cpu)
+        st, so = summary(tt), summary(to)
+        sct, sco = summary(ct), summary(co)
+        gflop = 2 * macs["total"] / 1e9
+        pcs = peak.get("peak_per_cpu_second")
+        entry = {
+            "gmacs": macs["total"] / 1e9, "macs": macs,
+            "torch": {"latency": st, "cpu": sct, "gflops": gflop / st["p50"],
+                      "pct_of_sgemm": 100 * gflop / st["p50"] / peak["peak"],
+                      "gflops_per_cpu_second": gflop / sct["p50"],
+                      "pct_of_sgemm_cpu": 100 * gflop / sct["p50"] / pcs if pcs else None},
+            "onnxruntime": {"latency": so, "cpu": sco, "gflops": gflop / so["p50"],
+                            "pct_of_sgemm": 100 * gflop / so["p50"] / peak["peak"],
+                            "gflops_per_cpu_second": gflop / sco["p50"],
+                            "pct_of_sgemm_cpu": 100 * gflop / sco["p50"] / pcs if pcs else None},
+            "speedup_p50": st["p50"] / so["p50"],
+            "paired_speedups": summary([a / b for a, b in zip(tt, to)]),
+            "max_abs_diff": {n: float(np.abs(r - g).max()) for n, r, g in zip(("pred_logits", "pred_masks"), ref, got)},
+        }
+        if i == 0:
+            prof = profile(bundle_dir, x, factory.settings)
+            conv_macs = macs["by_aten_op"].get("aten.convolution", 0)
+            mm_macs = sum(v for k, v in macs["by_aten_op"].items() if k != "aten.convolution")
+            for ops, m in ((CONV_OPS, conv_macs), (MATMUL_OPS, mm_macs)):
+                secs = sum(v["seconds"] for k, v in prof["by_op"].items() if k in ops)
+                if secs:
+                    for k in ops:
+                        if k in prof["by_op"]:
+                            prof["by_op"][k]["family_gflops"] = 2 * m / secs / 1e9
+                            prof["by_op"][k]["family_pct_of_sgemm"] = 100 * 2 * m / secs / 1e9 / peak["peak"]
+            # the profiled run's wall time vs the unprofiled p50: how much the profile itself is skewed
+            prof["family_note"] = "family GFLOP/s = 2·MACs of the op family / its kernel seconds (wall)"
+            entry["profile"] = prof
+        out["sizes"][f"{h}x{w}"] = entry
+        log(f"forward {h}x{w}: {macs['total'] / 1e9:.1f} GMAC; torch {st['p50']:.3f} s, ort {so['p50']:.3f} s "
+            f"({entry['onnxruntime']['pct_of_sgemm']:.0f}% of SGEMM {peak['peak']} GFLOP/s)")
+    return out
+
+
+def run(mode: Mode, out_dir: Path) -> dict:
+    res = {}
+    for role in ("multi",):
+        sizes = ",".join(f"{h}x{w}" for h, w in mode.forward_sizes)
+        res[role] = run_child("forward", ["--bundle", bundles.bundle_dir(mode.name, role), "--sizes", sizes,
+                                          "--repeats", mode.forward_repeats,
+                                          "--sgemm-n", 1024 if mode.name == "quick" else 2048],
+                              out_dir / "tmp" / mode.name, label=f"forward_{role}")
+        res[role]["bundle"] = bundles.variants(mode.name)[role].version
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--child", action="store_true", required=True)
+    ap.add_argument("--bundle", type=Path, required=True)
+    ap.add_argument("--sizes", required=True, help="HxW,HxW (multiples of 32)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--sgemm-n", type=int, default=2048)
+    ap.add_argument("--json", type=Path, required=True)
+    a = ap.parse_args(argv)
+    sizes = [tuple(int(v) for v in s.split("x")) for s in a.sizes.split(",")]
+    t0 = time.perf_counter()
+    out = child(a.bundle, sizes, a.repeats, a.sgemm_n)  # type: ignore[arg-type]
+    out["seconds"] = time.perf_counter() - t0
+    write_json(a.json, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Memory with 1, 2, 3 versions loaded, default vs tuned settings, and after 20 load/unload cycles.
+
+Each measurement is a fresh subprocess (quick mode: one process per kind and setting, loading the
+versions one after another) that loads the versions with ``Predictor.load`` and runs each once on
+the same 384×512 input (the arena grows on the first run), then reads ``/proc/self/smaps_rollup``
+(Rss, Pss, Pss_Anon, Pss_File) and VmHWM. Kinds:
+
+- ``same-backbone``: ``multi`` + two versions whose transformer decoder/heads differ (backbone and
+  pixel decoder weights byte-identical) — what the seed's "shared backbone cache" hoped to share;
+- ``different``: ``multi`` + two versions with every weight different.
+
+Settings: ``default`` = ``RuntimeSettings()``; ``tuned`` = shared arena + ``disable_prepacking`` +
+BASIC optimisation. The seed's "sum of versions" is n × (one version's footprint) on top of the
+empty process. The leak check loads, runs and closes one version 20 times and reads RSS after each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+from pathlib import Path
+
+from . import bundles
+from .common import Mode, log, mb, proc_status, run_child, smaps_rollup, write_json
+
+KINDS = {"same-backbone": ("multi", "heads-1", "heads-2"), "different": ("multi", "seed-1", "seed-2")}
+SETTINGS = ("default", "tuned")
+INPUT_HW = (512, 384)
+
+
+def settings_for(name: str):
+    from m2fpkit.runtime.session import RuntimeSettings
+    if name == "tuned":
+        return RuntimeSettings(shared_arena=True, disable_prepacking=True, optimization="basic")
+    return RuntimeSettings()
+
+
+def reading() -> dict:
+    s = smaps_rollup()
+    st = proc_status()
+    return {k: s.get(k, 0) for k in ("Rss", "Pss", "Pss_Anon", "Pss_File")} | {"VmHWM": st.get("VmHWM", 0)}
+
+
+def child_versions(dirs: list[Path], settings: str) -> dict:
+    import numpy as np
+
+    from m2fpkit.runtime.predictor import Predictor
+    from m2fpkit.runtime.session import SessionFactory
+
+    factory = SessionFactory(settings_for(settings))
+    x = np.random.default_rng(0).standard_normal((1, 3, *INPUT_HW), dtype=np.float32)
+    out = {"empty": reading(), "after": []}
+    preds = []
+    for d in dirs:
+        t0 = time.perf_counter()
+        p = Predictor.load(d, factory)
+        load = time.perf_counter() - t0
+        loaded = reading()
+        p.run(x)
+        preds.append(p)
+        out["after"].append({"version": d.name, "load_seconds": load, "loaded": loaded, "after_run": reading()})
+    return out
+
+
+def child_cycles(d: Path, cycles: int, settings: str) -> dict:
+    import numpy as np
+
+    from m2fpkit.runtime.memory import trim_heap
+    from m2fpkit.runtime.predictor import Predictor
+    from m2fpkit.runtime.session import SessionFactory
+
+    factory = SessionFactory(settings_for(settings))
+    x = np.random.default_rng(0).standard_normal((1, 3, *INPUT_HW), dtype=np.float32)
+    out = {"empty": reading(), "cycles": []}
+    for _ in range(cycles):
+        p = Predictor.load(d, factory)
+        p.run(x)
+        loaded = reading()["Rss"]
+        p.close()
+        del p
+        gc.collect()
+        trim_heap()
+        out["cycles"].append({"loaded_rss": loaded, "after_close_rss": reading()["Rss"]})
+    return out
+
+
+def run(mode: Mode, out_dir: Path) -> dict:
+    res: dict = {"input_hw": list(INPUT_HW), "kinds": {}, "fresh_process_each": mode.memory_fresh_each}
+    for kind, roles in KINDS.items():
+        dirs = [bundles.bundle_dir(mode.name, r) for r in roles]
+        res["kinds"][kind] = {"versions": [d.name for d in dirs]}
+        for st in SETTINGS:
+            rows = {}
+            if mode.memory_fresh_each:
+                for n in mode.memory_counts:
+                    log(f"memory: {kind}, {st}, {n} version(s)")
+                    r = run_child("memory", ["--settings", st, *dirs[:n]], out_dir / "tmp" / mode.name, label=f"memory_{kind}_{st}_{n}")
+                    rows[str(n)] = {"empty": r["empty"], **r["after"][-1]}
+            else:
+                log(f"memory: {kind}, {st}, versions loaded one after another")
+                r = run_child("memory", ["--settings", st, *dirs[:max(mode.memory_counts)]], out_dir / "tmp" / mode.name,
+                              label=f"memory_{kind}_{st}")
+                for n in mode.memory_counts:
+                    rows[str(n)] = {"empty": r["empty"], **r["after"][n - 1]}
+            one = rows["1"]["after_run"]["Rss"] - rows["1"]["empty"]["Rss"]
+            for n, row in rows.items():
+                row["sum_of_versions_rss"] = row["empty"]["Rss"] + int(n) * one
+                row["vs_sum_of_versions"] = row["after_run"]["Rss"] / row["sum_of_versions_rss"]
+            res["kinds"][kind][st] = rows
+            log(f"memory {kind} {st}: " + ", ".join(f"{n}: {mb(r['after_run']['Rss'])} MB" for n, r in rows.items()))
+    log(f"memory: {mode.leak_cycles} load/unload cycles")
+    r = run_child("memory", ["--settings", "default", "--cycles", mode.leak_cycles, bundles.bundle_dir(mode.name, "multi")],
+                  out_dir / "tmp" / mode.name, label="memory_cycles")
+    cyc = r["cycles"]
+    res["leak"] = {"cycles": len(cyc), "empty_rss": r["empty"]["Rss"], "after_first_close_rss": cyc[0]["after_close_rss"],
+                   "after_last_close_rss": cyc[-1]["after_close_rss"],
+                   "growth_first_to_last": cyc[-1]["after_close_rss"] - cyc[0]["after_close_rss"],
+                   "loaded_rss_first": cyc[0]["loaded_rss"], "loaded_rss_last": cyc[-1]["loaded_rss"],
+                   "after_close_rss": [c["after_close_rss"] for c in cyc]}
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--child", action="store_true", required=True)
+    ap.add_argument("--settings", choices=SETTINGS, default="default")
+    ap.add_argument("--cycles", type=int, default=0)
+    ap.add_argument("--json", type=Path, required=True)
+    ap.add_argument("bundles", nargs="+", type=Path)
+    a = ap.parse_args(argv)
+    out = child_cycles(a.bundles[0], a.cycles, a.settings) if a.cycles else child_versions(a.bundles, a.settings)
+    write_json(a.json, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,337 @@
+"""onnxruntime options, each with its speed and label-map agreement against the fp32 default.
+
+Each option runs in its own subprocess next to a baseline session with the runtime's defaults
+(``RuntimeSettings()``: extended optimisation, per-session pool of all cores, spinning off); runs
+alternate baseline/option on the same input, so the ratio sees the same machine load. The option's
+outputs are compared with the baseline's on every test image:
+
+- *semantic agreement*: per-pixel argmax of Σ_q softmax(cls)·sigmoid(mask) at mask resolution over
+  the image area (what the parity gate compares; non-trivial even with random weights);
+- *label-map agreement*: the runtime's final label map at the original size.
+
+An option agreeing on fewer than 99.5 % of pixels (the golden self-test's bar) is flagged as
+losing agreement. Options run on the single-human bundle (fixed 512×384 canvas: the cheapest
+full-size input), except ``fixed-canvas``, which only makes sense for multi-human's variable sizes.
+
+int8 models are built once into the cache: static QDQ on the convolutions (``quant_pre_process``,
+``quantize_static`` per-channel, ``reduce_range`` when the CPU lacks VNNI, MinMax calibration on
+a few synthetic person images) and MatMul-only dynamic quantization (``quantize_dynamic``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+from . import bundles
+from .common import Mode, Timer, jpeg_bytes, log, person_image, run_child, summary, write_json
+
+AGREEMENT_BAR = 0.995
+
+#: name → (bundle role, what it changes)
+OPTIONS: dict[str, tuple[str, str]] = {
+    "level=basic": ("single", "graph optimisation ORT_ENABLE_BASIC"),
+    "level=all": ("single", "graph optimisation ORT_ENABLE_ALL (layout transforms; do not ship across CPU types)"),
+    "pre-optimized": ("single", "model saved after EXTENDED optimisation, loaded with optimisation disabled"),
+    "spinning=on": ("single", "per-session pool with intra-op spinning on"),
+    "global-pool": ("single", "process-wide thread pool (set_global_thread_pool_sizes), no spin control"),
+    "memory-tuned": ("single", "shared arena + disable_prepacking + BASIC optimisation"),
+    "int8-static-conv": ("single", "static QDQ int8 on Conv (per-channel, reduce_range w/o VNNI, calibrated)"),
+    "int8-dynamic-matmul": ("single", "dynamic int8 on MatMul only"),
+    "fixed-canvas": ("multi", "every multi-human input padded to one canvas (largest test size) vs /32 padding"),
+}
+
+
+def quant_dir(mode: str) -> Path:
+    return bundles.CACHE / mode / "quant"
+
+
+# ------------------------------------------------------------------------------- quantised models
+
+def _has_vnni() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+def build_quantized(mode: str, role: str, kind: str, n_calib: int) -> Path:
+    """The int8 model of ``role``'s bundle (cached); ``kind`` is static-conv or dynamic-matmul."""
+    from m2fpkit.runtime.bundle import BundleConfig
+    from m2fpkit.runtime.imageio import decode_image
+    from m2fpkit.runtime.preprocess import prepare
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quant_pre_process,
+                                          quantize_dynamic, quantize_static)
+
+    bdir = bundles.bundle_dir(mode, role)
+    cfg = BundleConfig.read(bdir)
+    out_dir = quant_dir(mode) / cfg.version
+    out = out_dir / f"{kind}.onnx"
+    if out.exists():
+        return out
+    out_dir.mkdir(parents=True, exist_ok=True)
+    src = bdir / cfg.model_file
+    t0 = time.perf_counter()
+    if kind == "dynamic-matmul":
+        quantize_dynamic(src, out, op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
+                         use_external_data_format=True)
+    else:
+        pre = out_dir / "preprocessed.onnx"
+        if not pre.exists():
+            try:
+                quant_pre_process(src, pre, save_as_external_data=True, all_tensors_to_one_file=True,
+                                  external_data_location="preprocessed.onnx.data")
+            except Exception as exc:  # symbolic shape inference can fail on dynamic graphs
+                log(f"quant_pre_process with symbolic shapes failed ({type(exc).__name__}: {exc}); retrying without")
+                quant_pre_process(src, pre, skip_symbolic_shape=True, save_as_external_data=True,
+                                  all_tensors_to_one_file=True, external_data_location="preprocessed.onnx.data")
+
+        class Reader(CalibrationDataReader):
+            def __init__(self) -> None:
+                self.items = iter([
+                    {cfg.inputs[0].name: prepare(decode_image(jpeg_bytes(person_image(w, h, seed=100 + i))),
+                                                 cfg.preprocess).tensor}
+                    for i, (w, h) in enumerate([(384, 512), (480, 640), (360, 640), (512, 512)][:n_calib])])
+
+            def get_next(self):
+                return next(self.items, None)
+
+        quantize_static(pre, out, Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv"],
+                        per_channel=True, reduce_range=not _has_vnni(), activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8, use_external_data_format=True)
+    log(f"quantised {cfg.version} ({kind}) in {time.perf_counter() - t0:.0f} s")
+    return out
+
+
+# ------------------------------------------------------------------------------------------ child
+
+def _semantic(logits, masks, prepared):
+    import numpy as np
+
+    x0, y0, x1, y1 = prepared.content_box
+    m = masks[0][:, y0 // 4:-(-y1 // 4), x0 // 4:-(-x1 // 4)]
+    e = np.exp(logits[0] - logits[0].max(-1, keepdims=True))
+    p = (e / e.sum(-1, keepdims=True))[:, :-1]
+    sig = 1 / (1 + np.exp(-m))
+    return np.einsum("qc,qhw->chw", p, sig).argmax(0)
+
+
+def child(option: str, mode: str, images: list[Path], repeats: int, n_calib: int) -> dict:
+    import numpy as np
+    import onnxruntime as ort
+
+    from m2fpkit.runtime.bundle import BundleConfig
+    from m2fpkit.runtime.imageio import decode_image
+    from m2fpkit.runtime.postprocess import postprocess
+    from m2fpkit.runtime.preprocess import Prepared, prepare
+    from m2fpkit.runtime.session import RuntimeSettings, SessionFactory
+
+    role = OPTIONS.get(option, ("single",))[0]
+    bdir = bundles.bundle_dir(mode, role)
+    cfg = BundleConfig.read(bdir)
+    model = bdir / cfg.model_file
+    base_settings = RuntimeSettings()
+
+    def make(settings: RuntimeSettings, path: Path = model, level: str | None = None, save_to: Path | None = None):
+        f = SessionFactory(settings)
+        o = f.options()
+        if level == "disable":
+            o.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        if save_to is not None:
+            o.optimized_model_filepath = str(save_to)
+            o.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                       save_to.name + ".data")
+            o.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        with Timer() as t:
+            s = ort.InferenceSession(str(path), o, providers=["CPUExecutionProvider"])
+        return s, t.wall
+
+    extra: dict = {}
+    if option in ("global-pool", "baseline"):
+        # with a global pool every session of the process must use it: no default session beside it
+        return _alone(option, cfg, bdir, images, repeats)
+    base, base_load = make(base_settings)
+    opt_settings = base_settings
+    if option.startswith("level="):
+        opt, load = make(dataclasses.replace(base_settings, optimization=option.split("=")[1]))
+    elif option == "pre-optimized":
+        path = quant_dir(mode) / cfg.version / "extended.opt.onnx"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            _, save_load = make(base_settings, save_to=path)
+            extra["save_seconds"] = save_load
+        opt, load = make(base_settings, path=path, level="disable")
+    elif option == "spinning=on":
+        opt, load = make(dataclasses.replace(base_settings, allow_spinning=True))
+    elif option == "memory-tuned":
+        opt, load = make(dataclasses.replace(base_settings, shared_arena=True, disable_prepacking=True,
+                                             optimization="basic"))
+    elif option.startswith("int8-"):
+        t0 = time.perf_counter()
+        qpath = build_quantized(mode, role, option[len("int8-"):], n_calib)
+        extra["build_seconds"] = time.perf_counter() - t0
+        opt, load = make(base_settings, path=qpath)
+    elif option == "fixed-canvas":
+        opt, load = make(base_settings)  # same settings: this session only ever sees the canvas
+    else:
+        raise SystemExit(f"unknown option {option}")
+    del opt_settings
+    name = cfg.inputs[0].name
+    outs = [o.name for o in cfg.outputs]
+    prepared = [prepare(decode_image(p.read_bytes()), cfg.preprocess) for p in images]
+    canvas = None
+    if option == "fixed-canvas":
+        canvas = (max(p.padded_hw[0] for p in prepared), max(p.padded_hw[1] for p in prepared))
+        extra["canvas_hw"] = list(canvas)
+
+    def opt_input(p: Prepared) -> Prepared:
+        if canvas is None:
+            return p
+        t = np.zeros((1, 3, *canvas), np.float32)
+        t[:, :, :p.padded_hw[0], :p.padded_hw[1]] = p.tensor
+        return dataclasses.replace(p, tensor=t)
+
+    main = prepared[min(1, len(prepared) - 1)]
+    main_opt = opt_input(main)
+    tb, to = [], []
+    for i in range(1 + repeats):
+        with Timer() as t:
+            base.run(outs, {name: main.tensor})
+        b = t.wall
+        with Timer() as t:
+            opt.run(outs, {name: main_opt.tensor})
+        if i:  # first round is the warm-up
+            tb.append(b)
+            to.append(t.wall)
+    agreement = []
+    for p in prepared:
+        q = opt_input(p)
+        lb, mb_ = base.run(outs, {name: p.tensor})
+        lo, mo = opt.run(outs, {name: q.tensor})
+        h4, w4 = mb_.shape[2:]
+        mo_c = mo[:, :, :h4, :w4]
+        sb_, so_ = _semantic(lb, mb_, p), _semantic(lo, mo_c, p)
+        rb = postprocess(lb, mb_, p, cfg).label_map
+        ro = postprocess(lo, mo, q, cfg).label_map
+        agreement.append({"image": f"{p.original_hw[1]}x{p.original_hw[0]}", "semantic": float((sb_ == so_).mean()),
+                          "semantic_classes": int(len(np.unique(sb_))), "label_map_classes": int(len(np.unique(rb))),
+                          "label_map": float((rb == ro).mean()),
+                          "max_abs_logits": float(np.abs(lb - lo).max())})
+    sb, so = summary(tb), summary(to)
+    worst = min(min(a["semantic"], a["label_map"]) for a in agreement)
+    return {"option": option, "bundle": cfg.version, "what": OPTIONS[option][1],
+            "input_hw": list(main.padded_hw), "option_input_hw": list(main_opt.padded_hw),
+            "baseline": {"latency": sb, "load_seconds": base_load},
+            "option_run": {"latency": so, "load_seconds": load},
+            "speedup_p50": sb["p50"] / so["p50"], "paired_speedups": summary([a / b for a, b in zip(tb, to)]),
+            "agreement": agreement, "worst_agreement": worst, "loses_agreement": worst < AGREEMENT_BAR, **extra}
+
+
+def _alone(option: str, cfg, bdir: Path, images: list[Path], repeats: int) -> dict:
+    """One session (default settings, or on the global pool); outputs saved for the parent to compare."""
+    import numpy as np
+
+    from m2fpkit.runtime.imageio import decode_image
+    from m2fpkit.runtime.postprocess import postprocess
+    from m2fpkit.runtime.preprocess import prepare
+    from m2fpkit.runtime.session import RuntimeSettings, SessionFactory
+
+    settings = RuntimeSettings(thread_pool="global" if option == "global-pool" else "per-session")
+    factory = SessionFactory(settings)
+    with Timer() as t:
+        sess = factory.create(bdir / cfg.model_file)
+    name, outs = cfg.inputs[0].name, [o.name for o in cfg.outputs]
+    prepared = [prepare(decode_image(p.read_bytes()), cfg.preprocess) for p in images]
+    main = prepared[min(1, len(prepared) - 1)]
+    times = []
+    for i in range(1 + repeats):
+        with Timer() as tt:
+            sess.run(outs, {name: main.tensor})
+        if i:
+            times.append(tt.wall)
+    saved = {}
+    for k, p in enumerate(prepared):
+        lg, mk = sess.run(outs, {name: p.tensor})
+        saved[f"sem{k}"] = _semantic(lg, mk, p)
+        saved[f"labels{k}"] = postprocess(lg, mk, p, cfg).label_map
+        saved[f"logits{k}"] = lg
+    npz = images[0].parent / f"outputs_{option}.npz"
+    np.savez(npz, **saved)
+    return {"option": option, "bundle": cfg.version, "input_hw": list(main.padded_hw),
+            "latency": summary(times), "load_seconds": t.wall, "outputs": str(npz), "n_images": len(prepared)}
+
+
+def _combine(option: str, base: dict, opt: dict) -> dict:
+    """Speed-up and agreement of two single-session runs made in separate processes."""
+    import numpy as np
+
+    a, b = np.load(base["outputs"]), np.load(opt["outputs"])
+    agreement = []
+    for k in range(base["n_images"]):
+        agreement.append({"image": str(k), "semantic": float((a[f"sem{k}"] == b[f"sem{k}"]).mean()),
+                          "semantic_classes": int(len(np.unique(a[f"sem{k}"]))),
+                          "label_map_classes": int(len(np.unique(a[f"labels{k}"]))),
+                          "label_map": float((a[f"labels{k}"] == b[f"labels{k}"]).mean()),
+                          "max_abs_logits": float(np.abs(a[f"logits{k}"] - b[f"logits{k}"]).max())})
+    worst = min(min(x["semantic"], x["label_map"]) for x in agreement)
+    sp = base["latency"]["p50"] / opt["latency"]["p50"]
+    return {"option": option, "bundle": opt["bundle"], "what": OPTIONS[option][1], "input_hw": opt["input_hw"],
+            "option_input_hw": opt["input_hw"], "baseline": {"latency": base["latency"], "load_seconds": base["load_seconds"]},
+            "option_run": {"latency": opt["latency"], "load_seconds": opt["load_seconds"]}, "speedup_p50": sp,
+            "paired_speedups": {"p50": sp, "min": sp, "max": sp, "n": 0}, "not_interleaved": True,
+            "agreement": agreement, "worst_agreement": worst, "loses_agreement": worst < AGREEMENT_BAR}
+
+
+# ----------------------------------------------------------------------------------------- parent
+
+def run(mode: Mode, out_dir: Path, only: list[str] | None = None) -> dict:
+    from .e2e import size_key
+
+    scratch = out_dir / "tmp" / mode.name / "options"
+    scratch.mkdir(parents=True, exist_ok=True)
+    images = []
+    for i, (w, h) in enumerate(mode.sizes):
+        p = scratch / f"{size_key(w, h)}.jpg"
+        p.write_bytes(jpeg_bytes(person_image(w, h, seed=50 + i)))
+        images.append(p)
+    res = {"agreement_bar": AGREEMENT_BAR, "options": {}}
+    for option in only or OPTIONS:
+        log(f"options: {option}")
+        args = ["--mode", mode.name, "--repeats", mode.options_repeats, "--calibration", mode.calibration_images, *images]
+        try:
+            if option == "global-pool":  # separate processes: a global pool excludes per-session pools
+                base = run_child("options", ["--option", "baseline", *args], out_dir / "tmp" / mode.name, label="options_baseline")
+                opt = run_child("options", ["--option", option, *args], out_dir / "tmp" / mode.name, label="options_global-pool")
+                r = _combine(option, base, opt)
+            else:
+                r = run_child("options", ["--option", option, *args], out_dir / "tmp" / mode.name,
+                              label=f"options_{option.replace('=', '_')}")
+        except Exception as exc:  # one broken option must not sink the others
+            log(f"options: {option} failed: {exc}")
+            r = {"option": option, "error": str(exc)[-2000:]}
+        res["options"][option] = r
+        if "speedup_p50" in r:
+            log(f"options {option}: {r['speedup_p50']:.2f}× vs default, worst agreement {100 * r['worst_agreement']:.2f}%")
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--child", action="store_true", required=True)
+    ap.add_argument("--option", choices=[*OPTIONS, "baseline"], required=True)
+    ap.add_argument("--mode", choices=("quick", "full"), required=True)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--calibration", type=int, default=3)
+    ap.add_argument("--json", type=Path, required=True)
+    ap.add_argument("images", nargs="+", type=Path)
+    a = ap.parse_args(argv)
+    write_json(a.json, child(a.option, a.mode, a.images, a.repeats, a.calibration))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

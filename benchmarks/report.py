@@ -1,0 +1,357 @@
+"""Results → ``<mode>.json``, a Markdown report ``<mode>.md`` and PNG plots.
+
+``python -m benchmarks.report benchmarks/results/full.json`` re-renders the Markdown and plots
+from a saved JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .common import write_json
+
+
+def _f(x, nd: int = 2, unit: str = "") -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return f"{x:.{nd}f}{unit}"
+    return f"{x}{unit}"
+
+
+def _mb(n) -> str:
+    return "–" if n is None else f"{n / 2**20:.0f}"
+
+
+def _pct(x, nd: int = 1) -> str:
+    return "–" if x is None else f"{100 * x:.{nd}f} %"
+
+
+def _lat(s: dict | None) -> str:
+    if not s or not s.get("n"):
+        return "–"
+    return f"{s['p50']:.3f} / {s['p95']:.3f}"
+
+
+# ------------------------------------------------------------------------------------- sections
+
+def section_env(r: dict) -> list[str]:
+    env = r.get("env", {})
+    cpu = env.get("cpu", {})
+    flags = ", ".join(f for f, on in cpu.get("flags", {}).items() if on) or "–"
+    sg = env.get("sgemm_gflops", {})
+    v = env.get("versions", {})
+    la = r.get("load_average", {})
+    out = [f"# M2FP benchmarks — {r.get('mode')} mode", "",
+           f"- Date: {env.get('date')} (UTC); git {env.get('git', {}).get('commit')}"
+           f"{' (dirty)' if env.get('git', {}).get('dirty') else ''}; total run time {_f(r.get('seconds'), 0)} s",
+           f"- CPU: {cpu.get('model')}, {cpu.get('cores')} cores, {cpu.get('memory_gb')} GB"
+           f"{', virtualised' if cpu.get('virtualised') else ''}; flags: {flags}",
+           f"- SGEMM (n={sg.get('n')}, all cores, best of {sg.get('repeats')}): numpy {sg.get('numpy')}, "
+           f"onnxruntime {sg.get('onnxruntime')}, torch {sg.get('torch')} GFLOP/s → peak **{sg.get('peak')} GFLOP/s**",
+           "- Versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val),
+           f"- Load average (1 min) at start / end: {la.get('start')} / {la.get('end')} — other processes share "
+           "the cores, so wall times are noisy; CPU-seconds and ratios measured side by side are the robust numbers",
+           ""]
+    if r.get("errors"):
+        out += ["**Parts that failed:** " + "; ".join(f"{k}: {e.splitlines()[-1][:200] if e else ''}"
+                                                    for k, e in r["errors"].items()), ""]
+    if r.get("skipped"):
+        out += [f"**Not run:** {', '.join(r['skipped'])}", ""]
+    return out
+
+
+def section_e2e(e: dict) -> list[str]:
+    out = ["## End to end: image bytes → result (ours vs ModelScope pipeline, same weights)", "",
+           f"{e['repeats']} timed runs after {e['warmup']} warm-up per cell; latency p50 / p95 in seconds; CPU = "
+           "CPU-seconds per image (all threads); peak RSS in MB while parsing that size. Speed-up = ModelScope / ours.",
+           "",
+           "| task | image (w×h) | ours p50 / p95 | ModelScope p50 / p95 | **speed-up p50** | CPU-s ours / MS (ratio) "
+           "| peak RSS ours / MS MB | instances ours / MS | label-map agreement |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    order = e.get("sizes") or []
+
+    def rows_of(t: dict):
+        return [(k, t["sizes"][k]) for k in order if k in t["sizes"]] or list(t["sizes"].items())
+
+    for task, t in e["tasks"].items():
+        for size, row in rows_of(t):
+            o, m = row["ours"], row["modelscope"]
+            ag = row["agreement"]
+            out.append(f"| {task} ({t['bundle']}) | {size} | {_lat(o['latency'])} | {_lat(m['latency'])} | "
+                       f"**{row['speedup_p50']:.2f}×** | {o['cpu']['p50']:.2f} / {m['cpu']['p50']:.2f} "
+                       f"({row['cpu_ratio']:.2f}×) | {_mb(o['peak_rss'])} / {_mb(m['peak_rss'])} | "
+                       f"{o['instances']} / {m['instances']} | {_pct(ag['label_map_agreement'], 2)} |")
+    out += ["", "Where the time goes (p50 seconds per stage):", "",
+            "| task | image | system | decode | preprocess | inference | postprocess |", "|---|---|---|---|---|---|---|"]
+    for task, t in e["tasks"].items():
+        for size, row in rows_of(t):
+            for sysname in ("ours", "modelscope"):
+                st = row[sysname]["stages"]
+                out.append(f"| {task} | {size} | {sysname} | " + " | ".join(
+                    _f(st.get(k), 3) for k in ("decode", "preprocess", "inference", "postprocess")) + " |")
+    for cell, err in e.get("errors", {}).items():
+        out += ["", f"**{cell} failed:** {err.strip().splitlines()[-1][:300]}"]
+    rows = [(task, size, row["post_trained_like"]) for task, t in e["tasks"].items()
+            for size, row in rows_of(t) if "post_trained_like" in row]
+    if rows:
+        out += ["", "Multi-human postprocessing alone on *trained-like* outputs (3 people, 15 parts; random "
+                "weights give no instance above the thresholds, which flatters select-before-upsample):", "",
+                "| image | ours p50 s | ModelScope p50 s | speed-up | instances ours / MS |", "|---|---|---|---|---|"]
+        for task, size, p in rows:
+            out.append(f"| {size} | {p['ours']['latency']['p50']:.3f} | {p['modelscope']['latency']['p50']:.3f} | "
+                       f"{p['speedup_p50']:.2f}× | {p['ours']['instances']} / {p['modelscope']['instances']} |")
+    return out + [""]
+
+
+def section_forward(f: dict) -> list[str]:
+    out = ["## Forward only: PyTorch eager vs onnxruntime, against the SGEMM peak", ""]
+    for role, r in f.items():
+        if not isinstance(r, dict) or "sizes" not in r:
+            continue
+        sg = r["sgemm_gflops"]
+        out += [f"Bundle {r.get('bundle')} ({r['parameters'] / 1e6:.2f} M parameters), {r['threads']} threads; "
+                f"SGEMM measured in the same process just before: {sg['peak']} GFLOP/s wall-clock, "
+                f"{_f(sg.get('peak_per_cpu_second'), 1)} GFLOP per CPU-second. Runs alternate torch / ort. "
+                "'% of SGEMM (CPU)' compares GFLOP per CPU-second of the forward with SGEMM's: the same "
+                "ratio as wall-clock on an idle box, but much less disturbed by other processes.", "",
+                "| input (h×w) | GMAC | torch p50 / p95 s | ORT p50 / p95 s | ORT speed-up (paired) | ORT GFLOP/s | "
+                "ORT % of SGEMM (wall) | **ORT % of SGEMM (CPU)** | torch % (wall / CPU) | max |Δ| logits / masks |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
+        for size, e in r["sizes"].items():
+            d = e["max_abs_diff"]
+            o, t = e["onnxruntime"], e["torch"]
+            out.append(f"| {size} | {e['gmacs']:.1f} | {_lat(t['latency'])} | {_lat(o['latency'])} | "
+                       f"{e['paired_speedups']['p50']:.2f}× | {o['gflops']:.1f} | {o['pct_of_sgemm']:.0f} % | "
+                       f"**{_f(o.get('pct_of_sgemm_cpu'), 0, ' %')}** | {t['pct_of_sgemm']:.0f} % / "
+                       f"{_f(t.get('pct_of_sgemm_cpu'), 0, ' %')} | {d['pred_logits']:.1e} / {d['pred_masks']:.1e} |")
+        first = next(iter(r["sizes"].values()))
+        parts = first["macs"]["by_part"]
+        out += ["", "MACs by part: " + ", ".join(f"{k} {v / 1e9:.1f} G" for k, v in parts.items())
+                + "; by aten op: " + ", ".join(f"{k} {v / 1e9:.1f} G" for k, v in first["macs"]["by_aten_op"].items()), ""]
+        prof = first.get("profile")
+        if prof:
+            out += [f"onnxruntime per-node profile at {next(iter(r['sizes']))} (one run: {prof['run_seconds']:.3f} s, "
+                    f"kernels {prof['kernel_seconds']:.3f} s):", "",
+                    "| op type | share of kernel time | seconds | nodes | achieved GFLOP/s (op family) | % of SGEMM |",
+                    "|---|---|---|---|---|---|"]
+            for op, v in sorted(prof["by_op"].items(), key=lambda kv: -kv[1]["seconds"])[:14]:
+                out.append(f"| {op} | {100 * v['share']:.1f} % | {v['seconds']:.3f} | {v['nodes']} | "
+                           f"{_f(v.get('family_gflops'), 1)} | {_f(v.get('family_pct_of_sgemm'), 0, ' %')} |")
+            out += ["", "| model part | share | seconds |", "|---|---|---|"]
+            for part, v in sorted(prof["by_part"].items(), key=lambda kv: -kv[1]["seconds"]):
+                out.append(f"| {part} | {100 * v['share']:.1f} % | {v['seconds']:.3f} |")
+            out += ["", "Slowest nodes: " + "; ".join(f"{n['node']} ({n['op']}) {1000 * n['seconds']:.0f} ms"
+                                                       for n in prof["top_nodes"][:6])]
+    return out + [""]
+
+
+def section_options(o: dict) -> list[str]:
+    out = ["## onnxruntime options (speed and agreement vs the fp32 default)", "",
+           f"Each option in its own process next to a default session; runs alternate. Agreement bar: "
+           f"{100 * o['agreement_bar']:.1f} % of pixels (semantic argmax at mask resolution, and the final label map).", "",
+           "| option | bundle, input | default p50 s | option p50 s | **speed-up** (paired median) | load s default / option "
+           "| worst agreement | verdict |", "|---|---|---|---|---|---|---|---|"]
+    for name, r in o["options"].items():
+        if "error" in r:
+            out.append(f"| {name} | – | – | – | – | – | – | failed: {r['error'].splitlines()[-1][:120]} |")
+            continue
+        verdict = "**LOSES AGREEMENT**" if r["loses_agreement"] else ("faster" if r["paired_speedups"]["p50"] > 1.03
+                                                                       else "no gain")
+        inp = "×".join(map(str, r["input_hw"])) + (f"→{'×'.join(map(str, r['option_input_hw']))}"
+                                                   if r["option_input_hw"] != r["input_hw"] else "")
+        out.append(f"| {name} | {r['bundle']}, {inp} | {r['baseline']['latency']['p50']:.3f} | "
+                   f"{r['option_run']['latency']['p50']:.3f} | **{r['paired_speedups']['p50']:.2f}×** "
+                   f"({r['paired_speedups']['min']:.2f}–{r['paired_speedups']['max']:.2f}) | "
+                   f"{r['baseline']['load_seconds']:.2f} / {r['option_run']['load_seconds']:.2f} | "
+                   f"{_pct(r['worst_agreement'], 2)} | {verdict} |")
+    return out + [""]
+
+
+def section_server(s: dict) -> list[str]:
+    d = s["direct"]["latency"]
+    out = ["## Server: HTTP vs a direct runtime call", "",
+           f"Bundle {s['bundle']}, image {s['image']}; load generator: {s['load_generator']}. Direct "
+           f"`Predictor.predict` p50 {d['p50']:.3f} s (p99 {d['p99']:.3f} s). Cold start to /readyz 200: "
+           f"{s['cold_start_to_ready_seconds']:.1f} s.", "",
+           "| concurrency | requests | HTTP p50 s | HTTP p99 s | throughput req/s | status codes | server: queue / render p50 s |",
+           "|---|---|---|---|---|---|---|"]
+    for c, lv in s["levels"].items():
+        st = lv["server_timing_p50"]
+        out.append(f"| {c} | {lv['requests']} | {_f(lv['latency_ok'].get('p50'), 3)} | {_f(lv['latency_ok'].get('p99'), 3)} "
+                   f"| {lv['throughput_rps']:.3f} | {lv['status_counts']} | {_f(st.get('queue'), 3)} / {_f(st.get('render'), 3)} |")
+    out += ["", f"HTTP overhead at concurrency 1: **{s.get('overhead_ratio_p50', 0):.3f}×** the direct call "
+                f"(+{s.get('overhead_ms_p50', 0):.0f} ms p50, including the base64 PNG overlay)."]
+    ov = s.get("overload")
+    if ov:
+        out += ["", f"At 4× capacity ({ov['offered_rps']:.2f} req/s offered for {ov['duration_seconds']:.0f} s; "
+                    f"capacity {ov['capacity_rps']:.3f} req/s): status {ov['status_counts']}, "
+                    f"{ov['retry_after_on_503']} × 503 with Retry-After; admitted p50 {_f(ov['latency_ok'].get('p50'), 2)} s, "
+                    f"p99 **{_f(ov['latency_ok'].get('p99'), 2)} s**; server RSS max {_mb(ov.get('server_rss_max'))} MB "
+                    f"(VmHWM {_mb(ov.get('server_vmhwm'))} MB, idle {_mb(s.get('server_rss_idle'))} MB)."]
+    return out + [""]
+
+
+def section_memory(m: dict) -> list[str]:
+    out = ["## Versions and memory", "",
+           f"RSS / PSS in MB after loading n versions and running each once at {m['input_hw'][0]}×{m['input_hw'][1]} "
+           f"({'a fresh process per cell' if m['fresh_process_each'] else 'versions loaded one after another in one process'}); "
+           "'sum' = the seed's sum of versions (n × one version + empty process).", "",
+           "| kind | settings | 1 version RSS / PSS | 2 versions | 3 versions | 3 vs sum of versions |",
+           "|---|---|---|---|---|---|"]
+    for kind, k in m["kinds"].items():
+        for st in ("default", "tuned"):
+            rows = k.get(st)
+            if not rows:
+                continue
+            cells = []
+            for n in ("1", "2", "3"):
+                r = rows.get(n)
+                cells.append("–" if not r else f"{_mb(r['after_run']['Rss'])} / {_mb(r['after_run']['Pss'])} "
+                                                f"(sum {_mb(r['sum_of_versions_rss'])})")
+            last = rows.get("3") or rows[max(rows)]
+            out.append(f"| {kind} | {st} | " + " | ".join(cells) + f" | {_pct(last['vs_sum_of_versions'], 0)} |")
+    lk = m.get("leak")
+    if lk:
+        out += ["", f"Leak check: {lk['cycles']} load → run → close cycles: RSS after close {_mb(lk['after_first_close_rss'])} MB "
+                    f"(cycle 1) → {_mb(lk['after_last_close_rss'])} MB (cycle {lk['cycles']}), growth "
+                    f"**{lk['growth_first_to_last'] / 2**20:+.0f} MB**; empty process {_mb(lk['empty_rss'])} MB."]
+    return out + [""]
+
+
+def section_swaps(s: dict) -> list[str]:
+    st, du = s.get("steady", {}), s.get("during_swaps", {})
+    return ["## Hot swaps under load", "",
+            f"Bundle {s['bundle']}, {s['clients']} closed-loop HTTP clients, image {s['image']}; "
+            f"{s.get('swaps_completed')} of {s['swaps_requested']} swaps completed.", "",
+            "| phase | requests | status codes | p50 s | p99 s |", "|---|---|---|---|---|",
+            f"| steady | {st.get('requests')} | {st.get('status_counts')} | {_f(st.get('latency_ok', {}).get('p50'), 3)} | "
+            f"{_f(st.get('latency_ok', {}).get('p99'), 3)} |",
+            f"| during swaps | {du.get('requests')} | {du.get('status_counts')} | {_f(du.get('latency_ok', {}).get('p50'), 3)} | "
+            f"{_f(du.get('latency_ok', {}).get('p99'), 3)} |", "",
+            f"**Failed requests: {s.get('failed_requests')} of {s.get('total_requests')}**; p99 during swaps / steady: "
+            f"{_f(s.get('p99_ratio_during_vs_steady'), 2)}×. Version load time (verify + session + warm-up + golden "
+            f"self-test) p50 {_f(s.get('load_seconds', {}).get('p50'), 2)} s (max {_f(s.get('load_seconds', {}).get('max'), 2)}); "
+            f"publish → swapped p50 {_f(s.get('publish_to_swapped', {}).get('p50'), 2)} s. "
+            f"Cold start (process start → /readyz 200): {_f(s.get('cold_start_to_ready_seconds'), 1)} s.", ""]
+
+
+SECTIONS = (("e2e", section_e2e), ("forward", section_forward), ("options", section_options),
+            ("server", section_server), ("memory", section_memory), ("swaps", section_swaps))
+
+
+def markdown(r: dict) -> str:
+    lines = section_env(r)
+    for key, fn in SECTIONS:
+        if key in r.get("results", {}):
+            try:
+                lines += fn(r["results"][key])
+                sec = r["results"][key]
+                extra = r.get("section_env", {}).get(key, {})
+                la = (extra.get("load_average") or {})
+                lines += [f"_Measured {r.get('measured_at', {}).get(key)} in {sec.get('_seconds', '?')} s"
+                          + (f"; load average {la.get('start')} → {la.get('end')}" if la else "") + "._", ""]
+            except (KeyError, TypeError, ValueError, StopIteration) as exc:
+                lines += [f"## {key}", "", f"(could not render: {type(exc).__name__}: {exc})", ""]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------ plots
+
+def plots(r: dict, out_dir: Path, mode: str) -> list[str]:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    made = []
+    res = r.get("results", {})
+    if "e2e" in res:
+        e = res["e2e"]
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        sizes = e["sizes"]
+        px = [int(s.split("x")[0]) * int(s.split("x")[1]) / 1e6 for s in sizes]
+        for task, t in e["tasks"].items():
+            for sysname, style in (("ours", "-o"), ("modelscope", "--s")):
+                p50 = [t["sizes"][s][sysname]["latency"]["p50"] for s in sizes]
+                p95 = [t["sizes"][s][sysname]["latency"]["p95"] for s in sizes]
+                ax.errorbar(px, p50, yerr=[[0] * len(p50), [b - a for a, b in zip(p50, p95)]], fmt=style, capsize=3,
+                            label=f"{'ours' if sysname == 'ours' else 'ModelScope'} {task}-human")
+        ax.set_xlabel("image size (megapixels): " + ", ".join(sizes))
+        ax.set_ylabel("latency p50 (s), bar to p95")
+        ax.set_title(f"End-to-end latency vs image size ({mode})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        p = out_dir / f"{mode}_latency_vs_size.png"
+        fig.tight_layout()
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        made.append(p.name)
+    if "memory" in res:
+        m = res["memory"]
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for kind, k in m["kinds"].items():
+            for st, style in (("default", "-o"), ("tuned", "-s")):
+                rows = k.get(st)
+                if not rows:
+                    continue
+                ns = sorted(rows, key=int)
+                ax.plot([int(n) for n in ns], [rows[n]["after_run"]["Rss"] / 2**20 for n in ns], style,
+                        label=f"{kind}, {st}")
+                if kind == "different" and st == "default":
+                    ax.plot([int(n) for n in ns], [rows[n]["sum_of_versions_rss"] / 2**20 for n in ns], ":k",
+                            label="sum of versions (default)")
+        ax.set_xlabel("versions loaded")
+        ax.set_ylabel("RSS (MB) after one run each")
+        ax.set_xticks([1, 2, 3])
+        ax.set_title(f"Memory vs number of versions ({mode})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        p = out_dir / f"{mode}_memory_vs_versions.png"
+        fig.tight_layout()
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        made.append(p.name)
+    return made
+
+
+def write(r: dict, out_dir: Path) -> dict[str, Path]:
+    mode = r["mode"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    r["plots"] = plots(r, out_dir, mode)
+    md = markdown(r)
+    if r["plots"]:
+        md += "\n" + "\n".join(f"![{p}]({p})" for p in r["plots"]) + "\n"
+    else:
+        md += "\n(plots skipped: install the `bench` extra for matplotlib)\n"
+    write_json(out_dir / f"{mode}.json", r)
+    (out_dir / f"{mode}.md").write_text(md, encoding="utf-8")
+    return {"json": out_dir / f"{mode}.json", "md": out_dir / f"{mode}.md"}
+
+
+def merge(into: dict, other: dict) -> dict:
+    """Copy ``other``'s benchmark sections into ``into`` (each keeps its own measured_at and env summary)."""
+    for name, section in other.get("results", {}).items():
+        into.setdefault("results", {})[name] = section
+        into.setdefault("measured_at", {})[name] = other.get("measured_at", {}).get(name)
+        env = other.get("env", {})
+        into.setdefault("section_env", {})[name] = {"date": env.get("date"), "sgemm_gflops": env.get("sgemm_gflops"),
+                                                    "load_average": other.get("load_average")}
+        into.get("errors", {}).pop(name, None)
+    into["skipped"] = [n for n in into.get("skipped", []) if n not in into["results"]]
+    return into
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Re-render a results JSON (optionally merging sections of others).")
+    ap.add_argument("json", type=Path)
+    ap.add_argument("--merge", type=Path, nargs="*", default=[], help="other results JSONs whose sections to copy in")
+    a = ap.parse_args()
+    data = json.loads(a.json.read_text())
+    for other in a.merge:
+        merge(data, json.loads(other.read_text()))
+    print(write(data, a.json.parent)["md"])

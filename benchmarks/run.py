@@ -1,0 +1,98 @@
+"""One entry point: ``python -m benchmarks.run [--quick] [--only NAMES] [--out benchmarks/results]``.
+
+Builds (or reuses) the bundles of the mode, records the environment and the box's SGEMM rate,
+then runs the benchmarks in order — e2e, forward, options, server, memory, swaps — each isolated
+so that one failure is reported without sinking the others. Results are written after every
+benchmark: ``<out>/<mode>.json``, ``<out>/<mode>.md`` and PNG plots. With ``--only``, the
+results of the other benchmarks already in ``<mode>.json`` are kept (each section says when it was
+measured). Nothing here asserts anything about speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from . import bundles, env, report
+from .common import MODES, REPO, child_env, log
+
+BENCHMARKS = ("e2e", "forward", "options", "server", "memory", "swaps")
+ROLES = {"e2e": ("multi", "single"), "forward": ("multi",), "options": ("multi", "single"),
+         "server": ("single",), "memory": ("multi", "heads-1", "heads-2", "seed-1", "seed-2"),
+         "swaps": ("single",)}
+
+
+def _module(name: str):
+    import importlib
+    return importlib.import_module(f"benchmarks.{'server_load' if name == 'server' else name}")
+
+
+def ensure_bundles(mode: str, names: list[str]) -> dict:
+    roles = sorted({r for n in names for r in ROLES[n]})
+    todo = bundles.missing(mode, roles)
+    if not todo:
+        return {}
+    log(f"building {mode} bundles {', '.join(todo)} (one-off; cached in {bundles.CACHE / mode})")
+    out = bundles.CACHE / mode / "built.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bundles", "--mode", mode, "--roles", ",".join(todo),
+                           "--json", str(out)], cwd=REPO, env=child_env())
+    if proc.returncode != 0:
+        raise SystemExit(f"building the {mode} bundles failed (exit {proc.returncode})")
+    return json.loads(out.read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny bundles, a few runs each (CI; seconds, not minutes)")
+    ap.add_argument("--only", default="", help=f"comma-separated subset of {', '.join(BENCHMARKS)}")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    ap.add_argument("--fresh", action="store_true", help="with --only: drop earlier results instead of merging")
+    a = ap.parse_args(argv)
+    mode = MODES["quick" if a.quick else "full"]
+    names = [n.strip() for n in a.only.replace(" ", ",").split(",") if n.strip()] or list(BENCHMARKS)
+    unknown = set(names) - set(BENCHMARKS)
+    if unknown:
+        ap.error(f"unknown benchmark(s) {', '.join(sorted(unknown))}; choose from {', '.join(BENCHMARKS)}")
+    a.out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TMPDIR", str(a.out / "tmp"))
+    (a.out / "tmp").mkdir(exist_ok=True)
+
+    built = ensure_bundles(mode.name, names)
+    t0 = time.perf_counter()
+    path = a.out / f"{mode.name}.json"
+    previous = json.loads(path.read_text()) if path.exists() and a.only and not a.fresh else {}
+    r: dict = {"mode": mode.name, "parameters": mode.to_dict(), "results": previous.get("results", {}),
+               "measured_at": previous.get("measured_at", {}), "errors": {}, "bundles_built_seconds": built,
+               "load_average": {"start": round(os.getloadavg()[0], 2)}}
+    r["env"] = env.run(mode, a.out)
+    r["bundles"] = {role: v.version for role, v in bundles.variants(mode.name).items()}
+    for name in names:
+        log(f"=== {name} ===")
+        t = time.perf_counter()
+        try:
+            r["results"][name] = _module(name).run(mode, a.out)
+            r["measured_at"][name] = dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
+            r["results"][name]["_seconds"] = round(time.perf_counter() - t, 1)
+        except Exception:  # report it and go on with the next benchmark
+            r["errors"][name] = traceback.format_exc()
+            log(f"{name} failed:\n{r['errors'][name]}")
+        r["seconds"] = round(time.perf_counter() - t0, 1)
+        r["load_average"]["end"] = round(os.getloadavg()[0], 2)
+        files = report.write(r, a.out)
+        log(f"{name}: {time.perf_counter() - t:.0f} s; wrote {files['md']}")
+    r["skipped"] = [n for n in BENCHMARKS if n not in r["results"]]
+    files = report.write(r, a.out)
+    print(files["md"].read_text())
+    log(f"done in {time.perf_counter() - t0:.0f} s: {files['json']}, {files['md']}")
+    return 1 if r["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
