@@ -16,15 +16,16 @@ log = logging.getLogger(__name__)
 
 
 def _visible(root: Path):
-    """Ignore changes inside dot-directories (staging, removed) — only published names matter."""
+    """Ignore anything whose path under the store starts with a dot (staging and removed directories,
+    ``.lkg.json``, temporary alias files): publishing and removing are renames, so the version's own
+    name or ``aliases.json`` always shows up in the change set."""
 
     def accept(change: watchfiles.Change, path: str) -> bool:
         try:
             rel = Path(path).relative_to(root)
         except ValueError:
             return False
-        return not any(part.startswith(".") for part in rel.parts[:-1]) and (
-            not rel.parts or not rel.parts[0].startswith(".") or len(rel.parts) == 1)
+        return not any(part.startswith(".") for part in rel.parts)
 
     return accept
 
