@@ -7,17 +7,18 @@ PIP    := $(PY) -m pip
 TORCH  := torch==2.13.0
 HOST   ?= 127.0.0.1
 PORT   ?= 8080
+BUNDLES ?= bundles
 
 .PHONY: serve test bundles bench bench-quick setup clean-bundles
 
 serve: bundles  ## build the demo bundles if missing, then run the server (the main job)
-	$(VENV)/bin/m2fp-serve --bundles bundles --host $(HOST) --port $(PORT)
+	$(VENV)/bin/m2fp-serve --bundles $(BUNDLES) --host $(HOST) --port $(PORT)
 
 test: $(VENV)/.stamp-test /usr/bin/chromium /usr/sbin/nginx  ## run the whole test suite
 	$(VENV)/bin/pytest -q
 
 bundles: $(VENV)/.stamp-base  ## export the demo versions (tiny random-init models) into bundles/
-	$(VENV)/bin/m2fp-export --all --bundles bundles
+	$(VENV)/bin/m2fp-export --all --bundles $(BUNDLES)
 
 bench-quick: $(VENV)/.stamp-bench  ## benchmarks on tiny bundles (asserts nothing about speed)
 	$(PY) -m benchmarks.run --quick
