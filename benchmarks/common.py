@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+from m2fpkit.runtime.memory import smaps_rollup  # noqa: F401  (re-exported for the benchmarks)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -169,20 +170,6 @@ def proc_status(pid: int | str = "self") -> dict[str, int]:
                 parts = v.split()
                 if len(parts) == 2 and parts[1] == "kB":
                     out[k] = int(parts[0]) * 1024
-    except OSError:
-        pass
-    return out
-
-
-def smaps_rollup(pid: int | str = "self") -> dict[str, int]:
-    """Rss, Pss, Pss_Anon, Pss_File … in bytes from /proc/<pid>/smaps_rollup."""
-    out: dict[str, int] = {}
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) >= 3 and parts[2] == "kB":
-                    out[parts[0].rstrip(":")] = int(parts[1]) * 1024
     except OSError:
         pass
     return out

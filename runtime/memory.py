@@ -6,11 +6,11 @@ import ctypes
 import ctypes.util
 
 
-def smaps_rollup() -> dict[str, int]:
-    """Rss, Pss, Pss_Anon, Pss_File … of this process in bytes (empty where /proc is absent)."""
+def smaps_rollup(pid: int | str = "self") -> dict[str, int]:
+    """Rss, Pss, Pss_Anon, Pss_File … of a process in bytes (empty where /proc is absent)."""
     out: dict[str, int] = {}
     try:
-        with open("/proc/self/smaps_rollup") as f:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
             for line in f:
                 parts = line.split()
                 if len(parts) >= 3 and parts[2] == "kB":
