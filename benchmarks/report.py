@@ -182,7 +182,16 @@ def section_server(s: dict) -> list[str]:
         out.append(f"| {c} | {lv['requests']} | {_f(lv['latency_ok'].get('p50'), 3)} | {_f(lv['latency_ok'].get('p99'), 3)} "
                    f"| {lv['throughput_rps']:.3f} | {lv['status_counts']} | {_f(st.get('queue'), 3)} / {_f(st.get('render'), 3)} |")
     out += ["", f"HTTP overhead at concurrency 1: **{s.get('overhead_ratio_p50', 0):.3f}×** the direct call "
-                f"(+{s.get('overhead_ms_p50', 0):.0f} ms p50, including the base64 PNG overlay)."]
+                f"(+{s.get('overhead_ms_p50', 0):.0f} ms p50, including the base64 PNG overlay; the direct call and "
+                "the HTTP runs are measured one after the other, so run-to-run noise is in this figure)."]
+    first = next(iter(s["levels"].values()), None)
+    if first and first["latency_ok"].get("p50"):
+        st = first["server_timing_p50"]
+        inside = sum(v for k, v in st.items() if v and k != "queue")
+        out += [f"Same requests, from the server's own timing: decode + preprocess + inference + postprocess + "
+                f"render = {inside:.3f} s (render {_f(st.get('render'), 3)} s) of {first['latency_ok']['p50']:.3f} s, so "
+                f"HTTP transport + JSON + aiohttp ≈ **{1000 * (first['latency_ok']['p50'] - inside):.0f} ms** per request "
+                f"({100 * (first['latency_ok']['p50'] - inside) / first['latency_ok']['p50']:.1f} %)."]
     ov = s.get("overload")
     if ov:
         out += ["", f"At 4× capacity ({ov['offered_rps']:.2f} req/s offered for {ov['duration_seconds']:.0f} s; "
