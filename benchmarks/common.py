@@ -56,9 +56,9 @@ class Mode:
 MODES = {
     "quick": Mode(
         "quick", sizes=((192, 256), (240, 320), (360, 640)), e2e_repeats=2, warmup=0,
-        forward_sizes=((256, 256), (448, 320)), forward_repeats=3, options_repeats=3, calibration_images=2,
-        server_min_requests=2, server_per_client=1, direct_repeats=3, overload_seconds=2.0,
-        memory_fresh_each=False, leak_cycles=20, swaps=3, steady_seconds=1.5, swap_clients=2),
+        forward_sizes=((256, 256), (448, 320)), forward_repeats=2, options_repeats=1, calibration_images=2,
+        server_min_requests=1, server_per_client=1, direct_repeats=2, overload_seconds=2.0,
+        memory_fresh_each=False, leak_cycles=5, swaps=3, steady_seconds=1.0, swap_clients=2),
     "full": Mode("full"),
 }
 

@@ -183,7 +183,7 @@ def library_threads() -> dict:
 
 def run(mode: Mode, out_dir: Path) -> dict:
     env = describe()
-    n, reps = (1024, 3) if mode.name == "quick" else (2048, 7)
+    n, reps = (768, 2) if mode.name == "quick" else (2048, 7)
     log(f"env: {env['cpu']['model']}, {env['cpu']['cores']} cores; measuring SGEMM (n={n}, best of {reps})")
     child = run_child("env", ["--n", n, "--repeats", reps], out_dir / "tmp" / mode.name, label="env")
     env["sgemm_gflops"] = child["sgemm"]

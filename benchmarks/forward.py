@@ -141,7 +141,7 @@ def child(bundle_dir: Path, sizes: list[tuple[int, int]], repeats: int, sgemm_n:
         raise RuntimeError("PyTorch weights are not the bundle's")
     factory = SessionFactory()
     pred = Predictor.load(bundle_dir, factory)
-    peak = sgemm(sgemm_n, 5)
+    peak = sgemm(sgemm_n, 5 if sgemm_n >= 1024 else 2)
     out: dict = {"threads": threads, "settings": str(factory.settings), "sgemm_gflops": peak,
                  "parameters": sum(p.numel() for p in model.parameters()), "sizes": {}}
     for i, (h, w) in enumerate(sizes):
@@ -205,7 +205,7 @@ def run(mode: Mode, out_dir: Path) -> dict:
         sizes = ",".join(f"{h}x{w}" for h, w in mode.forward_sizes)
         res[role] = run_child("forward", ["--bundle", bundles.bundle_dir(mode.name, role), "--sizes", sizes,
                                           "--repeats", mode.forward_repeats,
-                                          "--sgemm-n", 1024 if mode.name == "quick" else 2048],
+                                          "--sgemm-n", 768 if mode.name == "quick" else 2048],
                               out_dir / "tmp" / mode.name, label=f"forward_{role}")
         res[role]["bundle"] = bundles.variants(mode.name)[role].version
     return res

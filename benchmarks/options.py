@@ -294,7 +294,7 @@ def run(mode: Mode, out_dir: Path, only: list[str] | None = None) -> dict:
     scratch = out_dir / "tmp" / mode.name / "options"
     scratch.mkdir(parents=True, exist_ok=True)
     images = []
-    for i, (w, h) in enumerate(mode.sizes):
+    for i, (w, h) in enumerate(mode.sizes if mode.name == "full" else mode.sizes[:2]):
         p = scratch / f"{size_key(w, h)}.jpg"
         p.write_bytes(jpeg_bytes(person_image(w, h, seed=50 + i)))
         images.append(p)

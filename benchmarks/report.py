@@ -166,8 +166,14 @@ def section_options(o: dict) -> list[str]:
         ps = r["paired_speedups"]
         verdict = ("faster" if ps["p50"] >= 1.05 and ps["min"] >= 0.98 else
                    "slower" if ps["p50"] <= 0.95 else "no clear change")
+        dlog = max(a["max_abs_logits"] for a in r["agreement"])
+        ncls = min(a.get("semantic_classes", 0) for a in r["agreement"])
         if r["loses_agreement"]:
             verdict = f"**LOSES AGREEMENT** ({verdict})"
+        elif ncls <= 1 and dlog > 0.05:
+            verdict = f"{verdict}; agreement **unproven** (logits move {dlog:.2f}, one-class maps)"
+        if r.get("not_interleaved"):
+            verdict += "; separate processes, not interleaved"
         inp = "×".join(map(str, r["input_hw"])) + (f"→{'×'.join(map(str, r['option_input_hw']))}"
                                                    if r["option_input_hw"] != r["input_hw"] else "")
         out.append(f"| {name} | {r['bundle']}, {inp} | {r['baseline']['latency']['p50']:.3f} | "
