@@ -253,6 +253,24 @@ def run_child(module: str, args: Sequence[str], scratch: Path, timeout: float = 
     return data
 
 
+def run_all(jobs: Sequence[Callable[[], Any]], parallel: int = 1) -> list[Any]:
+    """Run ``jobs`` (sequentially unless ``parallel`` > 1); a job's exception is returned, not raised.
+
+    Quick mode runs independent child processes side by side: it asserts nothing about speed, and
+    start-up time (imports) dominates its tiny runs. Full mode always measures one thing at a time.
+    """
+    def call(job):
+        try:
+            return job()
+        except Exception as exc:  # reported by the caller next to the other results
+            return exc
+    if parallel <= 1:
+        return [call(j) for j in jobs]
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(parallel) as pool:
+        return list(pool.map(call, jobs))
+
+
 def write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")

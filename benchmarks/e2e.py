@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 from . import bundles
-from .common import (Mode, Timer, log, mb, proc_status, reset_peak_rss, run_child, summary, test_jpeg,
+from .common import (Mode, Timer, log, mb, proc_status, reset_peak_rss, run_all, run_child, summary, test_jpeg,
                      write_json)
 
 SYSTEMS = ("ours", "modelscope")
@@ -142,7 +142,8 @@ def _modelscope(task: str, ms_dir: Path, images: list[Path], repeats: int, warmu
     from reference.modelscope_m2fp import build_modelscope_m2fp  # noqa: E402
     from reference.modelscope_pipeline import modelscope_pipeline  # noqa: E402
 
-    threads = len(os.sched_getaffinity(0))
+    # torch threads = cores; quick mode uses 1 (tiny models: OpenMP start-up and spinning dominate)
+    threads = 1 if os.environ.get("M2FP_BENCH_QUICK") else len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
     conf = json.loads((ms_dir / "configuration.json").read_text())
     with Timer() as t:
@@ -241,21 +242,26 @@ def run(mode: Mode, out_dir: Path) -> dict:
     children: dict[str, dict[str, dict]] = {s: {} for s in SYSTEMS}
     # full: one process per (system, task); quick: one per system (start-up dominates tiny runs)
     groups = [[t] for t in TASKS] if mode.name == "full" else [list(TASKS)]
-    for tasks in groups:
-        for system in SYSTEMS:
+    def job(system: str, tasks: list[str]):
+        def run_one() -> dict:
             log(f"e2e {'+'.join(tasks)}: {system}")
             runs = []
             for task in tasks:
                 src = bundles.bundle_dir(mode.name, task) if system == "ours" else bundles.modelscope_dir(mode.name, task)
                 runs += ["--run", f"{task}={src}"]
-            try:
-                got = run_child("e2e", ["--system", system, *runs, *common], out_dir / "tmp" / mode.name,
-                                label=f"e2e_{system}_{'+'.join(tasks)}")
-            except Exception as exc:  # keep the other cells
-                log(f"e2e {'+'.join(tasks)} {system} failed: {exc}")
-                res.setdefault("errors", {})[f"{system}:{'+'.join(tasks)}"] = str(exc)[-2000:]
-                continue
-            children[system].update(got["tasks"])
+            return run_child("e2e", ["--system", system, *runs, *common], out_dir / "tmp" / mode.name,
+                             label=f"e2e_{system}_{'+'.join(tasks)}")
+        return run_one
+
+    cells = [(system, tasks) for tasks in groups for system in SYSTEMS]
+    # quick mode runs both systems side by side (start-up dominates); full mode one at a time
+    outs = run_all([job(*c) for c in cells], parallel=1 if mode.name == "full" else 2)
+    for (system, tasks), got in zip(cells, outs):
+        if isinstance(got, Exception):  # keep the other cells
+            log(f"e2e {'+'.join(tasks)} {system} failed: {got}")
+            res.setdefault("errors", {})[f"{system}:{'+'.join(tasks)}"] = str(got)[-2000:]
+            continue
+        children[system].update(got["tasks"])
     for task in TASKS:
         if not all(task in children[s] for s in SYSTEMS):
             continue

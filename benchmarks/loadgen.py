@@ -92,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--child", action="store_true")
     ap.add_argument("--url", required=True)
     ap.add_argument("--image", type=Path, required=True)
-    ap.add_argument("--concurrency", type=int, default=1)
-    ap.add_argument("--requests", type=int)
+    ap.add_argument("--concurrency", default="1", help="C, or C1,C2,… for several closed-loop levels in turn")
+    ap.add_argument("--requests", default=None, help="N, or N1,N2,… (one per level)")
     ap.add_argument("--duration", type=float)
     ap.add_argument("--rate", type=float, help="open loop: arrivals per second")
     ap.add_argument("--stop-file", type=Path)
@@ -104,9 +104,19 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     if a.rate:
         recs = asyncio.run(open_loop(a.url, body, a.rate, a.duration or 10.0, a.timeout))
+        write_json(a.json, {"wall_seconds": time.perf_counter() - t0, "records": recs})
+        return 0
+    levels = [int(c) for c in a.concurrency.split(",")]
+    counts = [int(n) for n in a.requests.split(",")] if a.requests else [None] * len(levels)
+    out = {}
+    for c, n in zip(levels, counts):
+        t1 = time.perf_counter()
+        recs = asyncio.run(closed_loop(a.url, body, c, n, a.duration, a.stop_file, a.timeout))
+        out[str(c)] = {"wall_seconds": time.perf_counter() - t1, "records": recs}
+    if len(levels) == 1:
+        write_json(a.json, next(iter(out.values())))
     else:
-        recs = asyncio.run(closed_loop(a.url, body, a.concurrency, a.requests, a.duration, a.stop_file, a.timeout))
-    write_json(a.json, {"wall_seconds": time.perf_counter() - t0, "records": recs})
+        write_json(a.json, {"levels": out})
     return 0
 
 

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from . import bundles
-from .common import Mode, log, mb, proc_status, run_child, smaps_rollup, write_json
+from .common import Mode, log, mb, proc_status, run_all, run_child, smaps_rollup, write_json
 
 KINDS = {"same-backbone": ("multi", "heads-1", "heads-2"), "different": ("multi", "seed-1", "seed-2")}
 SETTINGS = ("default", "tuned")
@@ -88,27 +88,41 @@ def child_cycles(d: Path, cycles: int, settings: str) -> dict:
 
 def run(mode: Mode, out_dir: Path) -> dict:
     res: dict = {"input_hw": list(INPUT_HW), "kinds": {}, "fresh_process_each": mode.memory_fresh_each}
+    tmp = out_dir / "tmp" / mode.name
+    cells = []  # (kind, settings, n or None for incremental)
     for kind, roles in KINDS.items():
-        dirs = [bundles.bundle_dir(mode.name, r) for r in roles]
-        res["kinds"][kind] = {"versions": [d.name for d in dirs]}
+        res["kinds"][kind] = {"versions": [bundles.bundle_dir(mode.name, r).name for r in roles]}
         for st in SETTINGS:
-            rows = {}
             if mode.memory_fresh_each:
-                for n in mode.memory_counts:
-                    log(f"memory: {kind}, {st}, {n} version(s)")
-                    r = run_child("memory", ["--settings", st, *dirs[:n]], out_dir / "tmp" / mode.name, label=f"memory_{kind}_{st}_{n}")
-                    rows[str(n)] = {"empty": r["empty"], **r["after"][-1]}
+                cells += [(kind, st, n) for n in mode.memory_counts]
             else:
-                log(f"memory: {kind}, {st}, versions loaded one after another")
-                r = run_child("memory", ["--settings", st, *dirs[:max(mode.memory_counts)]], out_dir / "tmp" / mode.name,
-                              label=f"memory_{kind}_{st}")
-                for n in mode.memory_counts:
-                    rows[str(n)] = {"empty": r["empty"], **r["after"][n - 1]}
+                cells.append((kind, st, None))
+
+    def job(kind: str, st: str, n: int | None):
+        dirs = [bundles.bundle_dir(mode.name, r) for r in KINDS[kind]]
+        count = n or max(mode.memory_counts)
+        label = f"memory_{kind}_{st}" + (f"_{n}" if n else "")
+        return lambda: (log(f"memory: {kind}, {st}, {count} version(s)"),
+                        run_child("memory", ["--settings", st, *dirs[:count]], tmp, label=label))[1]
+
+    # quick mode: cells side by side (PSS of shared libraries is then split between them)
+    outs = run_all([job(*c) for c in cells], parallel=1 if mode.memory_fresh_each else 4)
+    for (kind, st, n), r in zip(cells, outs):
+        if isinstance(r, Exception):
+            raise r
+        rows = res["kinds"][kind].setdefault(st, {})
+        if n:
+            rows[str(n)] = {"empty": r["empty"], **r["after"][-1]}
+        else:
+            for m in mode.memory_counts:
+                rows[str(m)] = {"empty": r["empty"], **r["after"][m - 1]}
+    for kind in KINDS:
+        for st in SETTINGS:
+            rows = res["kinds"][kind][st]
             one = rows["1"]["after_run"]["Rss"] - rows["1"]["empty"]["Rss"]
             for n, row in rows.items():
                 row["sum_of_versions_rss"] = row["empty"]["Rss"] + int(n) * one
                 row["vs_sum_of_versions"] = row["after_run"]["Rss"] / row["sum_of_versions_rss"]
-            res["kinds"][kind][st] = rows
             log(f"memory {kind} {st}: " + ", ".join(f"{n}: {mb(r['after_run']['Rss'])} MB" for n, r in rows.items()))
     log(f"memory: {mode.leak_cycles} load/unload cycles")
     r = run_child("memory", ["--settings", "default", "--cycles", mode.leak_cycles, bundles.bundle_dir(mode.name, "multi")],

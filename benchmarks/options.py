@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from . import bundles
-from .common import Mode, Timer, jpeg_bytes, log, person_image, run_child, summary, write_json
+from .common import Mode, Timer, jpeg_bytes, log, person_image, run_all, run_child, summary, write_json
 
 AGREEMENT_BAR = 0.995
 
@@ -299,20 +299,39 @@ def run(mode: Mode, out_dir: Path, only: list[str] | None = None) -> dict:
         p.write_bytes(jpeg_bytes(person_image(w, h, seed=50 + i)))
         images.append(p)
     res = {"agreement_bar": AGREEMENT_BAR, "options": {}}
-    for option in only or OPTIONS:
-        log(f"options: {option}")
-        args = ["--mode", mode.name, "--repeats", mode.options_repeats, "--calibration", mode.calibration_images, *images]
-        try:
+    tmp = out_dir / "tmp" / mode.name
+    args = ["--mode", mode.name, "--repeats", mode.options_repeats, "--calibration", mode.calibration_images, *images]
+
+    def job(option: str):
+        def run_one() -> dict:
+            log(f"options: {option}")
             if option == "global-pool":  # separate processes: a global pool excludes per-session pools
-                base = run_child("options", ["--option", "baseline", *args], out_dir / "tmp" / mode.name, label="options_baseline")
-                opt = run_child("options", ["--option", option, *args], out_dir / "tmp" / mode.name, label="options_global-pool")
-                r = _combine(option, base, opt)
-            else:
-                r = run_child("options", ["--option", option, *args], out_dir / "tmp" / mode.name,
-                              label=f"options_{option.replace('=', '_')}")
-        except Exception as exc:  # one broken option must not sink the others
-            log(f"options: {option} failed: {exc}")
-            r = {"option": option, "error": str(exc)[-2000:]}
+                base = run_child("options", ["--option", "baseline", *args], tmp, label="options_baseline")
+                opt = run_child("options", ["--option", option, *args], tmp, label="options_global-pool")
+                return _combine(option, base, opt)
+            return run_child("options", ["--option", option, *args], tmp, label=f"options_{option.replace('=', '_')}")
+        return run_one
+
+    names = list(only or OPTIONS)
+    if mode.name == "full":  # one fresh process per option, one at a time
+        results = run_all([job(n) for n in names])
+    else:  # quick: all per-session options in one process, beside the global-pool pair (start-up dominates)
+        rest = [n for n in names if n != "global-pool"]
+        jobs = [lambda: run_child("options", ["--option", ",".join(rest), *args], tmp, label="options_all")]
+        if "global-pool" in names:
+            jobs.append(job("global-pool"))
+        outs = run_all(jobs, parallel=2)
+        many = outs[0] if not isinstance(outs[0], Exception) else {n: outs[0] for n in rest}
+        by_name = {n: many.get(n, RuntimeError("missing")) if isinstance(many, dict) else many for n in rest}
+        if "global-pool" in names:
+            by_name["global-pool"] = outs[1]
+        results = [by_name[n] for n in names]
+    for option, r in zip(names, results):
+        if isinstance(r, dict) and "error" in r and "option" not in r:
+            r = RuntimeError(r["error"])
+        if isinstance(r, Exception):  # one broken option must not sink the others
+            log(f"options: {option} failed: {r}")
+            r = {"option": option, "error": str(r)[-2000:]}
         res["options"][option] = r
         if "speedup_p50" in r:
             log(f"options {option}: {r['speedup_p50']:.2f}× vs default, worst agreement {100 * r['worst_agreement']:.2f}%")
@@ -322,14 +341,27 @@ def run(mode: Mode, out_dir: Path, only: list[str] | None = None) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--child", action="store_true", required=True)
-    ap.add_argument("--option", choices=[*OPTIONS, "baseline"], required=True)
+    ap.add_argument("--option", required=True, help="an option name, or several separated by commas")
     ap.add_argument("--mode", choices=("quick", "full"), required=True)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--calibration", type=int, default=3)
     ap.add_argument("--json", type=Path, required=True)
     ap.add_argument("images", nargs="+", type=Path)
     a = ap.parse_args(argv)
-    write_json(a.json, child(a.option, a.mode, a.images, a.repeats, a.calibration))
+    names = a.option.split(",")
+    unknown = [n for n in names if n not in OPTIONS and n != "baseline"]
+    if unknown:
+        ap.error(f"unknown option(s) {unknown}")
+    if len(names) == 1:
+        write_json(a.json, child(names[0], a.mode, a.images, a.repeats, a.calibration))
+        return 0
+    out = {}
+    for n in names:  # quick mode: one process for many options
+        try:
+            out[n] = child(n, a.mode, a.images, a.repeats, a.calibration)
+        except Exception as exc:  # reported per option
+            out[n] = {"error": f"{type(exc).__name__}: {exc}"}
+    write_json(a.json, out)
     return 0
 
 

@@ -54,6 +54,10 @@ def section_env(r: dict) -> list[str]:
            f"- Load average (1 min) at start / end: {la.get('start')} / {la.get('end')} — other processes share "
            "the cores, so wall times are noisy; CPU-seconds and ratios measured side by side are the robust numbers",
            ""]
+    when = sorted({v[:16] for v in (r.get("measured_at") or {}).values() if v})
+    if len(when) > 1:
+        out[-1:-1] = [f"- Sections were measured by separate `--only` runs ({when[0]} … {when[-1]} UTC); the lines "
+                      "above describe the last one, each section's footer says when it ran"]
     if r.get("errors"):
         out += ["**Parts that failed:** " + "; ".join(f"{k}: {e.splitlines()[-1][:200] if e else ''}"
                                                     for k, e in r["errors"].items()), ""]

@@ -21,7 +21,7 @@ import traceback
 from pathlib import Path
 
 from . import bundles, env, report
-from .common import MODES, REPO, child_env, log
+from .common import MODES, REPO, child_env, log, run_all
 
 BENCHMARKS = ("e2e", "forward", "options", "server", "memory", "swaps")
 ROLES = {"e2e": ("multi", "single"), "forward": ("multi",), "options": ("multi", "single"),
@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown benchmark(s) {', '.join(sorted(unknown))}; choose from {', '.join(BENCHMARKS)}")
     a.out.mkdir(parents=True, exist_ok=True)
+    if mode.name == "quick":  # children see it: torch at 1 thread, passive OpenMP waits (tiny runs)
+        os.environ["M2FP_BENCH_QUICK"] = "1"
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("TMPDIR", str(a.out / "tmp"))
     (a.out / "tmp").mkdir(exist_ok=True)
 
@@ -73,20 +76,32 @@ def main(argv: list[str] | None = None) -> int:
                "load_average": {"start": round(os.getloadavg()[0], 2)}}
     r["env"] = env.run(mode, a.out)
     r["bundles"] = {role: v.version for role, v in bundles.variants(mode.name).items()}
-    for name in names:
-        log(f"=== {name} ===")
-        t = time.perf_counter()
-        try:
-            r["results"][name] = _module(name).run(mode, a.out)
-            r["measured_at"][name] = dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
-            r["results"][name]["_seconds"] = round(time.perf_counter() - t, 1)
-        except Exception:  # report it and go on with the next benchmark
-            r["errors"][name] = traceback.format_exc()
-            log(f"{name} failed:\n{r['errors'][name]}")
+    def job(name: str):
+        def run_one():
+            log(f"=== {name} ===")
+            t = time.perf_counter()
+            out = _module(name).run(mode, a.out)
+            out["_seconds"] = round(time.perf_counter() - t, 1)
+            log(f"{name}: {out['_seconds']:.0f} s")
+            return out
+        return run_one
+
+    # full: one benchmark at a time, results written after each; quick: two side by side (it asserts
+    # nothing about speed and its tiny runs are dominated by process start-up)
+    groups = [[n] for n in names] if mode.name == "full" else [names]
+    for group in groups:
+        outs = run_all([job(n) for n in group], parallel=1 if mode.name == "full" else 2)
+        for name, out in zip(group, outs):
+            if isinstance(out, Exception):  # report it and go on with the next benchmark
+                r["errors"][name] = "".join(traceback.format_exception(out))
+                log(f"{name} failed:\n{r['errors'][name]}")
+            else:
+                r["results"][name] = out
+                r["measured_at"][name] = dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
         r["seconds"] = round(time.perf_counter() - t0, 1)
         r["load_average"]["end"] = round(os.getloadavg()[0], 2)
         files = report.write(r, a.out)
-        log(f"{name}: {time.perf_counter() - t:.0f} s; wrote {files['md']}")
+        log(f"wrote {files['md']}")
     r["skipped"] = [n for n in BENCHMARKS if n not in r["results"]]
     files = report.write(r, a.out)
     print(files["md"].read_text())

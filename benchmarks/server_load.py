@@ -156,19 +156,33 @@ def run(mode: Mode, out_dir: Path) -> dict:
     res: dict = {"bundle": v.version, "image": f"{w}x{h}", "levels": {},
                  "load_generator": "benchmarks.loadgen (aiohttp client, separate process, keep-alive)"}
     log("server: direct Predictor.predict baseline")
-    res["direct"] = run_child("server_load", ["--bundle", bundles.bundle_dir(mode.name, ROLE), "--image", image,
-                                              "--repeats", mode.direct_repeats], out_dir / "tmp" / mode.name, label="server_direct")
-    proc, url, cold = start_server(root, v.version, scratch / "server.log")
+    direct_args = ["--bundle", bundles.bundle_dir(mode.name, ROLE), "--image", image, "--repeats", mode.direct_repeats]
+    if mode.name == "full":
+        res["direct"] = run_child("server_load", direct_args, out_dir / "tmp" / mode.name, label="server_direct")
+        proc, url, cold = start_server(root, v.version, scratch / "server.log")
+    else:  # quick: the direct run and the server start side by side
+        from .common import run_all
+        direct, started = run_all([
+            lambda: run_child("server_load", direct_args, out_dir / "tmp" / mode.name, label="server_direct"),
+            lambda: start_server(root, v.version, scratch / "server.log")], parallel=2)
+        for x in (direct, started):
+            if isinstance(x, Exception):
+                if not isinstance(started, Exception):
+                    stop_server(started[0])
+                raise x
+        res["direct"] = direct
+        proc, url, cold = started
     res["cold_start_to_ready_seconds"] = cold
     res["server_rss_idle"] = proc_status(proc.pid).get("VmRSS")
     parse_url = f"{url}/api/{v.version}/parse"
     try:
-        for c in mode.server_levels:
-            n = max(mode.server_min_requests, mode.server_per_client * c)
-            log(f"server: concurrency {c}, {n} requests")
-            data = loadgen(["--url", parse_url, "--image", image, "--concurrency", c, "--requests", n],
-                           scratch, f"closed_c{c}")
-            res["levels"][str(c)] = digest(data["records"], data["wall_seconds"])
+        counts = [max(mode.server_min_requests, mode.server_per_client * c) for c in mode.server_levels]
+        log(f"server: concurrency {mode.server_levels}, {counts} requests (one load-generator process, levels in turn)")
+        data = loadgen(["--url", parse_url, "--image", image, "--concurrency", ",".join(map(str, mode.server_levels)),
+                        "--requests", ",".join(map(str, counts))], scratch, "closed")
+        levels = data["levels"] if "levels" in data else {str(mode.server_levels[0]): data}
+        for c, lv in levels.items():
+            res["levels"][c] = digest(lv["records"], lv["wall_seconds"])
         capacity = max(lv["throughput_rps"] for lv in res["levels"].values())
         rate = 4 * capacity
         log(f"server: open loop at 4× capacity = {rate:.2f} req/s for {mode.overload_seconds:.0f} s")
