@@ -103,6 +103,7 @@ def derive(mode: str, role: str) -> float:
     import onnx
     from onnx import numpy_helper
 
+    from m2fpkit.export.weights_index import write_index
     from m2fpkit.runtime.bundle import BundleConfig
     from m2fpkit.runtime.manifest import write_manifest
     from m2fpkit.runtime.store import BundleStore
@@ -144,6 +145,7 @@ def derive(mode: str, role: str) -> float:
     with BundleStore(root(mode), MODEL).staging(v.version, force=True) as stage:
         onnx.save_model(model, str(stage / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
                         location="model.onnx.data", size_threshold=1024)
+        cfg = dataclasses.replace(cfg, weights_index=write_index(stage / "model.onnx"))
         (stage / "config.json").write_text(cfg.to_json(), encoding="utf-8")
         write_manifest(stage)
     logging.getLogger("benchmarks").info("%s: %s derived, %.1f%% of weights replaced", role, v.version,
@@ -216,9 +218,32 @@ def build_one(mode: str, role: str) -> float:
     return time.perf_counter() - t0
 
 
+def add_weights_index(bundle_dir: Path) -> None:
+    """Give a cached bundle exported before weights indexes existed its ``weights.json`` (in place)."""
+    import dataclasses
+
+    from m2fpkit.export.weights_index import write_index
+    from m2fpkit.runtime.bundle import BundleConfig
+    from m2fpkit.runtime.manifest import write_manifest
+
+    cfg = BundleConfig.read(bundle_dir)
+    if cfg.weights_index:
+        return
+    cfg = dataclasses.replace(cfg, weights_index=write_index(bundle_dir / cfg.model_file))
+    (bundle_dir / "config.json").write_text(cfg.to_json(), encoding="utf-8")
+    write_manifest(bundle_dir)
+    logging.getLogger("benchmarks").info("%s: weights index added", bundle_dir.name)
+
+
+def index_cached(mode: str, roles: list[str] | None = None) -> None:
+    for r in sorted(set(roles or variants(mode)) - set(missing(mode, roles))):
+        add_weights_index(bundle_dir(mode, r))
+
+
 def ensure(mode: str, roles: list[str] | None = None) -> dict[str, float]:
     """Export what is missing (in this process); returns export seconds per role built."""
     built = {}
+    index_cached(mode, roles)
     todo = missing(mode, roles)
     if any(variants(mode)[r].derive for r in todo) and "multi" not in todo and missing(mode, ["multi"]):
         todo.insert(0, "multi")

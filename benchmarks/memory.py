@@ -9,8 +9,10 @@ the same 384×512 input (the arena grows on the first run), then reads ``/proc/s
   pixel decoder weights byte-identical) — what the seed's "shared backbone cache" hoped to share;
 - ``different``: ``multi`` + two versions with every weight different.
 
-Settings: ``default`` = ``RuntimeSettings()``; ``tuned`` = shared arena + ``disable_prepacking`` +
-BASIC optimisation. The seed's "sum of versions" is n × (one version's footprint) on top of the
+Settings: ``default`` = ``RuntimeSettings()`` (identical tensors mapped once, runtime/weights.py);
+``unshared`` = the default without that (every session maps its own weights, onnxruntime's own
+behaviour); ``tuned`` (``m2fp-serve --lean-memory``) = default + shared arena + ``disable_prepacking``
++ BASIC optimisation. The seed's "sum of versions" is n × (one version's footprint) on top of the
 empty process. The leak check loads, runs and closes one version 20 times and reads RSS after each.
 """
 
@@ -26,7 +28,7 @@ from . import bundles
 from .common import Mode, log, mb, proc_status, run_all, run_child, smaps_rollup, write_json
 
 KINDS = {"same-backbone": ("multi", "heads-1", "heads-2"), "different": ("multi", "seed-1", "seed-2")}
-SETTINGS = ("default", "tuned")
+SETTINGS = ("unshared", "default", "tuned")
 INPUT_HW = (512, 384)
 
 
@@ -34,7 +36,7 @@ def settings_for(name: str):
     from m2fpkit.runtime.session import RuntimeSettings
     if name == "tuned":
         return RuntimeSettings(shared_arena=True, disable_prepacking=True, optimization="basic")
-    return RuntimeSettings()
+    return RuntimeSettings(share_weights=name != "unshared")
 
 
 def reading() -> dict:

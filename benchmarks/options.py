@@ -243,7 +243,7 @@ def _alone(option: str, cfg, bdir: Path, images: list[Path], repeats: int) -> di
     settings = RuntimeSettings(thread_pool="global" if option == "global-pool" else "per-session")
     factory = SessionFactory(settings)
     with Timer() as t:
-        sess = factory.create(bdir / cfg.model_file)
+        sess = factory.create(bdir / cfg.model_file, cfg.weights_index)
     name, outs = cfg.inputs[0].name, [o.name for o in cfg.outputs]
     prepared = [prepare(decode_image(p.read_bytes()), cfg.preprocess) for p in images]
     main = prepared[min(1, len(prepared) - 1)]

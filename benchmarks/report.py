@@ -230,7 +230,7 @@ def section_memory(m: dict) -> list[str]:
            "| kind | settings | 1 version RSS / PSS | 2 versions | 3 versions | 3 vs sum of versions |",
            "|---|---|---|---|---|---|"]
     for kind, k in m["kinds"].items():
-        for st in ("default", "tuned"):
+        for st in ("unshared", "default", "tuned"):
             rows = k.get(st)
             if not rows:
                 continue
@@ -322,16 +322,16 @@ def plots(r: dict, out_dir: Path, mode: str) -> list[str]:
         m = res["memory"]
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for kind, k in m["kinds"].items():
-            for st, style in (("default", "-o"), ("tuned", "-s")):
+            for st, style in (("unshared", "-^"), ("default", "-o"), ("tuned", "-s")):
                 rows = k.get(st)
                 if not rows:
                     continue
                 ns = sorted(rows, key=int)
                 ax.plot([int(n) for n in ns], [rows[n]["after_run"]["Rss"] / 2**20 for n in ns], style,
                         label=f"{kind}, {st}")
-                if kind == "different" and st == "default":
+                if kind == "different" and st == "unshared":
                     ax.plot([int(n) for n in ns], [rows[n]["sum_of_versions_rss"] / 2**20 for n in ns], ":k",
-                            label="sum of versions (default)")
+                            label="sum of versions (unshared)")
         ax.set_xlabel("versions loaded")
         ax.set_ylabel("RSS (MB) after one run each")
         ax.set_xticks([1, 2, 3])

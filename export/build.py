@@ -19,7 +19,7 @@ from m2fpkit.runtime.manifest import write_manifest
 from m2fpkit.runtime.palette import palette_for
 from m2fpkit.runtime.store import BundleStore
 
-from . import golden, onnx_export, parity, sources
+from . import golden, onnx_export, parity, sources, weights_index
 from .model.config import M2FPConfig
 from .model.m2fp import PIXEL_MEAN, PIXEL_STD, SIZE_DIVISIBILITY, count_parameters
 from .progress import Progress
@@ -117,6 +117,7 @@ def export_version(spec: VersionSpec, bundles: Path, *, force: bool = False) -> 
                 "m2fp.num_classes": str(config.num_classes), "m2fp.created_at": created_at,
                 "m2fp.source_sha256": ck.sha256,
             })
+            config = dataclasses.replace(config, weights_index=weights_index.write_index(onnx_path))
         with progress("golden sample (PyTorch label map, checked by the runtime at load)"):
             config = dataclasses.replace(config, golden=golden.write_golden(model, config, stage))
             (stage / "config.json").write_text(config.to_json(), encoding="utf-8")

@@ -77,6 +77,8 @@ class BundleConfig:
     notes: str = ""
     human_class: int | None = None
     model_file: str = "model.onnx"
+    #: per-tensor index of the external weights (runtime/weights.py); lets versions share identical tensors
+    weights_index: str | None = None
     source: dict[str, Any] = field(default_factory=dict)
     tools: dict[str, Any] = field(default_factory=dict)
     parity: dict[str, Any] = field(default_factory=dict)
@@ -266,9 +268,10 @@ def _parse_config(raw: Any) -> BundleConfig:
     api = _get(raw, "compatible_api", "", list)
     if not api or not all(isinstance(a, str) for a in api):
         raise _err("compatible_api", "expected a non-empty list of API versions like \"1.0\"")
-    model_file = _get(raw, "model_file", "", str, "model.onnx")
-    if "/" in model_file or model_file.startswith("."):
-        raise _err("model_file", f"{model_file!r} must be a file name inside the bundle")
+    model_file = _file_name(_get(raw, "model_file", "", str, "model.onnx"), "model_file")
+    weights_index = raw.get("weights_index")
+    if weights_index is not None:
+        weights_index = _file_name(_get(raw, "weights_index", "", str), "weights_index")
     preprocess = _parse_preprocess(raw.get("preprocess", {}))
     if (task == "single-human") != (preprocess.resize == "center-canvas"):
         raise _err("preprocess → resize", f"{preprocess.resize!r} does not fit task {task!r}")
@@ -293,12 +296,19 @@ def _parse_config(raw: Any) -> BundleConfig:
         notes=_get(raw, "notes", "", str, ""),
         human_class=human,
         model_file=model_file,
+        weights_index=weights_index,
         source=_get(raw, "source", "", dict, {}),
         tools=_get(raw, "tools", "", dict, {}),
         parity=_get(raw, "parity", "", dict, {}),
         architecture=_get(raw, "architecture", "", dict, {}),
         golden=golden,
     )
+
+
+def _file_name(name: str, path: str) -> str:
+    if not name or "/" in name or "\\" in name or name.startswith("."):
+        raise _err(path, f"{name!r} must be a file name inside the bundle")
+    return name
 
 
 def _check_golden(golden: Any) -> None:

@@ -52,7 +52,9 @@ class Predictor:
         config = verify_files(bundle_dir)
         factory = factory or SessionFactory()
         try:
-            session = factory.create(Path(bundle_dir) / config.model_file)
+            session = factory.create(Path(bundle_dir) / config.model_file, config.weights_index)
+        except BundleError:
+            raise
         except Exception as exc:  # onnxruntime raises its own exception types for a bad graph
             raise BundleError(f"onnxruntime cannot load {config.model_file}: {exc}") from None
         check_graph(config, session)

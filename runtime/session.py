@@ -15,6 +15,8 @@ from pathlib import Path
 
 import onnxruntime as ort
 
+from .weights import POOL, SharedTensor, WeightPool
+
 log = logging.getLogger(__name__)
 
 _LEVELS = {
@@ -46,6 +48,8 @@ class RuntimeSettings:
     shared_arena: bool = False
     disable_prepacking: bool = False
     enable_mem_pattern: bool = True
+    #: map tensors identical across loaded versions once (bundles with a weights index, weights.py)
+    share_weights: bool = True
 
     def threads(self) -> int:
         if self.intra_op_threads > 0:
@@ -72,8 +76,9 @@ class SessionFactory:
     _global_pool: int | None = None
     _shared_arena = False
 
-    def __init__(self, settings: RuntimeSettings | None = None) -> None:
+    def __init__(self, settings: RuntimeSettings | None = None, pool: WeightPool = POOL) -> None:
         self.settings = (settings or RuntimeSettings()).validate()
+        self.pool = pool
         self._setup_process()
 
     def _setup_process(self) -> None:
@@ -110,9 +115,35 @@ class SessionFactory:
             o.add_session_config_entry("session.disable_prepacking", "1")
         return o
 
-    def create(self, model_path: Path) -> ort.InferenceSession:
+    def create(self, model_path: Path, weights_index: str | None = None) -> ort.InferenceSession:
+        """A CPU session for ``model_path``; with ``weights_index``, its external weights come from the pool."""
         with SessionFactory._process_lock:
-            return ort.InferenceSession(str(model_path), self.options(), providers=["CPUExecutionProvider"])
+            options = self.options()
+            shared = []
+            if weights_index and self.settings.share_weights:
+                shared = self.pool.initializers(model_path.parent, weights_index)
+                for name, tensor in shared:
+                    options.add_initializer(name, tensor.value)
+            session = Session(model_path, options, shared)
+            for tensor in {id(t): t for _, t in shared}.values():
+                tensor.evict()
+            return session
+
+
+class Session(ort.InferenceSession):
+    """An ``InferenceSession`` that keeps the shared weight buffers it runs on alive as long as it lives.
+
+    onnxruntime reads those buffers in place, so they must outlive every ``run``, including one still
+    in flight when its version is closed: tying them to the session object guarantees that.
+    """
+
+    def __init__(self, model_path: Path, options: ort.SessionOptions, shared: list[tuple[str, SharedTensor]]) -> None:
+        self.shared_weights = shared
+        super().__init__(str(model_path), options, providers=["CPUExecutionProvider"])
+
+    @property
+    def shared_bytes(self) -> int:
+        return sum(t.nbytes for _, t in self.shared_weights)
 
 
 def cap_library_threads(n: int = 1) -> None:

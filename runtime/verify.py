@@ -22,6 +22,8 @@ def verify_files(bundle_dir: Path) -> BundleConfig:
     for key in ("image", "label_map") if config.golden else ():
         if config.golden[key] not in listed:  # type: ignore[index]
             raise BundleError(f"config.json → golden → {key}: {config.golden[key]} is not in manifest.json")
+    if config.weights_index and config.weights_index not in listed:
+        raise BundleError(f"config.json → weights_index: {config.weights_index} is not in manifest.json")
     if config.version != bundle_dir.name:
         raise BundleError(f"config.json → version: {config.version!r} but the directory is {bundle_dir.name!r}")
     if not (bundle_dir / config.model_file).is_file():

@@ -35,6 +35,7 @@ EXPECTED: dict[str, tuple[bool, tuple[str, ...]]] = {
     "input-name": (False, ("model.onnx does not match config.json", "input names", "pixels")),
     "graph-version": (False, ("model.onnx does not match config.json", "m2fp.version", "'v0.0'")),
     "onnx-garbage": (False, ("onnxruntime cannot load model.onnx",)),
+    "weights-index": (False, ("weights.json → tensors[0]", "beyond the end of model.onnx.data")),
 }
 
 

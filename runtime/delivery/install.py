@@ -137,7 +137,10 @@ def _check_graph(bundle_dir: Path, config: BundleConfig, report: Report) -> None
 
     try:
         factory = SessionFactory(RuntimeSettings(intra_op_threads=1, optimization="basic"))
-        session = factory.create(bundle_dir / config.model_file)
+        session = factory.create(bundle_dir / config.model_file, config.weights_index)
+    except BundleError as exc:  # the weights index
+        report.add("graph", FAIL, str(exc))
+        return
     except Exception as exc:  # onnxruntime raises its own exception types for a bad graph
         report.add("graph", FAIL, f"onnxruntime cannot load {config.model_file}: {exc}"[:500])
         return

@@ -253,6 +253,15 @@ def _onnx_garbage(bundle_dir: Path) -> None:
     write_manifest(bundle_dir)
 
 
+def _weights_index_bounds(bundle_dir: Path) -> None:
+    """weights.json places its first tensor past the end of the data file; manifest regenerated."""
+    path = bundle_dir / "weights.json"
+    index = json.loads(path.read_text())
+    index["tensors"][0]["offset"] = _data_file(bundle_dir).stat().st_size
+    path.write_text(json.dumps(index))
+    write_manifest(bundle_dir)
+
+
 #: kind → what it does to a bundle
 CORRUPTIONS: dict[str, Callable[[Path], None]] = {
     "flip-byte": _flip_byte,             # manifest: SHA-256 of model.onnx.data
@@ -268,6 +277,7 @@ CORRUPTIONS: dict[str, Callable[[Path], None]] = {
     "input-name": _input_name,           # graph: input names ≠ config (graph check only)
     "graph-version": _graph_version,     # graph: metadata m2fp.version ≠ config (graph check only)
     "onnx-garbage": _onnx_garbage,       # onnxruntime cannot parse model.onnx
+    "weights-index": _weights_index_bounds,  # weights.json → tensors[0] beyond the data file (load only)
 }
 
 
