@@ -58,6 +58,11 @@ class Loaded:
     retired: bool = False
 
 
+def _shared_bytes(loaded: Loaded | None) -> int:
+    session = loaded.predictor.session if loaded else None
+    return getattr(session, "shared_bytes", 0)
+
+
 @dataclass
 class Slot:
     name: str
@@ -534,8 +539,14 @@ class Registry:
                 "last_used_seconds_ago": round(time.monotonic() - s.last_used, 1) if s.last_used else None,
                 "load_seconds": round(s.active.load_seconds, 3) if s.active else None,
                 "memory_bytes": s.active.memory_bytes if s.active else 0,
+                "shared_weight_bytes": _shared_bytes(s.active),
             })
         return out
+
+    def weight_bytes(self) -> dict[str, int]:
+        """Weights the loaded sessions use through the shared pool vs bytes actually mapped for them."""
+        used = sum(_shared_bytes(l) for s in self._slots.values() for l in [s.active, *s.draining])
+        return {"used": used, "mapped": self.factory.pool.stats()["bytes"]}
 
     def slot_states(self) -> dict[str, State]:
         return {n: s.state for n, s in self._slots.items()}

@@ -222,6 +222,8 @@ async def metrics(request: web.Request) -> web.Response:
     for item in registry.status():
         m.loaded.labels(item["version"], item["state"]).set(1 if item["loaded"] else 0)
     m.queue_depth.set(app[keys.ADMISSION].waiting)
+    for kind, n in registry.weight_bytes().items():
+        m.weights.labels(kind).set(n)
     return web.Response(body=generate_latest(m.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

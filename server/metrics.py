@@ -26,6 +26,8 @@ class Metrics:
         self.lifecycle = Gauge("m2fp_version_events", "Registry events since start (loads, unloads, swaps, …)",
                                ["event"], registry=r)
         self.loaded = Gauge("m2fp_version_loaded", "1 if the version is loaded", ["version", "state"], registry=r)
+        self.weights = Gauge("m2fp_weight_bytes", "Weights of the loaded versions: 'used' by their sessions, "
+                             "'mapped' once for all (identical tensors are shared)", ["kind"], registry=r)
         self.shadow_runs = Counter("m2fp_shadow_runs_total", "Shadow comparisons", ["primary", "candidate", "outcome"],
                                    registry=r)
         self.shadow_agreement = Histogram("m2fp_shadow_label_agreement", "Label-map pixel agreement of shadow runs",

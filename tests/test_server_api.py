@@ -288,6 +288,8 @@ async def test_metrics_count_requests_per_version_and_rule(client):
     assert got[("-", "-", "404")] == 1.0
     errors = {(s.labels["error"], s.labels["status"]): s.value for s in samples(text, "m2fp_errors_total")}
     assert errors[("unknown_version", "404")] == 1.0
+    weights = {s.labels["kind"]: s.value for s in samples(text, "m2fp_weight_bytes")}
+    assert weights["used"] > 0 and weights["mapped"] > 0, weights
     loaded = {(s.labels["version"], s.labels["state"]): s.value for s in samples(text, "m2fp_version_loaded")}
     assert loaded[("v1.2", "ready")] == 1.0 and loaded[("v1.1", "discovered")] == 0.0
     counts = {s.labels["version"]: s.value for s in samples(text, "m2fp_inference_seconds_count")}
