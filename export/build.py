@@ -131,8 +131,6 @@ def update_aliases(bundles: Path, aliases: dict[str, str]) -> dict[str, str]:
     """Point each alias at its version if that version is published; return what was written."""
     store = BundleStore(bundles, BUNDLE_NAME)
     present = set(store.versions())
-    current = store.read_aliases()
     wanted = {a: v for a, v in aliases.items() if v in present}
-    if any(current.get(a) != v for a, v in wanted.items()):
-        store.write_aliases({**current, **wanted})
+    store.update_aliases(lambda current: {**current, **wanted})
     return wanted

@@ -13,16 +13,16 @@ name are ignored by readers.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
+import fcntl
 import json
 import logging
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from .atomic import exchange, fsync_dir, rename_noreplace, write_atomic
 from .errors import BundleError
 from .versions import SemVer, check_name, is_alias_name, is_version_name
 
@@ -30,28 +30,10 @@ log = logging.getLogger(__name__)
 
 ALIASES = "aliases.json"
 DEFAULT_MODEL = "m2fp"
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
 
 
 class VersionExists(BundleError):
     """The version is already published and versions are immutable (use force to replace)."""
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (Linux renameat2); False where the call is unavailable."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fn = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: file system without exchange
-        return False
-    raise OSError(err, os.strerror(err), str(a))
 
 
 class BundleStore:
@@ -96,52 +78,66 @@ class BundleStore:
         for k, v in aliases.items():
             if not is_alias_name(k) or not is_version_name(v):
                 raise BundleError(f"alias {k!r} → {v!r}: not an alias name and a version name")
+        write_atomic(self.dir / ALIASES, (json.dumps(aliases, indent=2, sort_keys=True) + "\n").encode())
+
+    def update_aliases(self, change: Callable[[dict[str, str]], dict[str, str]]) -> dict[str, str]:
+        """Read, ``change`` and write aliases.json under a lock shared by every process; returns the result."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.dir / f".{ALIASES}.{uuid.uuid4().hex}"
-        tmp.write_text(json.dumps(aliases, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, self.dir / ALIASES)
+        with open(self.dir / ".aliases.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            current = self.read_aliases()
+            wanted = change(dict(current))
+            if wanted != current:
+                self.write_aliases(wanted)
+            return wanted
 
     def set_alias(self, alias: str, version: str) -> None:
-        aliases = self.read_aliases()
-        aliases[alias] = version
-        self.write_aliases(aliases)
+        self.update_aliases(lambda aliases: {**aliases, alias: version})
 
     # -------------------------------------------------------------------------------- publishing
     @contextlib.contextmanager
-    def staging(self, version: str, *, force: bool = False) -> Iterator[Path]:
-        """Yield an empty hidden directory; on normal exit publish it as ``version``, else delete it."""
-        final = self.path(version)
-        if final.exists() and not force:
-            raise VersionExists(f"{self.model}/{version} already exists; versions are immutable (use --force to replace)")
+    def scratch(self, version: str) -> Iterator[Path]:
+        """An empty hidden directory next to the versions (same file system, ignored by readers), removed on exit."""
         self.dir.mkdir(parents=True, exist_ok=True)
         stage = self.dir / f".staging-{version}-{uuid.uuid4().hex[:8]}"
         stage.mkdir()
         try:
             yield stage
-            self._publish(stage, final, force)
         finally:
-            if stage.exists():
-                shutil.rmtree(stage, ignore_errors=True)
+            shutil.rmtree(stage, ignore_errors=True)
 
-    def _publish(self, stage: Path, final: Path, force: bool) -> None:
-        if not final.exists():
-            try:
-                os.rename(stage, final)  # fails if final appeared meanwhile: never merge into it
-                return
-            except OSError as exc:
-                if not final.exists():
-                    raise
-                if not force:
-                    raise VersionExists(f"{final.name} appeared while exporting; not replaced") from exc
-        if not force:
-            raise VersionExists(f"{final.name} already exists")
-        if _exchange(stage, final):
-            shutil.rmtree(stage, ignore_errors=True)  # now holds the old bundle
-            return
-        old = final.with_name(f".replaced-{final.name}-{uuid.uuid4().hex[:8]}")
-        os.rename(final, old)
-        os.rename(stage, final)
-        shutil.rmtree(old, ignore_errors=True)
+    @contextlib.contextmanager
+    def staging(self, version: str, *, force: bool = False) -> Iterator[Path]:
+        """Yield an empty hidden directory; on normal exit publish it as ``version``, else delete it."""
+        if self.path(version).exists() and not force:
+            raise VersionExists(f"{self.model}/{version} already exists; versions are immutable (use --force to replace)")
+        with self.scratch(version) as stage:
+            yield stage
+            self.publish(stage, version, force=force)
+
+    def publish(self, src: Path, version: str, *, force: bool = False) -> bool:
+        """Move the complete bundle ``src`` (on this file system) into place; True if it replaced one.
+
+        Never merges into or silently replaces an existing directory: without ``force`` a version
+        that appeared meanwhile wins; with it, the two directories are exchanged in one step.
+        """
+        final = self.path(version)
+        try:
+            rename_noreplace(src, final)
+        except FileExistsError:
+            if not force:
+                raise VersionExists(f"{self.model}/{version} appeared meanwhile; not replaced") from None
+            if exchange(src, final):
+                shutil.rmtree(src, ignore_errors=True)  # now holds the old bundle
+            else:
+                old = final.with_name(f".replaced-{version}-{uuid.uuid4().hex[:8]}")
+                os.rename(final, old)
+                os.rename(src, final)
+                shutil.rmtree(old, ignore_errors=True)
+            fsync_dir(self.dir)
+            return True
+        fsync_dir(self.dir)
+        return False
 
     def remove(self, version: str) -> None:
         """Remove a version by renaming it away first, so readers never see half of it."""

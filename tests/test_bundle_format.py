@@ -331,6 +331,17 @@ def test_store_existing_version_is_immutable_without_force(tmp_bundles):
     assert sorted(p.name for p in store.dir.iterdir()) == ["v1.0"]
 
 
+def test_store_never_replaces_a_version_directory_that_appeared_meanwhile(tmp_bundles):
+    """Even an empty directory made by another writer while exporting is kept (no silent rename-over)."""
+    store = BundleStore(tmp_bundles)
+    with pytest.raises(VersionExists, match="v1.0 appeared meanwhile; not replaced"):
+        with store.staging("v1.0") as stage:
+            (stage / "a").write_text("new")
+            store.path("v1.0").mkdir()
+    assert list(store.path("v1.0").iterdir()) == []
+    assert sorted(p.name for p in store.dir.iterdir()) == ["v1.0"]
+
+
 def test_store_force_replaces_and_cleans_up(tmp_bundles):
     store = BundleStore(tmp_bundles)
     with store.staging("v1.0") as stage:
@@ -389,7 +400,17 @@ def test_aliases_round_trip(tmp_bundles):
     store.set_alias("latest", "v2.0-beta")
     assert store.read_aliases() == {"latest": "v2.0-beta", "stable": "v1.0"}
     assert json.loads((store.dir / ALIASES).read_text()) == {"latest": "v2.0-beta", "stable": "v1.0"}
-    assert [p.name for p in store.dir.iterdir()] == [ALIASES]  # no temp file left
+    assert sorted(p.name for p in store.dir.iterdir()) == [".aliases.lock", ALIASES]  # no temp file left
+
+
+def test_alias_updates_from_many_writers_are_never_lost(tmp_bundles):
+    """Each set_alias is a locked read-modify-write: concurrent writers cannot drop each other's alias."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    names = [f"canary{chr(97 + i)}" for i in range(16)]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda a: BundleStore(tmp_bundles).set_alias(a, "v1.0"), names))
+    assert BundleStore(tmp_bundles).read_aliases() == dict.fromkeys(names, "v1.0")
 
 
 @pytest.mark.parametrize("text", ["{broken", "[]", '"latest"', "null", ""])

@@ -363,13 +363,13 @@ def test_disk_full_during_unpack_leaves_nothing(archives, edge, monkeypatch):
 def test_concurrent_installs_of_one_version_one_wins(archives, edge, monkeypatch):
     """Both installs unpack and verify, then race at the publishing rename: exactly one wins."""
     barrier = threading.Barrier(2, timeout=120)
-    real = install_mod._publish
+    real = BundleStore.publish
 
-    def publish_together(*args, **kwargs):
+    def publish_together(store, *args, **kwargs):
         barrier.wait()
-        return real(*args, **kwargs)
+        return real(store, *args, **kwargs)
 
-    monkeypatch.setattr(install_mod, "_publish", publish_together)
+    monkeypatch.setattr(BundleStore, "publish", publish_together)
     results: list[object] = []
 
     def one() -> None:

@@ -18,18 +18,10 @@ the two directories atomically (``BundleStore``'s exchange).
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import ctypes.util
-import errno
-import fcntl
 import json
 import os
-import shutil
 import tempfile
 import tomllib
-import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,12 +33,10 @@ from ..manifest import MANIFEST, read_manifest, verify_manifest
 from ..store import BundleStore, VersionExists
 from ..versions import is_alias_name, is_version_name
 from . import MODEL, ArchiveError, SignatureError, VerificationFailed, VersionInUse
-from .pack import SIGNATURE, fsync_dir, peek_version, unpack, write_all
+from .pack import SIGNATURE, peek_version, unpack, write_all
 from .signing import PublicKeys, public_keys, read_signature, verify_signature
 
 OK, FAIL, SKIP = "ok", "FAIL", "skip"
-_RENAME_NOREPLACE = 1
-_AT_FDCWD = -100
 
 
 @dataclass
@@ -225,10 +215,7 @@ def install(source: str | os.PathLike, bundles: str | os.PathLike, *, force: boo
     final = store.path(version)
     if final.exists() and not force:
         raise VersionExists(f"{model}/{version} is already installed; versions are immutable (use --force to replace)")
-    store.dir.mkdir(parents=True, exist_ok=True)
-    stage = store.dir / f".staging-{version}-{uuid.uuid4().hex[:8]}"
-    stage.mkdir()
-    try:
+    with store.scratch(version) as stage:
         report = Report(str(source), version)
         if source.is_dir():
             bundle = _copy_bundle(source, stage)
@@ -248,50 +235,8 @@ def install(source: str | os.PathLike, bundles: str | os.PathLike, *, force: boo
             failure = report.first_failure()
             raise VerificationFailed(f"{version} not installed: {failure.name if failure else '?'}: "
                                      f"{failure.detail if failure else 'no checks'}", report)
-        replaced = _publish(store, bundle, final, force)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        replaced = store.publish(bundle, version, force=force)
     return Installed(version, final, report, replaced)
-
-
-def _publish(store: BundleStore, bundle: Path, final: Path, force: bool) -> bool:
-    """Move the verified ``bundle`` to ``final``; True if an installed version was replaced."""
-    if force and final.exists():
-        store._publish(bundle, final, force=True)  # atomic exchange, old copy removed  # noqa: SLF001
-        fsync_dir(store.dir)
-        return True
-    try:
-        _rename_noreplace(bundle, final)
-    except OSError as exc:
-        if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
-            raise
-        if not force:
-            raise VersionExists(f"{store.model}/{final.name} was installed by someone else meanwhile; "
-                                f"not replaced") from None
-        store._publish(bundle, final, force=True)  # noqa: SLF001
-        fsync_dir(store.dir)
-        return True
-    fsync_dir(store.dir)
-    return False
-
-
-def _rename_noreplace(src: Path, dst: Path) -> None:
-    """rename(2) that fails with EEXIST instead of replacing (renameat2 RENAME_NOREPLACE)."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fn = libc.renameat2
-    except (OSError, AttributeError):
-        fn = None
-    if fn is not None:
-        fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-        if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
-            return
-        err = ctypes.get_errno()
-        if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-            raise OSError(err, os.strerror(err), str(dst))
-    if dst.exists():  # no renameat2: rename(2) would replace an empty directory, so look first
-        raise OSError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
-    os.rename(src, dst)
 
 
 def _copy_bundle(src: Path, stage: Path) -> Path:
@@ -317,18 +262,6 @@ def _copy_bundle(src: Path, stage: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------ aliases, rm, list
-@contextlib.contextmanager
-def _aliases_lock(store: BundleStore) -> Iterator[None]:
-    """Serialise read-modify-write of aliases.json between processes."""
-    store.dir.mkdir(parents=True, exist_ok=True)
-    with open(store.dir / ".aliases.lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def promote(bundles: str | os.PathLike, version: str, alias: str, *, keys: PublicKeys | None = None,
             model: str = MODEL) -> Report:
     """Point ``alias`` at ``version`` in aliases.json (atomically) — only if the version verifies."""
@@ -343,9 +276,7 @@ def promote(bundles: str | os.PathLike, version: str, alias: str, *, keys: Publi
         failure = report.first_failure()
         raise VerificationFailed(f"{version} does not verify ({failure.name}: {failure.detail}); "  # type: ignore[union-attr]
                                  f"{alias} not moved", report)
-    with _aliases_lock(store):
-        store.set_alias(alias, version)
-    fsync_dir(store.dir)
+    store.set_alias(alias, version)
     return report
 
 
@@ -396,12 +327,7 @@ def remove(bundles: str | os.PathLike, version: str, *, routes_file: str | os.Pa
     if refs and not force:
         raise VersionInUse(f"{version} is still in use ({'; '.join(refs)}); change those first or use --force")
     store.remove(version)
-    with _aliases_lock(store):
-        aliases = store.read_aliases()
-        kept = {a: v for a, v in aliases.items() if v != version}
-        if kept != aliases:
-            store.write_aliases(kept)
-    fsync_dir(store.dir)
+    store.update_aliases(lambda aliases: {a: v for a, v in aliases.items() if v != version})
     return refs
 
 
