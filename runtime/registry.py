@@ -28,6 +28,7 @@ from pathlib import Path
 from . import lkg
 from .bundle import BundleConfig
 from .errors import BundleError, UnknownVersion, VersionUnavailable
+from .delivery.signing import public_keys, verify_signature
 from .memory import rss_bytes, trim_heap
 from .predictor import ImageLimits, Prediction, Predictor
 from .session import RuntimeSettings, SessionFactory
@@ -110,6 +111,9 @@ class RegistryOptions:
     watch: bool = True
     watch_polling: bool = False
     warmup: bool = True
+    #: Ed25519 keys (objects or PEM paths); when given, only bundles whose manifest.sig one of them
+    #: verifies are loaded (the same policy as ``m2fp-bundle install --public-key``)
+    trusted_keys: tuple = ()
 
 
 def fingerprint(path: Path) -> str:
@@ -133,6 +137,7 @@ class Registry:
         self.options = options or RegistryOptions()
         self.store = BundleStore(root, model)
         self.factory = SessionFactory(self.options.settings)
+        self._trusted = public_keys(list(self.options.trusted_keys))
         self._slots: dict[str, Slot] = {}
         self._alias_overrides: dict[str, str] = {}
         self._routes_snapshot: dict = {}
@@ -365,6 +370,8 @@ class Registry:
 
     def _load_sync(self, path: Path) -> tuple[Predictor, float, int]:
         t0, rss0 = time.perf_counter(), rss_bytes()
+        if self._trusted:
+            verify_signature(path, self._trusted)
         predictor = Predictor.load(path, self.factory)
         try:
             if self.options.warmup:

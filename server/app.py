@@ -61,7 +61,7 @@ async def runtime_context(app: web.Application) -> AsyncIterator[None]:
     budget = cfg.memory_budget_mb * 2**20 if cfg.memory_budget_mb else None
     registry = Registry(cfg.bundles, RegistryOptions(
         settings=cfg.runtime, limits=cfg.limits, idle_ttl=cfg.idle_ttl, memory_budget=budget,
-        preload=cfg.preload, watch=cfg.watch, watch_polling=cfg.watch_polling))
+        preload=cfg.preload, watch=cfg.watch, watch_polling=cfg.watch_polling, trusted_keys=cfg.trusted_keys))
     routes = RoutesState(registry, cfg.routes_file)
     app[keys.REGISTRY] = registry
     app[keys.ROUTES] = routes

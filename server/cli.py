@@ -53,21 +53,33 @@ def setup_logging(fmt: str, level: str) -> None:
 @click.option("--memory-budget-mb", type=int, help="Evict least recently used unpinned versions above this.")
 @click.option("--preload", multiple=True, help="Versions to load at start (latest and aliases always are).")
 @click.option("--lean-memory", is_flag=True,
-              help="Shared arena, no weight prepacking, basic graph optimisation: 3 versions take ~68 % of the "
-                   "memory of 3 separate ones, at some latency cost (see README, Benchmarks).")
+              help="Shared arena, no weight prepacking, basic graph optimisation: 3 r101 versions take 47-68 % "
+                   "of the memory of 3 separate ones, at some latency cost (see README, Benchmarks).")
+@click.option("--public-key", "public_keys", multiple=True, envvar="M2FP_PUBLIC_KEY",
+              type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="Trusted Ed25519 public key (PEM); repeatable (env M2FP_PUBLIC_KEY, paths separated by ':'). "
+                   "Only bundles signed by one of them load; others are marked failed with the reason.")
 @click.option("--drain-timeout", default=30.0, show_default=True, help="Seconds to finish requests on shutdown.")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="info", show_default=True)
 def main(bundles: Path, host: str, port: int, routes_file: Path | None, admin_token: str | None,
          distribution_token: str | None, max_body_mb: float,
          max_pixels: int, max_queue: int, concurrency: int, request_timeout: float, idle_ttl: float,
-         memory_budget_mb: int | None, preload: tuple[str, ...], lean_memory: bool, drain_timeout: float, log_format: str,
-         log_level: str) -> None:
+         memory_budget_mb: int | None, preload: tuple[str, ...], lean_memory: bool, public_keys: tuple[Path, ...],
+         drain_timeout: float, log_format: str, log_level: str) -> None:
     """Serve M2FP bundles over HTTP: parse API, versions, WebUI, metrics."""
     if distribution_token and distribution_token == admin_token:
         raise click.BadParameter("must differ from the admin token", param_hint="--distribution-token")
     setup_logging(log_format, log_level)
     from aiohttp import web
+
+    from m2fpkit.runtime.delivery.signing import public_keys as load_keys
+    from m2fpkit.runtime.errors import BundleError
+
+    try:
+        load_keys(list(public_keys))
+    except BundleError as exc:
+        raise click.BadParameter(str(exc), param_hint="--public-key") from None
 
     from m2fpkit.runtime.predictor import ImageLimits
     from m2fpkit.runtime.session import RuntimeSettings, cap_library_threads
@@ -81,7 +93,7 @@ def main(bundles: Path, host: str, port: int, routes_file: Path | None, admin_to
                        max_body_bytes=int(max_body_mb * 2**20), limits=ImageLimits(max_pixels=max_pixels),
                        max_queue=max_queue, request_timeout=request_timeout, drain_timeout=drain_timeout,
                        idle_ttl=idle_ttl, memory_budget_mb=memory_budget_mb, preload=preload,
-                       runtime=RuntimeSettings(concurrent_runs=concurrency, shared_arena=lean_memory,
+                       trusted_keys=public_keys, runtime=RuntimeSettings(concurrent_runs=concurrency, shared_arena=lean_memory,
                                                disable_prepacking=lean_memory,
                                                optimization="basic" if lean_memory else "extended"))
     web.run_app(make_app(cfg), host=host, port=port, access_log=None, shutdown_timeout=drain_timeout,

@@ -28,6 +28,8 @@ class ServerConfig:
     memory_budget_mb: int | None = None
     preload: tuple[str, ...] = ()
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
+    #: trusted Ed25519 public keys (PEM paths); when given, unsigned or wrongly signed bundles never load
+    trusted_keys: tuple[Path, ...] = ()
     watch: bool = True
     watch_polling: bool = False
     #: the API version this server speaks when a client does not say (X-API-Version)

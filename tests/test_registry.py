@@ -506,3 +506,35 @@ def test_runtime_facade_works_from_plain_threads(fast_multi_src, fast_single_src
         with pytest.raises(InvalidVersionName):
             rt.predict("../v1.0", IMAGE)
     assert not rt._thread.is_alive()
+
+
+# ------------------------------------------------------------------------------- signatures
+
+@bounded(120)
+async def test_with_trusted_keys_only_correctly_signed_bundles_load(fast_multi_src, root, tmp_path, make_registry):
+    """The server-side signature policy: unsigned, foreign-signed and tampered-after-signing bundles fail."""
+    from m2fpkit.runtime.delivery.signing import keygen, sign
+    from m2fpkit.runtime.manifest import write_manifest
+
+    for name in ("ours", "theirs"):
+        keygen(tmp_path / f"{name}.key", tmp_path / f"{name}.pub")
+    publish(fast_multi_src, root, "v1.0", then=lambda s: sign(s, tmp_path / "ours.key"))
+    publish(fast_multi_src, root, "v1.1")
+    publish(fast_multi_src, root, "v1.2", then=lambda s: sign(s, tmp_path / "theirs.key"))
+
+    def tamper(stage: Path) -> None:  # signed, then the notes changed and the manifest rewritten
+        sign(stage, tmp_path / "ours.key")
+        (stage / "config.json").write_text((stage / "config.json").read_text().replace('"notes": "', '"notes": "x'))
+        write_manifest(stage)
+
+    publish(fast_multi_src, root, "v1.3", then=tamper)
+    reg = await make_registry(root, trusted_keys=(tmp_path / "ours.pub",))
+    assert (await reg.predict("v1.0", IMAGE)).version == "v1.0"
+    for version, reason in (("v1.1", "unsigned: manifest.sig is missing"), ("v1.2", "wrong signature: signed by key"), ("v1.3", "wrong signature")):
+        with pytest.raises(VersionUnavailable):
+            await reg.predict(version, IMAGE)
+        assert states(reg)[version] == "failed" and reason in status_of(reg, version)["reason"], status_of(reg, version)
+    assert reg.latest() == "v1.0"
+    # without a policy every intact bundle loads
+    open_reg = await make_registry(root)
+    assert (await open_reg.predict("v1.1", IMAGE)).version == "v1.1"

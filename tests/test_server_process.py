@@ -268,3 +268,15 @@ async def test_removing_the_latest_version_fails_no_queued_latest_request(demo_r
     finally:
         server.stop()
     assert [(status, v in ("v1.2", "v1.0")) for status, v, _ in results] == [(200, True)] * 4, results
+
+
+def test_serve_refuses_an_unusable_public_key_before_starting(tmp_path):
+    from click.testing import CliRunner
+
+    from m2fpkit.server.cli import main
+
+    bad = tmp_path / "key.pub"
+    bad.write_text("-----BEGIN PUBLIC KEY-----\nnot a key\n-----END PUBLIC KEY-----\n")
+    r = CliRunner().invoke(main, ["--bundles", str(tmp_path), "--public-key", str(bad)])
+    assert r.exit_code == 2, r.output
+    assert "--public-key" in r.output and str(bad) in r.output and "Traceback" not in r.output
