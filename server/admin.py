@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import hmac
 import json
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
 from . import keys
 from .errors import HTTPProblem
 from .routing import RoutesError
+
+Change = Callable[[web.Request], Awaitable[None]]
 
 
 def _authorize(request: web.Request) -> None:
@@ -26,23 +30,35 @@ def _answer(request: web.Request) -> web.Response:
     return web.json_response({"success": True, "routes": request.app[keys.ROUTES].current.to_dict()})
 
 
+def _change(status: int, code: str) -> Callable[[Change], Callable[[web.Request], Awaitable[web.Response]]]:
+    """An admin handler: authorize, apply ``change``, map a refused change to ``status``, answer the routes."""
+
+    def wrap(change: Change) -> Callable[[web.Request], Awaitable[web.Response]]:
+        @functools.wraps(change)
+        async def handler(request: web.Request) -> web.Response:
+            _authorize(request)
+            try:
+                await change(request)
+            except RoutesError as exc:
+                raise HTTPProblem(status, code, str(exc)) from None
+            return _answer(request)
+        return handler
+    return wrap
+
+
 async def get_routes(request: web.Request) -> web.Response:
     _authorize(request)
     return _answer(request)
 
 
-async def reload_routes(request: web.Request) -> web.Response:
-    _authorize(request)
-    try:
-        request.app[keys.ROUTES].reload()
-    except RoutesError as exc:
-        raise HTTPProblem(422, "bad_routes", str(exc)) from None
+@_change(422, "bad_routes")
+async def reload_routes(request: web.Request) -> None:
+    request.app[keys.ROUTES].reload()
     await request.app[keys.REGISTRY].rescan()
-    return _answer(request)
 
 
-async def set_weights(request: web.Request) -> web.Response:
-    _authorize(request)
+@_change(422, "bad_weights")
+async def set_weights(request: web.Request) -> None:
     try:
         weights = json.loads(await request.read())
     except ValueError as exc:
@@ -53,18 +69,10 @@ async def set_weights(request: web.Request) -> web.Response:
     missing = [v for v in weights if v not in registry.versions()]
     if missing:
         raise HTTPProblem(404, "unknown_version", f"no such version(s): {', '.join(missing)}")
-    try:
-        request.app[keys.ROUTES].set_weights(weights)
-    except RoutesError as exc:
-        raise HTTPProblem(422, "bad_weights", str(exc)) from None
+    request.app[keys.ROUTES].set_weights(weights)
     await registry.rescan()
-    return _answer(request)
 
 
-async def rollback(request: web.Request) -> web.Response:
-    _authorize(request)
-    try:
-        request.app[keys.ROUTES].rollback()
-    except RoutesError as exc:
-        raise HTTPProblem(409, "no_history", str(exc)) from None
-    return _answer(request)
+@_change(409, "no_history")
+async def rollback(request: web.Request) -> None:
+    request.app[keys.ROUTES].rollback()
