@@ -83,13 +83,16 @@ class BundleStore:
     def update_aliases(self, change: Callable[[dict[str, str]], dict[str, str]]) -> dict[str, str]:
         """Read, ``change`` and write aliases.json under a lock shared by every process; returns the result."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.dir / ".aliases.lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)  # the lock is on the directory: no lock file
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
             current = self.read_aliases()
             wanted = change(dict(current))
             if wanted != current:
                 self.write_aliases(wanted)
             return wanted
+        finally:
+            os.close(fd)
 
     def set_alias(self, alias: str, version: str) -> None:
         self.update_aliases(lambda aliases: {**aliases, alias: version})

@@ -2,7 +2,8 @@
 
 Checks the seed's version-path routing through Nginx, failover when a backend is killed, and a rolling
 restart (stop A, start A, wait ready, then B) under a steady stream of requests with zero failures.
-The figures go to ``benchmarks/results/nginx_rolling_restart.json``. Nginx runs as this test's own
+The figures go to the test's temporary directory, or to ``$M2FP_NGINX_RESULTS`` (the recorded run is
+``benchmarks/results/nginx_rolling_restart.json``). Nginx runs as this test's own
 process (``daemon off``), with every path under the test's temporary directory.
 """
 
@@ -28,7 +29,6 @@ from server_fixtures import ServerProcess, free_port, http_json, png_bytes
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
-RESULTS = REPO / "benchmarks" / "results" / "nginx_rolling_restart.json"
 FAST = {"short_edge": 160}
 IMAGE = png_bytes(160, 120, seed=5)
 SERVE_ARGS = ("--preload", "v1.0", "--preload", "v1.2", "--idle-ttl", "0", "--drain-timeout", "15")
@@ -230,7 +230,7 @@ def summary(rows: list) -> dict:
             "failures": sorted({f"{r[2]} {r[4]}".strip() for r in failed})}
 
 
-def test_failover_and_rolling_restart_lose_no_request(topology):
+def test_failover_and_rolling_restart_lose_no_request(topology, tmp_path):
     a, b, nginx = topology
     log_start = len(nginx.access_log())
     stream = Stream(nginx.url).start()
@@ -302,8 +302,9 @@ def test_failover_and_rolling_restart_lose_no_request(topology):
         "cpu_cores": os.cpu_count(),
         "note": "2 shared cores, other jobs running: latencies are indicative only",
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    out = Path(os.environ.get("M2FP_NGINX_RESULTS") or tmp_path / "nginx_rolling_restart.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
     assert result["failover_a_killed"]["requests"] >= 20
     assert result["rolling_restart"]["requests"] > 0
     assert result["total"]["failed"] == 0, json.dumps(result, indent=2)
