@@ -31,7 +31,7 @@ def _visible(root: Path):
 
 
 async def watch_store(registry: "Registry", stop: asyncio.Event) -> None:
-    root = registry.store.dir
+    root = registry.store.dir.absolute()  # watchfiles reports absolute paths, whatever root it is given
     async for _changes in watchfiles.awatch(root, watch_filter=_visible(root), stop_event=stop, debounce=300,
                                             step=50, force_polling=registry.options.watch_polling,
                                             recursive=True):

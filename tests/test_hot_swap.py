@@ -234,3 +234,25 @@ async def test_swaps_under_load_never_fail_a_request(fast_multi_src, fast_single
     assert {a.version for a in answers if a.name == "v1.0"} == {"v1.0"}
     assert {a.version for a in answers if a.name == "latest"} == {"v2.0", "v3.0"}
     assert len(answers) >= 20
+
+
+async def test_the_watcher_sees_changes_under_a_relative_bundle_root(fast_multi_src, tmp_path, monkeypatch):
+    """``m2fp-serve --bundles bundles`` (the README's command) passes a relative root; watchfiles reports
+    absolute paths, and a filter comparing the two once ignored every change."""
+    from pathlib import Path
+
+    monkeypatch.chdir(tmp_path)
+    clone_bundle(fast_multi_src, tmp_path / "bundles", "v1.0")
+    reg = Registry(Path("bundles"), RegistryOptions(watch=True, idle_ttl=0))
+    await reg.start()
+    log: list[str] = []
+    try:
+        assert (await reg.predict("v1.0", IMAGES[0])).version == "v1.0"
+        await asyncio.sleep(0.5)  # the watcher is running
+        await asyncio.to_thread(clone_bundle, fast_multi_src, tmp_path / "bundles", "v2.0")
+        await _wait(lambda: "v2.0" in reg.versions(), "v2.0 discovered", log, timeout=60)
+        await asyncio.to_thread(replace_bundle, fast_multi_src, tmp_path / "bundles", "v1.0", notes="replaced")
+        await _wait(lambda: reg.events["swaps"] >= 1 and _status(reg)["v1.0"]["notes"] == "replaced",
+                    "v1.0 swapped", log, timeout=120)
+    finally:
+        await reg.close(drain_timeout=5)
