@@ -51,12 +51,7 @@ class Predictor:
         """Verify the bundle's files, create the session and check the graph against config.json."""
         config = verify_files(bundle_dir)
         factory = factory or SessionFactory()
-        try:
-            session = factory.create(Path(bundle_dir) / config.model_file, config.weights_index)
-        except BundleError:
-            raise
-        except Exception as exc:  # onnxruntime raises its own exception types for a bad graph
-            raise BundleError(f"onnxruntime cannot load {config.model_file}: {exc}") from None
+        session = factory.create(Path(bundle_dir) / config.model_file, config.weights_index)
         check_graph(config, session)
         return cls(bundle_dir, config, session)
 

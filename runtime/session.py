@@ -15,6 +15,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
+from .errors import BundleError
 from .weights import POOL, SharedTensor, WeightPool
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,10 @@ class SessionFactory:
         return o
 
     def create(self, model_path: Path, weights_index: str | None = None) -> ort.InferenceSession:
-        """A CPU session for ``model_path``; with ``weights_index``, its external weights come from the pool."""
+        """A CPU session for ``model_path``; with ``weights_index``, its external weights come from the pool.
+
+        Raises BundleError for a bad index or a graph onnxruntime cannot load.
+        """
         with SessionFactory._process_lock:
             options = self.options()
             shared = []
@@ -124,7 +128,10 @@ class SessionFactory:
                 shared = self.pool.initializers(model_path.parent, weights_index)
                 for name, tensor in shared:
                     options.add_initializer(name, tensor.value)
-            session = Session(model_path, options, shared)
+            try:
+                session = Session(model_path, options, shared)
+            except Exception as exc:  # onnxruntime raises its own exception types for a bad graph
+                raise BundleError(f"onnxruntime cannot load {model_path.name}: {exc}") from None
             for tensor in {id(t): t for _, t in shared}.values():
                 tensor.evict()
             return session
