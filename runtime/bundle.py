@@ -305,8 +305,13 @@ def _parse_config(raw: Any) -> BundleConfig:
     )
 
 
+def is_file_name(name: object) -> bool:
+    """A plain, visible file name directly inside the bundle (no directories, no dot-files)."""
+    return isinstance(name, str) and bool(name) and "/" not in name and "\\" not in name and not name.startswith(".")
+
+
 def _file_name(name: str, path: str) -> str:
-    if not name or "/" in name or "\\" in name or name.startswith("."):
+    if not is_file_name(name):
         raise _err(path, f"{name!r} must be a file name inside the bundle")
     return name
 

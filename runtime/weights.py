@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from .bundle import is_file_name
 from .errors import BundleError
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ def read_index(bundle_dir: Path, rel: str) -> WeightsIndex:
     if not isinstance(raw, dict) or raw.get("format") != INDEX_FORMAT:
         raise BundleError(f"{rel} → format: this runtime reads weights index format {INDEX_FORMAT}")
     data_file = raw.get("data_file")
-    if not isinstance(data_file, str) or not data_file or "/" in data_file or data_file.startswith("."):
+    if not is_file_name(data_file):
         raise BundleError(f"{rel} → data_file: expected a file name inside the bundle, got {data_file!r}")
     try:
         size = (bundle_dir / data_file).stat().st_size
