@@ -288,6 +288,19 @@ def markdown(r: dict) -> str:
 
 # ------------------------------------------------------------------------------------------ plots
 
+def _save(fig, ax, title: str, path: Path) -> str:
+    """Title, grid and legend as every plot here has them; write the PNG and free the figure."""
+    import matplotlib.pyplot as plt
+
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
 def plots(r: dict, out_dir: Path, mode: str) -> list[str]:
     try:
         import matplotlib
@@ -310,14 +323,7 @@ def plots(r: dict, out_dir: Path, mode: str) -> list[str]:
                             label=f"{'ours' if sysname == 'ours' else 'ModelScope'} {task}-human")
         ax.set_xlabel("image size (megapixels): " + ", ".join(sizes))
         ax.set_ylabel("latency p50 (s), bar to p95")
-        ax.set_title(f"End-to-end latency vs image size ({mode})")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        p = out_dir / f"{mode}_latency_vs_size.png"
-        fig.tight_layout()
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        made.append(p.name)
+        made.append(_save(fig, ax, f"End-to-end latency vs image size ({mode})", out_dir / f"{mode}_latency_vs_size.png"))
     if "memory" in res:
         m = res["memory"]
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -335,14 +341,7 @@ def plots(r: dict, out_dir: Path, mode: str) -> list[str]:
         ax.set_xlabel("versions loaded")
         ax.set_ylabel("RSS (MB) after one run each")
         ax.set_xticks([1, 2, 3])
-        ax.set_title(f"Memory vs number of versions ({mode})")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        p = out_dir / f"{mode}_memory_vs_versions.png"
-        fig.tight_layout()
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        made.append(p.name)
+        made.append(_save(fig, ax, f"Memory vs number of versions ({mode})", out_dir / f"{mode}_memory_vs_versions.png"))
     return made
 
 
