@@ -46,6 +46,14 @@ def build_root(ms_multi, tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture
+def own_root(build_root, tmp_path) -> Path:
+    """A private copy of ``build_root`` that a test may damage or sign."""
+    root = tmp_path / "r"
+    shutil.copytree(build_root, root)
+    return root
+
+
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("keys")
@@ -146,9 +154,8 @@ def test_pack_is_deterministic_and_puts_the_manifest_first(build_root, tmp_path)
     assert not list(tmp_path.glob(".*.tmp"))
 
 
-def test_pack_refuses_a_damaged_bundle_and_leaves_no_file(build_root, tmp_path):
-    root = tmp_path / "r"
-    shutil.copytree(build_root, root)
+def test_pack_refuses_a_damaged_bundle_and_leaves_no_file(own_root, tmp_path):
+    root = own_root
     corrupt(root / "m2fp" / "v1.0", "flip-byte")
     r = run("pack", "v1.0", "--bundles", root, "-o", tmp_path / "x.tar")
     assert r.exit_code == 1
@@ -291,10 +298,8 @@ def test_wrong_signature_is_refused(archives, keys, edge):
     assert visible(edge) == [] and leftovers(edge) == []
 
 
-def test_manifest_edited_after_signing_is_refused(build_root, keys, tmp_path):
-    root = tmp_path / "r"
-    shutil.copytree(build_root, root)
-    bundle = root / "m2fp" / "v1.0"
+def test_manifest_edited_after_signing_is_refused(own_root, keys):
+    bundle = own_root / "m2fp" / "v1.0"
     sign(bundle, keys["private"])
     manifest = json.loads((bundle / "manifest.json").read_text())
     (bundle / "manifest.json").write_text(json.dumps(manifest, indent=4, sort_keys=True) + "\n")  # same content
@@ -418,9 +423,8 @@ def test_install_refuses_an_existing_version_unless_forced(build_root, archives,
     assert visible(edge) == ["v1.0"] and leftovers(edge) == []
 
 
-def test_graph_config_disagreement_is_refused(build_root, tmp_path, edge):
-    root = tmp_path / "r"
-    shutil.copytree(build_root, root)
+def test_graph_config_disagreement_is_refused(own_root, edge):
+    root = own_root
     corrupt(root / "m2fp" / "v1.0", "graph-version")  # manifest regenerated: only the graph check sees it
     r = run("verify", root / "m2fp" / "v1.0")
     assert r.exit_code == 1 and "FAIL  graph" in r.output and "m2fp.version" in r.output
@@ -529,10 +533,8 @@ def test_keygen_refuses_to_overwrite_and_protects_the_private_key(tmp_path):
     assert priv.read_bytes() != before
 
 
-def test_signature_file_format(build_root, keys, tmp_path):
-    root = tmp_path / "r"
-    shutil.copytree(build_root, root)
-    bundle = root / "m2fp" / "v1.0"
+def test_signature_file_format(own_root, keys):
+    bundle = own_root / "m2fp" / "v1.0"
     sign(bundle, keys["private"])
     sig = json.loads((bundle / "manifest.sig").read_text())
     assert sig["algorithm"] == "ed25519" and len(sig["key_id"]) == 16
