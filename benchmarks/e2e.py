@@ -234,7 +234,7 @@ def run(mode: Mode, out_dir: Path) -> dict:
         images.append(p)
     res: dict = {"sizes": [size_key(w, h) for w, h in mode.sizes], "repeats": mode.e2e_repeats,
                  "warmup": mode.warmup, "tasks": {}}
-    from m2fpkit.runtime.bundle import BundleConfig
+    from m2fpkit.runtime.bundle.config import BundleConfig
 
     pre = BundleConfig.read(bundles.bundle_dir(mode.name, "multi")).preprocess
     common = ["--repeats", mode.e2e_repeats, "--warmup", mode.warmup, "--min-size", pre.short_edge,

@@ -35,7 +35,7 @@ CONV_OPS = ("Conv", "FusedConv", "QLinearConv", "ConvInteger", "NchwcConv")
 def input_tensor(h: int, w: int, seed: int = 0):
     import numpy as np
 
-    from m2fpkit.runtime.bundle import Preprocess
+    from m2fpkit.runtime.bundle.config import Preprocess
     from m2fpkit.runtime.preprocess import prepare
 
     from .common import person_image
@@ -135,7 +135,7 @@ def profile(bundle_dir: Path, x, settings) -> dict:
     """Per-node times of the last of two profiled runs, aggregated by op type and by model part."""
     import onnxruntime as ort
 
-    from m2fpkit.runtime.bundle import BundleConfig
+    from m2fpkit.runtime.bundle.config import BundleConfig
     from m2fpkit.runtime.session import SessionFactory
 
     cfg = BundleConfig.read(bundle_dir)
@@ -185,7 +185,7 @@ def child(bundle_dir: Path, sizes: list[tuple[int, int]], repeats: int, sgemm_n:
     import torch
 
     from m2fpkit.export import sources
-    from m2fpkit.runtime.bundle import BundleConfig
+    from m2fpkit.runtime.bundle.config import BundleConfig
     from m2fpkit.runtime.predictor import Predictor
     from m2fpkit.runtime.session import SessionFactory, cpu_count
 

@@ -61,7 +61,7 @@ def _has_vnni() -> bool:
 
 def build_quantized(mode: str, role: str, kind: str, n_calib: int) -> Path:
     """The int8 model of ``role``'s bundle (cached); ``kind`` is static-conv or dynamic-matmul."""
-    from m2fpkit.runtime.bundle import BundleConfig
+    from m2fpkit.runtime.bundle.config import BundleConfig
     from m2fpkit.runtime.imageio import decode_image
     from m2fpkit.runtime.preprocess import prepare
     from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quant_pre_process,
@@ -124,7 +124,7 @@ def child(option: str, mode: str, images: list[Path], repeats: int, n_calib: int
     import numpy as np
     import onnxruntime as ort
 
-    from m2fpkit.runtime.bundle import BundleConfig
+    from m2fpkit.runtime.bundle.config import BundleConfig
     from m2fpkit.runtime.imageio import decode_image
     from m2fpkit.runtime.postprocess import postprocess
     from m2fpkit.runtime.preprocess import Prepared, prepare

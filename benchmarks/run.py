@@ -36,7 +36,6 @@ def _module(name: str):
 
 def ensure_bundles(mode: str, names: list[str]) -> dict:
     roles = sorted({r for n in names for r in ROLES[n]})
-    bundles.index_cached(mode, roles)
     todo = bundles.missing(mode, roles)
     if not todo:
         return {}

@@ -2,7 +2,7 @@
 
 ``m2fp-serve`` serves one version V (the single-human bundle) with its file watcher on; a load
 generator process keeps ``swap_clients`` closed-loop clients busy the whole time. After a steady
-phase, V's bundle is replaced on disk ``swaps`` times with ``BundleStore.staging(V, force=True)``
+phase, V's bundle is replaced on disk ``swaps`` times with ``bundle.writer.stage(store, V, force=True)``
 (a full copy of the bundle whose ``config.json`` notes differ, so the content — and its manifest —
 is new and the server must verify, load, warm up and self-test it aside, then flip and drain the old
 one). Each swap waits until ``/metrics`` counts it before the next one. Cold start is process start
@@ -38,22 +38,21 @@ def swaps_done(url: str) -> int:
 
 def publish(src: Path, root: Path, version: str, n: int) -> None:
     """Replace ``version`` on disk with a copy of ``src`` whose notes say ``swap n``."""
-    from m2fpkit.runtime.bundle import BundleConfig
-    from m2fpkit.runtime.manifest import write_manifest
-    from m2fpkit.runtime.store import BundleStore
+    from m2fpkit.runtime.bundle import writer
+    from m2fpkit.runtime.bundle.config import BundleConfig
+    from m2fpkit.runtime.bundle.store import BundleStore
 
     cfg = BundleConfig.read(src)
-    with BundleStore(root, bundles.MODEL).staging(version, force=True) as stage:
+    with writer.stage(BundleStore(root, bundles.MODEL), version, force=True) as staged:
+        stage = staged.dir
         for p in src.rglob("*"):
             rel = p.relative_to(src)
             if p.is_dir():
                 (stage / rel).mkdir(parents=True, exist_ok=True)
-            elif rel.as_posix() not in ("config.json", "manifest.json"):
+            elif rel.as_posix() not in ("config.json", "manifest.json", "manifest.sig"):
                 (stage / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(p, stage / rel)
-        new = dataclasses.replace(cfg, notes=f"{cfg.notes} (swap {n})")
-        (stage / "config.json").write_text(new.to_json(), encoding="utf-8")
-        write_manifest(stage)
+        staged.finish(dataclasses.replace(cfg, notes=f"{cfg.notes} (swap {n})"))
 
 
 def version_status(url: str, version: str) -> dict:

@@ -14,10 +14,10 @@ import onnxscript
 import torch
 
 import m2fpkit
-from m2fpkit.runtime.bundle import BundleConfig, Postprocess, Preprocess, TensorSpec
-from m2fpkit.runtime.manifest import write_manifest
+from m2fpkit.runtime.bundle import writer
+from m2fpkit.runtime.bundle.config import BundleConfig, Postprocess, Preprocess, TensorSpec
+from m2fpkit.runtime.bundle.store import MODEL, BundleStore
 from m2fpkit.runtime.palette import palette_for
-from m2fpkit.runtime.store import BundleStore
 
 from . import golden, onnx_export, parity, sources, weights_index
 from .model.config import M2FPConfig
@@ -26,8 +26,6 @@ from .progress import Progress
 from .specs import VersionSpec
 
 log = logging.getLogger(__name__)
-
-BUNDLE_NAME = "m2fp"
 
 
 @dataclass
@@ -69,7 +67,7 @@ def make_config(spec: VersionSpec, ck: sources.Checkpoint, pre: Preprocess, repo
     classes = tuple(cfg.classes)
     q = cfg.decoder.num_queries
     return BundleConfig(
-        name=BUNDLE_NAME, version=spec.version, created_at=created_at, task=cfg.task,
+        name=MODEL, version=spec.version, created_at=created_at, task=cfg.task,
         backbone=f"resnet{cfg.backbone.depth}", classes=classes, palette=tuple(palette_for(classes)),
         num_queries=q,
         inputs=(TensorSpec(onnx_export.INPUT, "float32", (1, 3, "height", "width")),),
@@ -88,12 +86,18 @@ def make_config(spec: VersionSpec, ck: sources.Checkpoint, pre: Preprocess, repo
     )
 
 
-def export_version(spec: VersionSpec, bundles: Path, *, force: bool = False) -> ExportResult:
-    """Build ``spec`` into ``bundles/m2fp/<version>``; nothing is published unless parity passes."""
-    store = BundleStore(bundles, BUNDLE_NAME)
+def export_version(spec: VersionSpec, bundles: Path, *, force: bool = False,
+                   enforce_parity: bool = True) -> ExportResult:
+    """Build ``spec`` into ``bundles/m2fp/<version>``; nothing is published unless parity passes.
+
+    ``enforce_parity=False`` is for benchmark bundles only: a parity failure is recorded in
+    ``config.json → parity`` (``gate: "recorded, not enforced"``) instead of stopping the export.
+    """
+    store = BundleStore(bundles, MODEL)
     progress = Progress(7, f"{spec.version}:")
     created_at = dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
-    with store.staging(spec.version, force=force) as stage:
+    with writer.stage(store, spec.version, force=force) as staged:
+        stage = staged.dir
         with progress(f"load source {spec.source}"):
             ck = sources.resolve(spec.source, task=spec.task)
             if spec.task and ck.config.task != spec.task:
@@ -108,7 +112,7 @@ def export_version(spec: VersionSpec, bundles: Path, *, force: bool = False) -> 
         with progress(f"export ONNX (opset {spec.opset})"):
             onnx_export.export_onnx(model, onnx_path, opset=spec.opset)
         with progress("parity gate: onnxruntime vs PyTorch"):
-            report = parity.check(model, onnx_path, parity_sizes(pre))
+            report = parity.check(model, onnx_path, parity_sizes(pre), enforce=enforce_parity)
         with progress("write config.json and metadata"):
             config = make_config(spec, ck, pre, report, created_at, n_params)
             onnx_export.set_metadata(onnx_path, {
@@ -117,19 +121,18 @@ def export_version(spec: VersionSpec, bundles: Path, *, force: bool = False) -> 
                 "m2fp.num_classes": str(config.num_classes), "m2fp.created_at": created_at,
                 "m2fp.source_sha256": ck.sha256,
             })
-            config = dataclasses.replace(config, weights_index=weights_index.write_index(onnx_path))
         with progress("golden sample (PyTorch label map, checked by the runtime at load)"):
             config = dataclasses.replace(config, golden=golden.write_golden(model, config, stage))
-            (stage / "config.json").write_text(config.to_json(), encoding="utf-8")
-        with progress("write manifest and publish"):
-            write_manifest(stage)
+        with progress("weights index, config, manifest; verify and publish"):
+            data_file, tensors = weights_index.external_tensors(onnx_path)
+            config = staged.finish(config, tensors=tensors, data_file=data_file)
     log.info("%s: published %s in %.1f s", spec.version, store.path(spec.version), progress.elapsed)
     return ExportResult(store.path(spec.version), config, progress.elapsed)
 
 
 def update_aliases(bundles: Path, aliases: dict[str, str]) -> dict[str, str]:
     """Point each alias at its version if that version is published; return what was written."""
-    store = BundleStore(bundles, BUNDLE_NAME)
+    store = BundleStore(bundles, MODEL)
     present = set(store.versions())
     wanted = {a: v for a, v in aliases.items() if v in present}
     store.update_aliases(lambda current: {**current, **wanted})

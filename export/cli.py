@@ -50,7 +50,7 @@ def main(versions: tuple[str, ...], build_all: bool, list_specs: bool, source: s
         _list(specfile, bundles)
         return
     if build_all:
-        from m2fpkit.runtime.store import BundleStore
+        from m2fpkit.runtime.bundle.store import BundleStore
         present = set(BundleStore(bundles).versions())
         versions = tuple(v for v, s in specfile.versions.items() if s.build_by_default and (force or v not in present))
         if not versions:
@@ -95,7 +95,7 @@ def main(versions: tuple[str, ...], build_all: bool, list_specs: bool, source: s
 
 
 def _list(specfile, bundles: Path) -> None:
-    from m2fpkit.runtime.store import BundleStore
+    from m2fpkit.runtime.bundle.store import BundleStore
     present = set(BundleStore(bundles).versions())
     aliases = {}
     for a, v in specfile.aliases.items():

@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import torch
 
-from m2fpkit.runtime.bundle import BundleConfig
+from m2fpkit.runtime.bundle.config import BundleConfig
 from m2fpkit.runtime.imageio import decode_image
 from m2fpkit.runtime.postprocess import postprocess
 from m2fpkit.runtime.preprocess import prepare

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from m2fpkit.runtime.errors import ExportError
+
 from .model import config as mcfg
 from .model.m2fp import M2FP, build
 
@@ -30,7 +32,7 @@ WEIGHTS_FILE = "pytorch_model.pt"
 _IGNORED_SUFFIX = "num_batches_tracked"
 
 
-class SourceError(Exception):
+class SourceError(ExportError):
     """The checkpoint cannot be used; the message says why and names keys or paths."""
 
 

@@ -7,14 +7,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from m2fpkit.runtime.bundle import CHANNELS, TASKS
+from m2fpkit.runtime.bundle.config import CHANNELS, TASKS
+from m2fpkit.runtime.errors import ExportError
 from m2fpkit.runtime.versions import is_alias_name, is_version_name
 
 DEFAULT_SPECS = Path(__file__).with_name("versions.toml")
 _KEYS = {"source", "task", "channel", "compatible_api", "notes", "opset", "preprocess", "build_by_default"}
 
 
-class SpecError(ValueError):
+class SpecError(ExportError, ValueError):
     """versions.toml is wrong; the message names the key path."""
 
 

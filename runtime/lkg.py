@@ -4,13 +4,13 @@
 ``aliases.json``; a dot-file, so watchers and version scans ignore it)::
 
     {"schema": 1, "recorded_at": "2026-11-25T12:00:00Z",
-     "versions": {"v1.0": "<sha256 of v1.0/manifest.json>", "v1.2": "…"},
+     "versions": {"v1.0": "<content key of v1.0>", "v1.2": "…"},
      "aliases": {"latest": "v1.2", "stable": "v1.0"},
      "routes": {"weights": {"v1.2": 90, "v1.0": 10}, …}}
 
-A version is identified by the SHA-256 of its ``manifest.json`` bytes: the manifest pins the hash of
-every other file, so an unchanged manifest digest plus a passing manifest check means the very bundle
-that was recorded. :meth:`LastKnownGood.intact` tells which recorded versions are still on disk
+A version is identified by its content key (``bundle.reader.identity``: the manifest's SHA-256, plus
+the signature's when signed): the manifest pins the hash of every other file, so an unchanged key
+plus a passing verification means the very bundle that was recorded. :meth:`LastKnownGood.intact` tells which recorded versions are still on disk
 unchanged (cheap: one small file per version; the registry still verifies before loading).
 
 The file is written atomically (temporary file, fsync, rename, fsync of the directory), so a crash
@@ -21,15 +21,18 @@ missing or damaged file: it returns None and logs why, because boot must go on w
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import logging
+import re
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .atomic import write_atomic
+from .bundle import jsonfile
+from .bundle.atomic import write_atomic
+from .bundle.reader import identity_of
+from .errors import BundleError, MalformedFile
 from .versions import is_alias_name, is_version_name
 
 log = logging.getLogger(__name__)
@@ -38,9 +41,8 @@ LKG = ".lkg.json"
 SCHEMA = 1
 
 
-def manifest_sha256(bundle_dir: str | os.PathLike) -> str:
-    """SHA-256 of a bundle's ``manifest.json`` bytes: the identity of its whole content."""
-    return hashlib.sha256((Path(bundle_dir) / "manifest.json").read_bytes()).hexdigest()
+_IDENTITY = re.compile(r"[0-9a-f]{64}(-[0-9a-f]{16})?")
+MAX_BYTES = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -56,14 +58,11 @@ class LastKnownGood:
         for version, digest in self.versions.items():
             path = Path(store_dir) / version
             try:
-                now = manifest_sha256(path)
-            except FileNotFoundError:
-                out[version] = "missing"
+                now = identity_of(path)
+            except BundleError as exc:
+                out[version] = "missing" if not path.is_dir() else str(exc)
                 continue
-            except OSError as exc:
-                out[version] = f"unreadable: {exc.strerror or exc}"
-                continue
-            out[version] = None if now == digest else "manifest changed since it was recorded"
+            out[version] = None if now == digest else "content changed since it was recorded"
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -73,9 +72,9 @@ class LastKnownGood:
 
 def _check(versions: Any, aliases: Any, routes: Any) -> None:
     if not isinstance(versions, dict) or not all(
-            isinstance(v, str) and is_version_name(v) and isinstance(d, str) and len(d) == 64
-            and all(c in "0123456789abcdef" for c in d) for v, d in versions.items()):
-        raise ValueError("versions: expected {version name: manifest sha256 (64 hex digits)}")
+            isinstance(v, str) and is_version_name(v) and isinstance(d, str) and _IDENTITY.fullmatch(d)
+            for v, d in versions.items()):
+        raise ValueError("versions: expected {version name: content key (bundle.reader.identity)}")
     if not isinstance(aliases, dict) or not all(
             isinstance(a, str) and is_alias_name(a) and isinstance(v, str) and is_version_name(v)
             for a, v in aliases.items()):
@@ -92,18 +91,17 @@ def record(store_dir: str | os.PathLike, versions: dict[str, str], aliases: dict
     store.mkdir(parents=True, exist_ok=True)
     now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
     state = LastKnownGood(dict(versions), dict(aliases), json.loads(json.dumps(routes)), now)
-    data = (json.dumps(state.to_dict(), indent=2, sort_keys=True) + "\n").encode()
-    write_atomic(store / LKG, data)
+    write_atomic(store / LKG, jsonfile.dumps(state.to_dict()))
 
 
 def load(store_dir: str | os.PathLike) -> LastKnownGood | None:
     """The recorded state, or None when there is none or it is unreadable (logged)."""
     path = Path(store_dir) / LKG
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw = jsonfile.read(path, LKG, max_bytes=MAX_BYTES)
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as exc:
+    except (OSError, MalformedFile) as exc:
         log.warning("%s ignored: unreadable (%s)", path, exc)
         return None
     try:

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .bundle import BundleConfig
+from .bundle.config import BundleConfig
 from .preprocess import Prepared
 from .resize import resize_float
 from .result import Instance, ParseResult, Person

@@ -1,4 +1,10 @@
-"""One loaded version: image bytes → decode → preprocess → onnxruntime → postprocess."""
+"""One loaded version and its stages: decode → prepare → run → postprocess → render.
+
+Each stage is a method callable on its own (the server and the benchmarks use them; nothing else
+rebuilds the pipeline); :meth:`Predictor.predict` chains them with timings. A predictor is built only
+from a verified in-memory :class:`~m2fpkit.runtime.bundle.reader.BundleContent`: the graph, the weights
+and the golden sample it checks itself against are the bytes that were hashed at load.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +15,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundle import BundleConfig
+from .bundle import reader
+from .bundle.config import BundleConfig
+from .bundle.signature import NO_KEYS, TrustPolicy
 from .errors import BundleError
 from .imageio import decode_image
 from .postprocess import postprocess
-from .preprocess import prepare
+from .preprocess import Prepared, prepare
 from .result import ParseResult
 from .session import SessionFactory
-from .verify import check_graph, verify_files
 
 log = logging.getLogger(__name__)
 
@@ -37,47 +44,75 @@ class Prediction:
 
 
 class Predictor:
-    """A verified bundle with its onnxruntime session; ``predict`` is thread-safe."""
+    """A verified bundle with its onnxruntime session; every stage is thread-safe."""
 
-    def __init__(self, bundle_dir: Path, config: BundleConfig, session) -> None:
-        self.bundle_dir = Path(bundle_dir)
-        self.config = config
+    def __init__(self, content: reader.BundleContent, session) -> None:
+        self.content = content
+        self.config: BundleConfig = content.config
         self.session = session
-        self._input = config.inputs[0].name
-        self._outputs = [o.name for o in config.outputs]
+        self._input = self.config.inputs[0].name
+        self._outputs = [o.name for o in self.config.outputs]
 
     @classmethod
-    def load(cls, bundle_dir: Path, factory: SessionFactory | None = None) -> "Predictor":
-        """Verify the bundle's files, create the session and check the graph against config.json."""
-        config = verify_files(bundle_dir)
-        factory = factory or SessionFactory()
-        session = factory.create(Path(bundle_dir) / config.model_file, config.weights_index)
-        check_graph(config, session)
-        return cls(bundle_dir, config, session)
+    def load(cls, bundle_dir: str | Path, factory: SessionFactory | None = None,
+             trust: TrustPolicy = NO_KEYS) -> "Predictor":
+        """Verify the bundle into memory, build the session from those bytes, check graph ⇄ config."""
+        return cls.from_content(reader.load(bundle_dir, trust), factory)
+
+    @classmethod
+    def from_content(cls, content: reader.BundleContent, factory: SessionFactory | None = None) -> "Predictor":
+        session = (factory or SessionFactory()).create(content)
+        reader.check_graph(content.config, session)
+        return cls(content, session)
 
     @property
     def version(self) -> str:
         return self.config.version
 
+    @property
+    def identity(self) -> str:
+        """The content key of the bundle this predictor runs (see ``bundle.reader.identity``)."""
+        return self.content.info.identity
+
+    # ------------------------------------------------------------------------------------ stages
+    @staticmethod
+    def decode(data: bytes, limits: ImageLimits = ImageLimits()) -> np.ndarray:
+        """Encoded image → RGB uint8 (H, W, 3), refusing oversized or absurd images before decoding."""
+        return decode_image(data, max_pixels=limits.max_pixels, max_aspect=limits.max_aspect)
+
+    def prepare(self, rgb: np.ndarray) -> Prepared:
+        """RGB → the graph's input tensor (resize, normalise, pad) and the geometry to undo it."""
+        return prepare(rgb, self.config.preprocess)
+
     def run(self, tensor: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The forward pass: input tensor → (class logits, mask logits)."""
         logits, masks = self.session.run(self._outputs, {self._input: tensor})
         return logits, masks
 
+    def postprocess(self, outputs: tuple[np.ndarray, np.ndarray], prepared: Prepared) -> ParseResult:
+        """Graph outputs → label map, instances and persons at the original image size."""
+        return postprocess(outputs[0], outputs[1], prepared, self.config)
+
+    def render(self, result: ParseResult, rgb: np.ndarray) -> np.ndarray:
+        """The overlay of ``result`` on ``rgb`` in the bundle's palette (RGB uint8)."""
+        return result.overlay(rgb, self.config.palette)
+
+    # ------------------------------------------------------------------------------------ chains
     def predict_rgb(self, rgb: np.ndarray, timings: dict[str, float] | None = None) -> Prediction:
         timings = {} if timings is None else timings
         t0 = time.perf_counter()
-        prepared = prepare(rgb, self.config.preprocess)
+        prepared = self.prepare(rgb)
         t1 = time.perf_counter()
-        logits, masks = self.run(prepared.tensor)
+        outputs = self.run(prepared.tensor)
         t2 = time.perf_counter()
-        result = postprocess(logits, masks, prepared, self.config)
+        result = self.postprocess(outputs, prepared)
         t3 = time.perf_counter()
         timings.update(preprocess=t1 - t0, inference=t2 - t1, postprocess=t3 - t2)
         return Prediction(self.version, result, timings)
 
     def predict(self, data: bytes, limits: ImageLimits = ImageLimits()) -> Prediction:
         t0 = time.perf_counter()
-        rgb = decode_image(data, max_pixels=limits.max_pixels, max_aspect=limits.max_aspect)
+        rgb = self.decode(data, limits)
         timings = {"decode": time.perf_counter() - t0}
         pred = self.predict_rgb(rgb, timings)
         timings["total"] = time.perf_counter() - t0
@@ -98,8 +133,8 @@ class Predictor:
             return None
         import cv2
 
-        image = (self.bundle_dir / golden["image"]).read_bytes()
-        expected = cv2.imread(str(self.bundle_dir / golden["label_map"]), cv2.IMREAD_UNCHANGED)
+        image = self.content.files[golden["image"]]
+        expected = cv2.imdecode(np.frombuffer(self.content.files[golden["label_map"]], np.uint8), cv2.IMREAD_UNCHANGED)
         if expected is None:
             raise BundleError(f"golden label map {golden['label_map']} is unreadable")
         got = self.predict(image).result.label_map

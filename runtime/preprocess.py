@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .bundle import Preprocess
+from .bundle.config import Preprocess
 from .resize import resize_uint8
 
 

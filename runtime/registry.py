@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import dataclasses
 import enum
-import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -26,14 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import lkg
-from .bundle import BundleConfig
+from .bundle import reader
+from .bundle.config import BundleConfig
+from .bundle.signature import NO_KEYS, TrustPolicy
+from .bundle.store import MODEL, BundleStore
 from .errors import BundleError, UnknownVersion, VersionUnavailable
-from .delivery.signing import public_keys, verify_signature
 from .memory import rss_bytes, trim_heap
 from .predictor import ImageLimits, Prediction, Predictor
 from .session import RuntimeSettings, SessionFactory
-from .store import BundleStore
-from .verify import verify_files
 from .versions import SemVer, check_name, is_version_name
 
 log = logging.getLogger(__name__)
@@ -70,8 +69,8 @@ class Slot:
     path: Path
     config: BundleConfig | None = None
     fingerprint: str = ""
-    #: SHA-256 of manifest.json when last verified (last-known-good identity)
-    manifest_sha: str = ""
+    #: content key of the verified bundle (``bundle.reader.identity``; last-known-good records it)
+    identity: str = ""
     #: why the version cannot be used (verification or load failure); None when fine
     reason: str | None = None
     #: why the latest content on disk was refused while an older load keeps serving
@@ -111,33 +110,17 @@ class RegistryOptions:
     watch: bool = True
     watch_polling: bool = False
     warmup: bool = True
-    #: Ed25519 keys (objects or PEM paths); when given, only bundles whose manifest.sig one of them
-    #: verifies are loaded (the same policy as ``m2fp-bundle install --public-key``)
-    trusted_keys: tuple = ()
-
-
-def fingerprint(path: Path) -> str:
-    """Identity of a bundle directory's current content (manifest bytes plus every file's stat)."""
-    h = hashlib.sha256()
-    try:
-        h.update((path / "manifest.json").read_bytes())
-    except OSError:
-        h.update(b"no-manifest")
-    for p in sorted(path.rglob("*")):
-        with contextlib.suppress(OSError):
-            st = p.stat()
-            h.update(f"{p.relative_to(path)}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}".encode())
-    return h.hexdigest()
+    #: which signatures a bundle needs before anything of it is listed or loaded (keys: required)
+    trust: TrustPolicy = NO_KEYS
 
 
 class Registry:
     """The versions under ``root/<model>`` and what is loaded; see the module docstring."""
 
-    def __init__(self, root: str | Path, options: RegistryOptions | None = None, *, model: str = "m2fp") -> None:
+    def __init__(self, root: str | Path, options: RegistryOptions | None = None, *, model: str = MODEL) -> None:
         self.options = options or RegistryOptions()
         self.store = BundleStore(root, model)
         self.factory = SessionFactory(self.options.settings)
-        self._trusted = public_keys(list(self.options.trusted_keys))
         self._slots: dict[str, Slot] = {}
         self._alias_overrides: dict[str, str] = {}
         self._routes_snapshot: dict = {}
@@ -220,18 +203,18 @@ class Registry:
                 log.warning("last-known-good %s not restored: %s", version, why)
                 continue
             path = self.store.dir / version
+            fp = reader.stat_fingerprint(path)
             try:
-                config = await loop.run_in_executor(self._load, verify_files, path)
+                info = await loop.run_in_executor(self._load, reader.inspect, path, self.options.trust)
             except BundleError as exc:
                 log.warning("last-known-good %s not restored: %s", version, exc)
                 continue
-            self._slots[version] = Slot(version, path, config=config, fingerprint=fingerprint(path),
-                                        manifest_sha=lkg.manifest_sha256(path))
+            self._slots[version] = Slot(version, path, config=info.config, fingerprint=fp, identity=info.identity)
         log.info("last-known-good set (%s): %s", state.recorded_at, ", ".join(sorted(self._slots)) or "empty")
         await self._preload()
 
     def _record_last_known_good(self) -> None:
-        versions = {n: s.manifest_sha for n, s in self._slots.items() if s.usable and s.manifest_sha}
+        versions = {n: s.identity for n, s in self._slots.items() if s.usable and s.identity}
         if not versions:
             return
         aliases = {a: v for a, v in self.aliases().items() if v in versions}
@@ -370,9 +353,7 @@ class Registry:
 
     def _load_sync(self, path: Path) -> tuple[Predictor, float, int]:
         t0, rss0 = time.perf_counter(), rss_bytes()
-        if self._trusted:
-            verify_signature(path, self._trusted)
-        predictor = Predictor.load(path, self.factory)
+        predictor = Predictor.load(path, self.factory, self.options.trust)
         try:
             if self.options.warmup:
                 predictor.warmup()
@@ -384,7 +365,7 @@ class Registry:
 
     async def _load_slot(self, slot: Slot) -> None:
         replacing = slot.active is not None
-        fp = fingerprint(slot.path)
+        fp = reader.stat_fingerprint(slot.path)
         loop = asyncio.get_running_loop()
         try:
             predictor, seconds, mem = await loop.run_in_executor(self._load, self._load_sync, slot.path)
@@ -407,8 +388,7 @@ class Registry:
         old = slot.active
         slot.active, slot.config, slot.fingerprint = new, predictor.config, fp
         slot.reason, slot.update_error, slot.was_loaded = None, None, True
-        with contextlib.suppress(OSError):
-            slot.manifest_sha = lkg.manifest_sha256(slot.path)
+        slot.identity = predictor.identity
         slot.last_used = time.monotonic()
         self.events["loads"] += 1
         if old is not None:
@@ -459,14 +439,14 @@ class Registry:
                     self._remove(slot)
             for name, path in on_disk.items():
                 slot = self._slots.get(name)
-                fp = fingerprint(path)
+                fp = reader.stat_fingerprint(path)
                 if slot is not None and not slot.removed and slot.fingerprint == fp:
                     continue
                 if slot is None or slot.removed:
                     slot = self._slots[name] = Slot(name, path)
                 slot.fingerprint = fp
                 try:
-                    config = await loop.run_in_executor(self._load, verify_files, path)
+                    info = await loop.run_in_executor(self._load, reader.inspect, path, self.options.trust)
                 except BundleError as exc:
                     if slot.active is not None:
                         slot.update_error = str(exc)
@@ -476,13 +456,15 @@ class Registry:
                         log.error("%s: refused: %s", name, exc)
                     continue
                 if slot.active is not None:
+                    if info.identity == slot.active.predictor.identity:
+                        slot.update_error = None  # files touched or rewritten with the very same content
+                        continue
                     log.info("%s: content changed on disk, loading the replacement aside", name)
                     if slot.loading is None:
                         slot.loading = asyncio.create_task(self._load_slot(slot))
                 else:
-                    slot.config, slot.reason = config, None
-                    slot.manifest_sha = lkg.manifest_sha256(path)
-                    log.info("%s: discovered (%s, %s)", name, config.task, config.channel)
+                    slot.config, slot.reason, slot.identity = info.config, None, info.identity
+                    log.info("%s: discovered (%s, %s)", name, info.config.task, info.config.channel)
         await self._preload()
 
     def _remove(self, slot: Slot) -> None:

@@ -11,10 +11,10 @@ import logging
 import os
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 
 import onnxruntime as ort
 
+from .bundle.reader import BundleContent
 from .errors import BundleError
 from .weights import POOL, SharedTensor, WeightPool
 
@@ -116,25 +116,30 @@ class SessionFactory:
             o.add_session_config_entry("session.disable_prepacking", "1")
         return o
 
-    def create(self, model_path: Path, weights_index: str | None = None) -> ort.InferenceSession:
-        """A CPU session for ``model_path``; with ``weights_index``, its external weights come from the pool.
+    def create(self, content: BundleContent) -> "Session":
+        """A CPU session built only from the verified bytes in ``content`` (never from the files).
 
-        Raises BundleError for a bad index or a graph onnxruntime cannot load.
+        Indexed external weights come from the pool (shared across versions when ``share_weights``).
+        Raises BundleError for a graph onnxruntime cannot load, IntegrityError for changed weights.
         """
         with SessionFactory._process_lock:
             options = self.options()
-            shared = []
-            if weights_index and self.settings.share_weights:
-                shared = self.pool.initializers(model_path.parent, weights_index)
-                for name, tensor in shared:
+            tensors = self.pool.tensors(content, share=self.settings.share_weights)
+            if tensors:
+                # the graph's optimisers read these (not the data file); the session runs on them in place
+                options.add_external_initializers([n for n, _ in tensors], [t.value for _, t in tensors])
+                for name, tensor in tensors:
                     options.add_initializer(name, tensor.value)
             try:
-                session = Session(model_path, options, shared)
+                return Session(content.model_bytes(), options, tensors)
             except Exception as exc:  # onnxruntime raises its own exception types for a bad graph
-                raise BundleError(f"onnxruntime cannot load {model_path.name}: {exc}") from None
-            for tensor in {id(t): t for _, t in shared}.values():
-                tensor.evict()
-            return session
+                raise BundleError(f"onnxruntime cannot load {content.config.model_file}: "
+                                  f"{_first_line(exc)}") from None
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[-1][:300] if text else type(exc).__name__
 
 
 class Session(ort.InferenceSession):
@@ -144,9 +149,9 @@ class Session(ort.InferenceSession):
     in flight when its version is closed: tying them to the session object guarantees that.
     """
 
-    def __init__(self, model_path: Path, options: ort.SessionOptions, shared: list[tuple[str, SharedTensor]]) -> None:
+    def __init__(self, model: bytes, options: ort.SessionOptions, shared: list[tuple[str, SharedTensor]]) -> None:
         self.shared_weights = shared
-        super().__init__(str(model_path), options, providers=["CPUExecutionProvider"])
+        super().__init__(model, options, providers=["CPUExecutionProvider"])
 
     @property
     def shared_bytes(self) -> int:

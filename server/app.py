@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from m2fpkit.runtime.bundle.signature import TrustPolicy
 from m2fpkit.runtime.registry import Registry, RegistryOptions
 
 from . import admin, distribution, handlers, keys
@@ -61,7 +62,8 @@ async def runtime_context(app: web.Application) -> AsyncIterator[None]:
     budget = cfg.memory_budget_mb * 2**20 if cfg.memory_budget_mb else None
     registry = Registry(cfg.bundles, RegistryOptions(
         settings=cfg.runtime, limits=cfg.limits, idle_ttl=cfg.idle_ttl, memory_budget=budget,
-        preload=cfg.preload, watch=cfg.watch, watch_polling=cfg.watch_polling, trusted_keys=cfg.trusted_keys))
+        preload=cfg.preload, watch=cfg.watch, watch_polling=cfg.watch_polling,
+        trust=TrustPolicy.from_keys(list(cfg.trusted_keys))))
     routes = RoutesState(registry, cfg.routes_file)
     app[keys.REGISTRY] = registry
     app[keys.ROUTES] = routes

@@ -73,11 +73,11 @@ def main(bundles: Path, host: str, port: int, routes_file: Path | None, admin_to
     setup_logging(log_format, log_level)
     from aiohttp import web
 
-    from m2fpkit.runtime.delivery.signing import public_keys as load_keys
+    from m2fpkit.runtime.bundle.signature import TrustPolicy
     from m2fpkit.runtime.errors import BundleError
 
     try:
-        load_keys(list(public_keys))
+        TrustPolicy.from_keys(list(public_keys))
     except BundleError as exc:
         raise click.BadParameter(str(exc), param_hint="--public-key") from None
 

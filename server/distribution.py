@@ -18,7 +18,6 @@ installed versions that verify, and that the registry has not refused, are serve
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
 import logging
 import os
@@ -29,10 +28,9 @@ from pathlib import Path
 
 from aiohttp import web
 
-from m2fpkit.runtime.delivery.pack import SIGNATURE, pack
+from m2fpkit.runtime.bundle import reader
+from m2fpkit.runtime.bundle.archive import pack
 from m2fpkit.runtime.errors import BundleError
-from m2fpkit.runtime.registry import fingerprint
-from m2fpkit.runtime.verify import verify_files
 from m2fpkit.runtime.versions import is_version_name
 
 from . import keys
@@ -72,28 +70,16 @@ def _authorize(request: web.Request) -> None:
                           headers={"WWW-Authenticate": 'Bearer realm="m2fp-distribution"'})
 
 
-def _content_key(bundle_dir: Path) -> tuple[str, str, bool]:
-    """(key, manifest sha256, signed): the key names the packed bytes (manifest + signature)."""
-    manifest = hashlib.sha256((bundle_dir / "manifest.json").read_bytes()).hexdigest()
-    try:
-        sig = hashlib.sha256((bundle_dir / SIGNATURE).read_bytes()).hexdigest()[:16]
-    except FileNotFoundError:
-        return manifest, manifest, False
-    return f"{manifest}-{sig}", manifest, True
-
-
-def _check(bundle_dir: Path) -> tuple[str, str | None, dict]:
+def _check(bundle_dir: Path, trust: reader.TrustPolicy) -> tuple[str, str | None, dict]:
     """(fingerprint, refusal reason or None, listing entry) — blocking, run in an executor."""
-    fp = fingerprint(bundle_dir)
+    fp = reader.stat_fingerprint(bundle_dir)
     try:
-        config = verify_files(bundle_dir)
-        key, manifest, signed = _content_key(bundle_dir)
-    except (BundleError, OSError) as exc:
+        info = reader.inspect(bundle_dir, trust)
+    except BundleError as exc:
         return fp, str(exc), {}
-    size = sum(p.stat().st_size for p in bundle_dir.rglob("*") if p.is_file())
-    return fp, None, {"version": bundle_dir.name, "manifest_sha256": manifest, "signed": signed, "etag": key,
-                      "bytes": size, "channel": config.channel, "task": config.task,
-                      "url": f"/bundles/{bundle_dir.name}.tar"}
+    return fp, None, {"version": info.version, "manifest_sha256": info.manifest.sha256, "signed": info.signed,
+                      "etag": info.identity, "bytes": info.manifest.total_bytes, "channel": info.config.channel,
+                      "task": info.config.task, "url": f"/bundles/{info.version}.tar"}
 
 
 async def _verified(request: web.Request, version: str) -> tuple[str | None, dict]:
@@ -101,10 +87,10 @@ async def _verified(request: web.Request, version: str) -> tuple[str | None, dic
     state, registry = request.app[STATE], request.app[keys.REGISTRY]
     path = registry.store.dir / version
     loop = asyncio.get_running_loop()
-    fp = await loop.run_in_executor(None, fingerprint, path)
+    fp = await loop.run_in_executor(None, reader.stat_fingerprint, path)
     cached = state.verified.get(version)
     if cached is None or cached[0] != fp:
-        cached = await loop.run_in_executor(None, _check, path)
+        cached = await loop.run_in_executor(None, _check, path, registry.options.trust)
         state.verified[version] = cached
     reason, entry = cached[1], cached[2]
     refused = next((s["reason"] for s in registry.status() if s["version"] == version and s["reason"]), None)
@@ -142,12 +128,12 @@ def _cache_dir(state: Distribution, store_dir: Path) -> Path:
 def _packed(bundle_dir: Path, cache: Path) -> tuple[Path, str]:
     """The cached archive of the bundle's current content (packed now if needed) and its key."""
     for _ in range(3):
-        key, _, _ = _content_key(bundle_dir)
+        key = reader.identity_of(bundle_dir)
         path = cache / f"m2fp-{bundle_dir.name}-{key}.tar"
         if path.is_file():
             return path, key
         pack(bundle_dir, path)
-        if _content_key(bundle_dir)[0] == key:  # not replaced while packing
+        if reader.identity_of(bundle_dir) == key:  # not replaced while packing
             for old in cache.glob(f"m2fp-{bundle_dir.name}-*.tar"):
                 if old != path:
                     old.unlink(missing_ok=True)

@@ -10,7 +10,6 @@ from typing import Any
 import cv2
 import numpy as np
 
-from m2fpkit.runtime.imageio import decode_image
 from m2fpkit.runtime.predictor import ImageLimits, Predictor
 
 INCLUDES = frozenset({"label_map", "persons", "masks", "person_map"})
@@ -52,7 +51,7 @@ def encode_mask(mask: np.ndarray, fmt: str) -> Any:
 def parse(predictor: Predictor, data: bytes, limits: ImageLimits, opts: RenderOptions) -> dict[str, Any]:
     """Decode, predict and render one request; every step timed."""
     t0 = time.perf_counter()
-    rgb = decode_image(data, max_pixels=limits.max_pixels, max_aspect=limits.max_aspect)
+    rgb = predictor.decode(data, limits)
     timings = {"decode": time.perf_counter() - t0}
     pred = predictor.predict_rgb(rgb, timings)
     t1 = time.perf_counter()
@@ -65,7 +64,7 @@ def parse(predictor: Predictor, data: bytes, limits: ImageLimits, opts: RenderOp
         "classes_present": sorted({cfg.classes[c] for c in np.unique(res.label_map).tolist()}),
     }
     if opts.visualization:
-        body["visualization"] = png_b64(res.overlay(rgb, cfg.palette))
+        body["visualization"] = png_b64(predictor.render(res, rgb))
     if "label_map" in opts.include:
         body["label_map"] = png_b64(res.label_map.astype(np.uint8))
     if "person_map" in opts.include and res.person_map is not None:

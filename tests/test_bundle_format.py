@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from m2fpkit.runtime.bundle import SCHEMA_VERSION, BundleConfig, Postprocess, Preprocess, TensorSpec
+from m2fpkit.runtime.bundle.config import SCHEMA_VERSION, BundleConfig, Postprocess, Preprocess, TensorSpec
 from m2fpkit.runtime.errors import BundleError, InvalidVersionName
-from m2fpkit.runtime.manifest import MANIFEST, build_manifest, read_manifest, verify_manifest, write_manifest
+from m2fpkit.runtime.bundle.manifest import MANIFEST, build_manifest, read_manifest, verify_manifest, write_manifest
 from m2fpkit.runtime.palette import KNOWN_COLOURS, palette_for, voc_colour
-from m2fpkit.runtime.store import ALIASES, BundleStore, VersionExists
+from m2fpkit.runtime.bundle.store import ALIASES, BundleStore, VersionExists
 from m2fpkit.runtime.versions import SemVer, check_name, is_alias_name, is_version_name
 
 CIHP = (

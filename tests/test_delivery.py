@@ -25,11 +25,11 @@ from m2fpkit.runtime.delivery import install as install_mod
 from m2fpkit.runtime.delivery import pack as pack_mod
 from m2fpkit.runtime.delivery.cli import main
 from m2fpkit.runtime.delivery.install import install, list_versions, promote, remove, verify
-from m2fpkit.runtime.delivery.pack import pack, unpack
-from m2fpkit.runtime.delivery.signing import keygen, sign, verify_signature
-from m2fpkit.runtime.manifest import verify_manifest
+from m2fpkit.runtime.bundle.archive import pack, unpack
+from m2fpkit.runtime.bundle.signature import keygen, sign, verify_signature
+from m2fpkit.runtime.bundle.manifest import verify_manifest
 from m2fpkit.runtime.predictor import Predictor
-from m2fpkit.runtime.store import BundleStore, VersionExists
+from m2fpkit.runtime.bundle.store import BundleStore, VersionExists
 from reference.bundles import clone_bundle, corrupt, synthetic_png
 
 FAST = {"short_edge": 160}
@@ -554,6 +554,6 @@ def test_errors_are_one_line_without_traceback_from_the_installed_script(tmp_pat
 
 def test_delivery_modules_do_not_import_torch():
     code = ("import sys; import m2fpkit.runtime.delivery.cli, m2fpkit.runtime.delivery.install, "
-            "m2fpkit.runtime.delivery.pull, m2fpkit.runtime.delivery.signing, m2fpkit.runtime.lkg, "
+            "m2fpkit.runtime.delivery.pull, m2fpkit.runtime.bundle.signature, m2fpkit.runtime.lkg, "
             "m2fpkit.server.distribution; assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

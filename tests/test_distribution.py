@@ -17,10 +17,10 @@ from m2fpkit.runtime import lkg
 from m2fpkit.runtime.delivery import TransferError, Unauthorized, VerificationFailed
 from m2fpkit.runtime.delivery import pull as pull_mod
 from m2fpkit.runtime.delivery.install import install, verify
-from m2fpkit.runtime.delivery.pack import pack
+from m2fpkit.runtime.bundle.archive import pack
 from m2fpkit.runtime.delivery.pull import pull
-from m2fpkit.runtime.delivery.signing import keygen, sign
-from m2fpkit.runtime.store import BundleStore
+from m2fpkit.runtime.bundle.signature import keygen, sign
+from m2fpkit.runtime.bundle.store import BundleStore
 from reference.bundles import clone_bundle, corrupt
 from server_fixtures import ServerProcess, http_json, png_bytes
 

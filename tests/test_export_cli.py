@@ -28,9 +28,9 @@ from m2fpkit.export import build, onnx_export, parity, sources
 from m2fpkit.export.cli import main
 from m2fpkit.export.specs import VersionSpec
 from m2fpkit.export.specs import load as load_specs
-from m2fpkit.runtime.bundle import SCHEMA_VERSION, BundleConfig
-from m2fpkit.runtime.manifest import MANIFEST, verify_manifest
-from m2fpkit.runtime.store import ALIASES, BundleStore
+from m2fpkit.runtime.bundle.config import SCHEMA_VERSION, BundleConfig
+from m2fpkit.runtime.bundle.manifest import MANIFEST, verify_manifest
+from m2fpkit.runtime.bundle.store import ALIASES, BundleStore
 from reference.cases import normalise_and_pad, sample_image
 
 EXE = Path(sys.executable).with_name("m2fp-export")

@@ -21,7 +21,7 @@ from m2fpkit.export import parity, sources
 from m2fpkit.export.build import parity_sizes
 from m2fpkit.export.model import config as mcfg
 from m2fpkit.export.model.m2fp import build, count_parameters
-from m2fpkit.runtime.manifest import verify_manifest
+from m2fpkit.runtime.bundle.manifest import verify_manifest
 from reference.cases import CASE_VERSIONS, normalise_and_pad, sample_image
 from reference.modelscope_m2fp import build_modelscope_m2fp, modelscope_forward
 

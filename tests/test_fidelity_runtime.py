@@ -14,7 +14,7 @@ import pytest
 
 from m2fpkit.export import build, sources
 from m2fpkit.export.specs import VersionSpec
-from m2fpkit.runtime.bundle import BundleConfig
+from m2fpkit.runtime.bundle.config import BundleConfig
 from m2fpkit.runtime.predictor import Predictor
 from reference.modelscope_pipeline import modelscope_pipeline, run_pipeline, synthetic_image, tiny_models, torch_threads
 

@@ -26,7 +26,7 @@ import pytest
 from m2fpkit.runtime.errors import VersionUnavailable
 from m2fpkit.runtime.predictor import ImageLimits, Predictor
 from m2fpkit.runtime.registry import Registry, RegistryOptions
-from m2fpkit.runtime.store import BundleStore
+from m2fpkit.runtime.bundle.store import BundleStore
 from reference.bundles import clone_bundle, corrupt, replace_bundle, synthetic_png
 
 IMAGES = [synthetic_png(h, w, seed=i) for i, (h, w) in enumerate([(96, 128), (72, 96), (128, 96), (100, 100)])]

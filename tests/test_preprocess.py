@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from m2fpkit.runtime.bundle import Preprocess
+from m2fpkit.runtime.bundle.config import Preprocess
 from m2fpkit.runtime.preprocess import Prepared, canvas_size, prepare, shortest_edge_size
 from reference.modelscope_pipeline import bundle_config, modelscope_input, synthetic_image
 

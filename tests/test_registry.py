@@ -24,7 +24,7 @@ from m2fpkit.runtime.api import Runtime
 from m2fpkit.runtime.errors import InvalidVersionName, UnknownVersion, VersionUnavailable
 from m2fpkit.runtime.predictor import Predictor
 from m2fpkit.runtime.registry import Registry, RegistryOptions, State
-from m2fpkit.runtime.store import BundleStore
+from m2fpkit.runtime.bundle.store import BundleStore
 from reference.bundles import add_golden, clone_bundle, corrupt, replace_bundle, synthetic_png
 
 MB = 1 << 20
@@ -513,8 +513,8 @@ def test_runtime_facade_works_from_plain_threads(fast_multi_src, fast_single_src
 @bounded(120)
 async def test_with_trusted_keys_only_correctly_signed_bundles_load(fast_multi_src, root, tmp_path, make_registry):
     """The server-side signature policy: unsigned, foreign-signed and tampered-after-signing bundles fail."""
-    from m2fpkit.runtime.delivery.signing import keygen, sign
-    from m2fpkit.runtime.manifest import write_manifest
+    from m2fpkit.runtime.bundle.signature import keygen, sign
+    from m2fpkit.runtime.bundle.manifest import write_manifest
 
     for name in ("ours", "theirs"):
         keygen(tmp_path / f"{name}.key", tmp_path / f"{name}.pub")

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from m2fpkit.runtime.errors import BundleError
-from m2fpkit.runtime.manifest import verify_manifest
+from m2fpkit.runtime.bundle.manifest import verify_manifest
 from m2fpkit.runtime.predictor import Predictor
-from m2fpkit.runtime.verify import verify_files
+from m2fpkit.runtime.bundle.reader import verify_files
 from reference.bundles import CORRUPTIONS, clone_bundle, corrupt, graph_metadata, synthetic_png, write_clone
 
 FAST = {"short_edge": 160}  # the graph's spatial axes are dynamic; small inputs keep the tests quick

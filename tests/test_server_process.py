@@ -15,8 +15,8 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from m2fpkit.runtime.manifest import write_manifest
-from m2fpkit.runtime.store import BundleStore
+from m2fpkit.runtime.bundle.manifest import write_manifest
+from m2fpkit.runtime.bundle.store import BundleStore
 
 pytest.register_assert_rewrite("server_fixtures")
 pytest_plugins = ["server_fixtures"]

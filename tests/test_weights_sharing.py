@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from m2fpkit.runtime.errors import BundleError
-from m2fpkit.runtime.manifest import write_manifest
+from m2fpkit.runtime.bundle.manifest import write_manifest
 from m2fpkit.runtime.predictor import Predictor
 from m2fpkit.runtime.session import RuntimeSettings, SessionFactory
 from m2fpkit.runtime.weights import WeightPool, read_index

@@ -25,6 +25,13 @@ PUBLIC_KEY = click.option("--public-key", "public_key", multiple=True, type=clic
                                "Env M2FP_PUBLIC_KEY (':'-separated).")
 
 
+def _trust(paths: tuple[Path, ...]):
+    """The trust policy of ``--public-key`` paths (SignatureError, one line, for an unusable key file)."""
+    from ..bundle.signature import TrustPolicy
+
+    return TrustPolicy.from_keys(list(paths))
+
+
 class _Group(click.Group):
     """Expected failures become one line on stderr and exit status 1, never a traceback."""
 
@@ -49,7 +56,7 @@ def main() -> None:
 
 
 def _version_dir(bundles: Path, version_or_dir: str) -> Path:
-    from ..store import BundleStore
+    from ..bundle.store import BundleStore
     from ..versions import is_version_name
 
     p = Path(version_or_dir)
@@ -70,7 +77,7 @@ def _version_dir(bundles: Path, version_or_dir: str) -> Path:
               "(default ./m2fp-<version>.tar).")
 def pack(version: str, bundles: Path, output: Path | None) -> None:
     """Pack VERSION (or a bundle directory) into one tar file, checking every hash on the way."""
-    from .pack import pack as do_pack
+    from ..bundle.archive import pack as do_pack
 
     packed = do_pack(_version_dir(bundles, version), output)
     click.echo(f"packed {packed.version}: {packed.files} files, {packed.bytes / 2**20:.1f} MB → {packed.path}")
@@ -84,7 +91,7 @@ def verify(target: Path, public_key: tuple[Path, ...], as_json: bool) -> None:
     """Verify an archive or a bundle directory: archive safety, manifest, schema, graph, signature."""
     from .install import verify as do_verify
 
-    report = do_verify(target, list(public_key))
+    report = do_verify(target, _trust(public_key))
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.render())
     sys.exit(0 if report.ok else 1)
 
@@ -96,11 +103,11 @@ def verify(target: Path, public_key: tuple[Path, ...], as_json: bool) -> None:
 @PUBLIC_KEY
 def install(source: Path, bundles: Path, force: bool, public_key: tuple[Path, ...]) -> None:
     """Verify SOURCE (archive or directory) in a staging directory, then publish it atomically."""
-    from . import VerificationFailed
+    from ..errors import VerificationFailed
     from .install import install as do_install
 
     try:
-        done = do_install(source, bundles, force=force, keys=list(public_key))
+        done = do_install(source, bundles, force=force, trust=_trust(public_key))
     except VerificationFailed as exc:
         if exc.report is not None:
             click.echo(exc.report.render(), err=True)
@@ -117,7 +124,7 @@ def list_(bundles: Path, public_key: tuple[Path, ...], as_json: bool) -> None:
     """Installed versions: channel, task, aliases, signature, size."""
     from .install import list_versions
 
-    rows = list_versions(bundles, list(public_key))
+    rows = list_versions(bundles, _trust(public_key))
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -142,7 +149,7 @@ def promote(version: str, alias: str, bundles: Path, public_key: tuple[Path, ...
     """Point ALIAS at VERSION in aliases.json (atomic) — refused unless VERSION verifies."""
     from .install import promote as do_promote
 
-    do_promote(bundles, version, alias, keys=list(public_key))
+    do_promote(bundles, version, alias, trust=_trust(public_key))
     click.echo(f"{alias} → {version}")
 
 
@@ -168,7 +175,7 @@ def rm(version: str, bundles: Path, routes_file: Path | None, force: bool) -> No
 @click.option("--force", is_flag=True, help="Overwrite existing key files.")
 def keygen(private_key: Path, public_key: Path, force: bool) -> None:
     """Create an Ed25519 key pair for signing bundles."""
-    from .signing import keygen as do_keygen
+    from ..bundle.signature import keygen as do_keygen
 
     kid = do_keygen(private_key, public_key, force=force)
     click.echo(f"key {kid}: private {private_key} (keep it on the build machine), public {public_key} "
@@ -182,7 +189,7 @@ def keygen(private_key: Path, public_key: Path, force: bool) -> None:
 @BUNDLES
 def sign(version: str, private_key: Path, bundles: Path) -> None:
     """Sign VERSION (or a bundle directory): writes manifest.sig over manifest.json."""
-    from .signing import sign as do_sign
+    from ..bundle.signature import sign as do_sign
 
     path = _version_dir(bundles, version)
     kid = do_sign(path, private_key)
@@ -201,11 +208,11 @@ def sign(version: str, private_key: Path, bundles: Path) -> None:
 def pull(url: str, version: str, bundles: Path, token: str | None, public_key: tuple[Path, ...], force: bool,
          timeout: float) -> None:
     """Download VERSION from the server at URL (resumable), verify and install it."""
-    from . import VerificationFailed
+    from ..errors import VerificationFailed
     from .pull import pull as do_pull
 
     try:
-        done = do_pull(url, version, bundles, token=token, keys=list(public_key), force=force, timeout=timeout)
+        done = do_pull(url, version, bundles, token=token, trust=_trust(public_key), force=force, timeout=timeout)
     except VerificationFailed as exc:
         if exc.report is not None:
             click.echo(exc.report.render(), err=True)

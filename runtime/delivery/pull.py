@@ -24,12 +24,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..store import BundleStore, VersionExists
+from ..bundle.archive import archive_name, write_all
+from ..bundle.signature import NO_KEYS, TrustPolicy
+from ..bundle.store import MODEL, BundleStore
+from ..errors import ArchiveError, TransferError, Unauthorized, VerificationFailed, VersionExists
 from ..versions import is_version_name
-from . import MODEL, ArchiveError, TransferError, Unauthorized, VerificationFailed, archive_name
 from .install import Installed, install
-from .pack import write_all
-from .signing import PublicKeys, public_keys
 
 _CHUNK = 1 << 20
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
@@ -72,12 +72,11 @@ def _exclusive(lock_path: Path, version: str) -> Iterator[None]:
 
 
 def pull(url: str, version: str, bundles: str | os.PathLike, *, token: str | None = None,
-         keys: PublicKeys | None = None, force: bool = False, timeout: float = 60.0,
+         trust: TrustPolicy = NO_KEYS, force: bool = False, timeout: float = 60.0,
          model: str = MODEL) -> Pulled:
     """Download ``version`` from ``url`` (resuming an interrupted download), verify and install it."""
     if not is_version_name(version):
         raise TransferError(f"{version!r} is not a version name like v1.2")
-    trusted = public_keys(keys)  # fail on a missing key file before downloading anything
     store = BundleStore(bundles, model)
     if store.path(version).exists() and not force:
         raise VersionExists(f"{model}/{version} is already installed; versions are immutable (use --force to replace)")
@@ -89,8 +88,8 @@ def pull(url: str, version: str, bundles: str | os.PathLike, *, token: str | Non
     with _exclusive(downloads / f"{archive_name(version)}.lock", version):
         etag, resumed_from, total = _download(target, part, meta_path, token, timeout)
         try:
-            installed = install(part, bundles, force=force, keys=trusted, model=model,
-                                expect_manifest_sha256=_manifest_digest(etag))
+            installed = install(part, bundles, force=force, trust=trust, model=model,
+                                expect_identity=_identity(etag))
         except (VerificationFailed, ArchiveError):
             part.unlink(missing_ok=True)  # a bad file must not be resumed from
             meta_path.unlink(missing_ok=True)
@@ -100,10 +99,10 @@ def pull(url: str, version: str, bundles: str | os.PathLike, *, token: str | Non
     return Pulled(installed, target, total, resumed_from)
 
 
-def _manifest_digest(etag: str | None) -> str | None:
-    """The distribution endpoint's ETag is the manifest's SHA-256 (+ signature digest) in quotes."""
+def _identity(etag: str | None) -> str | None:
+    """The distribution endpoint's ETag is the bundle's content key (``bundle.reader.identity``) in quotes."""
     if etag and re.fullmatch(r'"[0-9a-f]{64}(-[0-9a-f]{16})?"', etag):
-        return etag.strip('"')[:64]
+        return etag.strip('"')
     return None
 
 

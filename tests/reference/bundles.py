@@ -23,8 +23,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from m2fpkit.runtime.manifest import write_manifest
-from m2fpkit.runtime.store import BundleStore
+from m2fpkit.runtime.bundle.store import BundleStore
+from m2fpkit.runtime.bundle.writer import seal as write_manifest
 from m2fpkit.runtime.versions import SemVer
 
 CONFIG = "config.json"
@@ -114,19 +114,19 @@ def write_clone(src_dir: Path, dest_dir: Path, version: str, *, channel: str | N
 def refresh_golden(bundle_dir: Path) -> None:
     """Recompute the golden label map with the runtime (after a preprocess change invalidated it).
 
-    Works on a staging directory too: the session is built directly, without the name checks of
-    ``Predictor.load``. The manifest is regenerated.
+    ``bundle_dir`` must be named after the version (a staging directory ``<tmp>/<version>`` is fine).
+    The manifest is regenerated.
     """
-    from m2fpkit.runtime.bundle import BundleConfig
+    from m2fpkit.runtime.bundle.config import BundleConfig
     from m2fpkit.runtime.predictor import Predictor
-    from m2fpkit.runtime.session import SessionFactory
 
     bundle_dir = Path(bundle_dir)
     config = BundleConfig.read(bundle_dir)
     golden = config.golden
     if not golden:
         return
-    predictor = Predictor(bundle_dir, config, SessionFactory().create(bundle_dir / config.model_file))
+    write_manifest(bundle_dir)
+    predictor = Predictor.load(bundle_dir)
     try:
         labels = predictor.predict((bundle_dir / golden["image"]).read_bytes()).result.label_map
     finally:
@@ -147,7 +147,8 @@ def clone_bundle(src_dir: Path, dst_root: Path, version: str, *, model: str = "m
     if final.exists():
         raise FileExistsError(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    stage = final.parent / f".clone-{version}-{uuid.uuid4().hex[:8]}"
+    tmp = final.parent / f".clone-{version}-{uuid.uuid4().hex[:8]}"
+    stage = tmp / version
     try:
         write_clone(src_dir, stage, version, channel=channel, compatible_api=compatible_api, notes=notes,
                     preprocess=preprocess)
@@ -155,8 +156,7 @@ def clone_bundle(src_dir: Path, dst_root: Path, version: str, *, model: str = "m
             then(stage)
         os.rename(stage, final)
     finally:
-        if stage.exists():
-            shutil.rmtree(stage, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 
@@ -164,10 +164,12 @@ def replace_bundle(src_dir: Path, dst_root: Path, version: str, *, model: str = 
                    preprocess: dict[str, Any] | None = None, then: Callable[[Path], Any] | None = None) -> Path:
     """Replace (or publish) ``version`` with a copy of ``src_dir`` through the store's staging + exchange."""
     store = BundleStore(dst_root, model)
-    with store.staging(version, force=True) as stage:
+    with store.scratch(version) as tmp:
+        stage = tmp / version
         write_clone(src_dir, stage, version, notes=notes, preprocess=preprocess)
         if then is not None:
             then(stage)
+        store.publish(stage, version, force=True)
     return store.path(version)
 
 

@@ -88,7 +88,7 @@ def make_case(task: str, work: Path, bundles_root: Path) -> ReferenceCase:
     from m2fpkit.export.build import export_version
     from m2fpkit.export.sources import save_modelscope_dir
     from m2fpkit.export.specs import VersionSpec
-    from m2fpkit.runtime.bundle import BundleConfig
+    from m2fpkit.runtime.bundle.config import BundleConfig
 
     cfg, ms_model = build_reference_model(task, CASE_SEEDS[task], work / "scratch")
     model_dir = save_modelscope_dir(work / "modelscope_dir", cfg, ms_model.state_dict())

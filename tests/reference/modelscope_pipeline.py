@@ -26,7 +26,7 @@ import torch
 
 from m2fpkit.export.model import config as mcfg
 from m2fpkit.export.model import m2fp
-from m2fpkit.runtime.bundle import BundleConfig, Postprocess, Preprocess, TensorSpec
+from m2fpkit.runtime.bundle.config import BundleConfig, Postprocess, Preprocess, TensorSpec
 from m2fpkit.runtime.palette import palette_for
 
 from .modelscope_m2fp import build_modelscope_m2fp, install_stand_ins

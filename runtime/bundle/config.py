@@ -1,20 +1,23 @@
-"""The bundle format: ``config.json`` ⇄ :class:`BundleConfig`, and checks of a bundle directory.
+"""``config.json`` ⇄ :class:`BundleConfig`: everything needed to run and describe one version.
 
-A bundle ``<root>/<name>/<version>/`` holds ``model.onnx`` (+ ``model.onnx.data``), ``config.json``
-and ``manifest.json`` (size and SHA-256 of every file). Errors name the offending key path, e.g.
-``config.json → preprocess → mean: expected 3 numbers``.
+Parsing is pure (bytes or a decoded object in, a frozen config out) and refuses with
+:class:`~m2fpkit.runtime.errors.MalformedFile` naming the key path, e.g.
+``config.json → preprocess → mean: expected 3 numbers``. File names it mentions (``model_file``,
+``weights_index``, golden files) must be plain paths inside the bundle and never the manifest's own
+side files, which no hash covers.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import BundleError
-from .versions import SemVer, is_version_name
+from ..errors import IntegrityError, MalformedFile
+from ..versions import SemVer, is_version_name
+from . import jsonfile
+from .manifest import check_rel_path
 
 SCHEMA_VERSION = 1
 CONFIG = "config.json"
@@ -109,22 +112,30 @@ class BundleConfig:
         return d
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+        return jsonfile.dumps(self.to_dict()).decode()
 
     @classmethod
     def from_dict(cls, raw: Any) -> "BundleConfig":
         return _parse_config(raw)
 
     @classmethod
+    def from_bytes(cls, raw: bytes) -> "BundleConfig":
+        return _parse_config(jsonfile.loads(raw, CONFIG))
+
+    @classmethod
     def read(cls, bundle_dir: Path) -> "BundleConfig":
-        path = Path(bundle_dir) / CONFIG
+        """Parse ``config.json`` of a directory (unverified: :mod:`.reader` checks it against the manifest)."""
         try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
+            return cls.from_dict(jsonfile.read(Path(bundle_dir) / CONFIG))
         except FileNotFoundError:
-            raise BundleError(f"{CONFIG} is missing") from None
-        except (OSError, ValueError) as exc:
-            raise BundleError(f"{CONFIG} is not valid JSON: {exc}") from None
-        return cls.from_dict(raw)
+            raise IntegrityError(f"{CONFIG} is missing") from None
+        except OSError as exc:
+            raise IntegrityError(f"{CONFIG} is unreadable ({exc.strerror or exc})") from None
+
+    def files(self) -> tuple[str, ...]:
+        """Every bundle file this config names (model, weights index, golden sample)."""
+        golden = (self.golden["image"], self.golden["label_map"]) if self.golden else ()
+        return (self.model_file, *((self.weights_index,) if self.weights_index else ()), *golden)
 
 
 def _jsonable(x: Any) -> Any:
@@ -137,8 +148,8 @@ def _jsonable(x: Any) -> Any:
 
 # ---------------------------------------------------------------------------------------------- parsing
 
-def _err(path: str, msg: str) -> BundleError:
-    return BundleError(f"{CONFIG} → {path}: {msg}")
+def _err(path: str, msg: str) -> MalformedFile:
+    return MalformedFile(f"{CONFIG} → {path}" if path else CONFIG, msg)
 
 
 def _get(d: dict, key: str, path: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
@@ -234,7 +245,7 @@ def _parse_tensors(v: Any, key: str) -> tuple[TensorSpec, ...]:
 
 def _parse_config(raw: Any) -> BundleConfig:
     if not isinstance(raw, dict):
-        raise BundleError(f"{CONFIG}: expected a JSON object")
+        raise MalformedFile(CONFIG, "expected a JSON object")
     schema = _get(raw, "schema_version", "", int)
     if schema != SCHEMA_VERSION:
         raise _err("schema_version", f"this runtime reads schema {SCHEMA_VERSION}, the bundle has {schema}")
@@ -305,24 +316,15 @@ def _parse_config(raw: Any) -> BundleConfig:
     )
 
 
-def is_file_name(name: object) -> bool:
-    """A plain, visible file name directly inside the bundle (no directories, no dot-files)."""
-    return isinstance(name, str) and bool(name) and "/" not in name and "\\" not in name and not name.startswith(".")
-
-
 def _file_name(name: str, path: str) -> str:
-    if not is_file_name(name):
-        raise _err(path, f"{name!r} must be a file name inside the bundle")
-    return name
+    return check_rel_path(name, f"{CONFIG} → {path}")
 
 
 def _check_golden(golden: Any) -> None:
     if not isinstance(golden, dict):
         raise _err("golden", "expected an object or null")
     for key in ("image", "label_map"):
-        rel = golden.get(key)
-        if not isinstance(rel, str) or not rel or rel.startswith("/") or ".." in Path(rel).parts or "\\" in rel:
-            raise _err(f"golden → {key}", f"expected a relative path inside the bundle, got {rel!r}")
+        _file_name(golden.get(key), f"golden → {key}")
     agree = golden.get("min_agreement", 0.995)
     if isinstance(agree, bool) or not isinstance(agree, (int, float)) or not 0 < agree <= 1:
         raise _err("golden → min_agreement", f"expected a number in (0, 1], got {agree!r}")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import shutil
@@ -22,24 +21,23 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from ..errors import BundleError, MalformedFile, VersionExists
+from ..versions import SemVer, check_name, is_alias_name, is_version_name
+from . import jsonfile
 from .atomic import exchange, fsync_dir, rename_noreplace, write_atomic
-from .errors import BundleError
-from .versions import SemVer, check_name, is_alias_name, is_version_name
 
 log = logging.getLogger(__name__)
 
 ALIASES = "aliases.json"
-DEFAULT_MODEL = "m2fp"
-
-
-class VersionExists(BundleError):
-    """The version is already published and versions are immutable (use force to replace)."""
+#: the model directory under a bundle root (the only model this project serves)
+MODEL = "m2fp"
+MAX_ALIASES_BYTES = 1 << 20
 
 
 class BundleStore:
     """Versions of one model under a bundle root."""
 
-    def __init__(self, root: str | os.PathLike, model: str = DEFAULT_MODEL) -> None:
+    def __init__(self, root: str | os.PathLike, model: str = MODEL) -> None:
         self.root = Path(root)
         self.model = model
         self.dir = self.root / model
@@ -62,14 +60,14 @@ class BundleStore:
     def read_aliases(self) -> dict[str, str]:
         path = self.dir / ALIASES
         try:
-            raw = json.loads(path.read_text())
+            raw = jsonfile.read(path, f"{self.model}/{ALIASES}", max_bytes=MAX_ALIASES_BYTES)
         except FileNotFoundError:
             return {}
-        except (OSError, ValueError) as exc:
-            log.warning("%s unreadable, ignored: %s", path, exc)
+        except (OSError, MalformedFile) as exc:
+            log.warning("%s ignored: %s", path, exc)
             return {}
         if not isinstance(raw, dict):
-            log.warning("%s: expected an object, ignored", path)
+            log.warning("%s ignored: expected an object of alias → version", path)
             return {}
         return {k: v for k, v in raw.items()
                 if isinstance(k, str) and isinstance(v, str) and is_alias_name(k) and is_version_name(v)}
@@ -78,7 +76,7 @@ class BundleStore:
         for k, v in aliases.items():
             if not is_alias_name(k) or not is_version_name(v):
                 raise BundleError(f"alias {k!r} → {v!r}: not an alias name and a version name")
-        write_atomic(self.dir / ALIASES, (json.dumps(aliases, indent=2, sort_keys=True) + "\n").encode())
+        write_atomic(self.dir / ALIASES, jsonfile.dumps(aliases))
 
     def update_aliases(self, change: Callable[[dict[str, str]], dict[str, str]]) -> dict[str, str]:
         """Read, ``change`` and write aliases.json under a lock shared by every process; returns the result."""
@@ -108,15 +106,6 @@ class BundleStore:
             yield stage
         finally:
             shutil.rmtree(stage, ignore_errors=True)
-
-    @contextlib.contextmanager
-    def staging(self, version: str, *, force: bool = False) -> Iterator[Path]:
-        """Yield an empty hidden directory; on normal exit publish it as ``version``, else delete it."""
-        if self.path(version).exists() and not force:
-            raise VersionExists(f"{self.model}/{version} already exists; versions are immutable (use --force to replace)")
-        with self.scratch(version) as stage:
-            yield stage
-            self.publish(stage, version, force=force)
 
     def publish(self, src: Path, version: str, *, force: bool = False) -> bool:
         """Move the complete bundle ``src`` (on this file system) into place; True if it replaced one.

@@ -17,8 +17,8 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import json
 import os
+from dataclasses import dataclass
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -26,13 +26,37 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from ..manifest import MANIFEST, verify_manifest
-from . import SignatureError
-from ..atomic import write_atomic
-from .pack import SIGNATURE
+from ..errors import MalformedFile, SignatureError
+from . import jsonfile
+from .atomic import write_atomic
+from .manifest import MANIFEST, SIGNATURE
 
 ALGORITHM = "ed25519"
+MAX_SIGNATURE_BYTES = 64 << 10
 PublicKeys = Ed25519PublicKey | str | os.PathLike | Sequence[Ed25519PublicKey | str | os.PathLike]
+
+
+@dataclass(frozen=True)
+class TrustPolicy:
+    """Which signatures a reader accepts. No keys: signatures are reported, not required."""
+
+    keys: tuple[Ed25519PublicKey, ...] = ()
+
+    @classmethod
+    def from_keys(cls, keys: PublicKeys | None) -> "TrustPolicy":
+        """From key objects or PEM paths (SignatureError for a missing or unusable key file)."""
+        return cls(tuple(public_keys(keys)))
+
+    @property
+    def required(self) -> bool:
+        return bool(self.keys)
+
+    def describe(self) -> str:
+        return ", ".join(key_id(k) for k in self.keys) or "none"
+
+
+#: the policy of a reader configured without keys
+NO_KEYS = TrustPolicy()
 
 
 def key_id(public_key: Ed25519PublicKey) -> str:
@@ -105,62 +129,68 @@ def sign(bundle_dir: str | os.PathLike, private_key: Ed25519PrivateKey | str | o
 
     Only an intact bundle is signed: a signature vouches for the hashes the manifest lists.
     """
+    from .reader import inspect
+
     bundle_dir = Path(bundle_dir)
     key = private_key if isinstance(private_key, Ed25519PrivateKey) else load_private_key(private_key)
-    verify_manifest(bundle_dir)
-    manifest = (bundle_dir / MANIFEST).read_bytes()
-    kid = key_id(key.public_key())
-    body = {"algorithm": ALGORITHM, "key_id": kid, "signature": base64.b64encode(key.sign(manifest)).decode()}
-    write_atomic(bundle_dir / SIGNATURE, (json.dumps(body, indent=2, sort_keys=True) + "\n").encode(), 0o644,
-                  tmp_dir=bundle_dir.resolve().parent)
-    return kid
+    manifest = inspect(bundle_dir).manifest.raw
+    write_atomic(bundle_dir / SIGNATURE, signature_bytes(manifest, key), 0o644, tmp_dir=bundle_dir.resolve().parent)
+    return key_id(key.public_key())
 
 
-def read_signature(bundle_dir: str | os.PathLike) -> tuple[str, bytes]:
-    """(key id, raw signature) from ``manifest.sig``; raises SignatureError if absent or malformed."""
-    path = Path(bundle_dir) / SIGNATURE
+def signature_bytes(manifest: bytes, key: Ed25519PrivateKey) -> bytes:
+    """The content of ``manifest.sig`` for these exact manifest bytes."""
+    return jsonfile.dumps({"algorithm": ALGORITHM, "key_id": key_id(key.public_key()),
+                           "signature": base64.b64encode(key.sign(manifest)).decode()})
+
+
+def parse_signature(raw: bytes) -> tuple[str, bytes]:
+    """(key id, raw signature) from ``manifest.sig`` bytes; SignatureError if malformed."""
     try:
-        raw = json.loads(path.read_bytes())
-    except FileNotFoundError:
-        raise SignatureError(f"unsigned: {SIGNATURE} is missing") from None
-    except (OSError, ValueError) as exc:
-        raise SignatureError(f"{SIGNATURE}: unreadable ({exc})") from None
-    if not isinstance(raw, dict) or raw.get("algorithm") != ALGORITHM or not isinstance(raw.get("signature"), str):
+        data = jsonfile.loads(raw, SIGNATURE, max_bytes=MAX_SIGNATURE_BYTES)
+    except MalformedFile as exc:
+        raise SignatureError(str(exc)) from None
+    if not isinstance(data, dict) or data.get("algorithm") != ALGORITHM or not isinstance(data.get("signature"), str):
         raise SignatureError(f"{SIGNATURE}: expected {{\"algorithm\": \"ed25519\", \"signature\": base64}}")
     try:
-        sig = base64.b64decode(raw["signature"], validate=True)
+        sig = base64.b64decode(data["signature"], validate=True)
     except (binascii.Error, ValueError):
         raise SignatureError(f"{SIGNATURE} → signature: not base64") from None
     if len(sig) != 64:
         raise SignatureError(f"{SIGNATURE} → signature: {len(sig)} bytes, an Ed25519 signature has 64")
-    return str(raw.get("key_id", "?")), sig
+    kid = data.get("key_id", "?")
+    return (kid if isinstance(kid, str) and kid.isalnum() and len(kid) <= 64 else "?"), sig
 
 
-def verify_signature(bundle_dir: str | os.PathLike, public_key: PublicKeys) -> str:
-    """Check ``manifest.sig`` against one or several trusted keys; return the id of the key that matched.
-
-    Raises SignatureError when the bundle is unsigned or no trusted key verifies the signature. This
-    checks the signature only; the manifest's hashes are checked by ``verify_manifest``.
-    """
-    keys = public_keys(public_key)
-    if not keys:
-        raise SignatureError("no public key given")
-    bundle_dir = Path(bundle_dir)
-    signed_by, sig = read_signature(bundle_dir)
+def read_signature_bytes(bundle_dir: str | os.PathLike) -> bytes | None:
+    """The raw ``manifest.sig`` of a directory, None when the bundle is unsigned."""
     try:
-        manifest = (bundle_dir / MANIFEST).read_bytes()
+        with open(Path(bundle_dir) / SIGNATURE, "rb") as f:
+            return f.read(MAX_SIGNATURE_BYTES + 1)
+    except FileNotFoundError:
+        return None
     except OSError as exc:
-        raise SignatureError(f"{MANIFEST}: unreadable ({exc.strerror or exc})") from None
-    for key in keys:
+        raise SignatureError(f"{SIGNATURE}: unreadable ({exc.strerror or exc})") from None
+
+
+def check(manifest: bytes, signature: bytes | None, policy: TrustPolicy) -> str | None:
+    """Check ``signature`` over the exact ``manifest`` bytes; return the matching key id.
+
+    Without keys in ``policy`` nothing is required: returns None (a present signature is only parsed).
+    With keys, SignatureError unless one of them verifies the signature.
+    """
+    if not policy.required:
+        return None
+    if signature is None:
+        raise SignatureError(f"unsigned: {SIGNATURE} is missing (trusted key(s) {policy.describe()})")
+    signed_by, sig = parse_signature(signature)
+    for key in policy.keys:
         try:
             key.verify(sig, manifest)
             return key_id(key)
         except InvalidSignature:
             continue
-    trusted = ", ".join(key_id(k) for k in keys)
-    if signed_by in {key_id(k) for k in keys}:
+    if signed_by in {key_id(k) for k in policy.keys}:
         raise SignatureError(f"wrong signature: {MANIFEST} was changed after signing, or the signature is corrupt "
                              f"(key {signed_by})")
-    raise SignatureError(f"wrong signature: signed by key {signed_by}, trusted key(s) {trusted}")
-
-
+    raise SignatureError(f"wrong signature: signed by key {signed_by}, trusted key(s) {policy.describe()}")

@@ -31,19 +31,23 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import BundleError
-from ..manifest import MANIFEST, SIDE_FILES, read_manifest
+from ..errors import ArchiveError, BundleError, MalformedFile
 from ..versions import is_version_name
-from . import ArchiveError, archive_name
-from ..atomic import fsync_dir, write_all  # write_all: the one place unpacking writes (tests patch it)
+from . import manifest as manifest_mod
+from .atomic import fsync_dir, write_all  # write_all: the one place unpacking writes (tests patch it)
+from .manifest import MANIFEST, SIDE_FILES, SIGNATURE
+from .store import MODEL
 
-SIGNATURE = "manifest.sig"
 _CHUNK = 1 << 20
 #: limits on what an archive may declare (the manifest's own sizes are exact limits for the rest)
-MAX_MANIFEST_BYTES = 16 << 20
+MAX_MANIFEST_BYTES = manifest_mod.MAX_MANIFEST_BYTES
 MAX_SIGNATURE_BYTES = 64 << 10
 MAX_MEMBERS = 10_000
 MAX_TOTAL_BYTES = 64 << 30
+
+
+def archive_name(version: str) -> str:
+    return f"{MODEL}-{version}.tar"
 
 
 @dataclass(frozen=True)
@@ -89,7 +93,7 @@ def pack(bundle_dir: str | os.PathLike, out: str | os.PathLike | None = None) ->
     version = src.name
     if not is_version_name(version):
         raise BundleError(f"{src}: the directory name {version!r} is not a version name like v1.2")
-    manifest = read_manifest(src)
+    manifest = manifest_mod.read(src)
     target = Path(out) if out is not None else Path(archive_name(version))
     if target.is_dir():
         target = target / archive_name(version)
@@ -102,20 +106,20 @@ def pack(bundle_dir: str | os.PathLike, out: str | os.PathLike | None = None) ->
                 if p.is_file() and not p.is_symlink():
                     data = p.read_bytes()
                     tf.addfile(_tarinfo(f"{version}/{side}", len(data)), io.BytesIO(data))
-            for rel, entry in sorted(manifest["files"].items()):
+            for rel, entry in sorted(manifest.files.items()):
                 p = src / rel
                 if p.is_symlink() or not p.is_file():
                     raise BundleError(f"{rel}: listed in {MANIFEST} but missing")
                 with open(p, "rb") as f:
                     size = os.fstat(f.fileno()).st_size
-                    if size != entry["size"]:
-                        raise BundleError(f"{rel}: size {size} bytes, manifest says {entry['size']}")
+                    if size != entry.size:
+                        raise BundleError(f"{rel}: size {size} bytes, manifest says {entry.size}")
                     reader = _HashingReader(f)
                     try:
                         tf.addfile(_tarinfo(f"{version}/{rel}", size), reader)
                     except OSError as exc:  # tarfile raises OSError("unexpected end of data") on a shrinking file
                         raise BundleError(f"{rel}: changed while packing ({exc})") from None
-                if reader.h.hexdigest() != entry["sha256"]:
+                if reader.h.hexdigest() != entry.sha256:
                     raise BundleError(f"{rel}: SHA-256 does not match {MANIFEST}; not packed")
                 total += size
             raw.flush()
@@ -124,7 +128,7 @@ def pack(bundle_dir: str | os.PathLike, out: str | os.PathLike | None = None) ->
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return Packed(target, version, len(manifest["files"]), total)
+    return Packed(target, version, len(manifest.files), total)
 
 
 # ------------------------------------------------------------------------------------------ unpack
@@ -247,8 +251,8 @@ def _plan(tf: tarfile.TarFile, archive: Path, max_total: int) -> list[tuple[str,
         entry = listed.get(rel)
         if entry is None:
             raise ArchiveError(f"{m.name}: not listed in {MANIFEST}; refused")
-        if m.size != entry["size"]:
-            raise ArchiveError(f"{m.name}: {m.size} bytes in the archive, {MANIFEST} says {entry['size']}; refused")
+        if m.size != entry.size:
+            raise ArchiveError(f"{m.name}: {m.size} bytes in the archive, {MANIFEST} says {entry.size}; refused")
         total += m.size
     if total > max_total:
         raise ArchiveError(f"{archive}: {total} bytes of files, more than the {max_total}-byte limit")
@@ -259,30 +263,19 @@ def _plan(tf: tarfile.TarFile, archive: Path, max_total: int) -> list[tuple[str,
     return order
 
 
-def _manifest_files(tf: tarfile.TarFile, info: tarfile.TarInfo) -> dict:
-    """The archive's manifest ``files`` table, checked like :func:`read_manifest` checks one on disk."""
+def _manifest_files(tf: tarfile.TarFile, info: tarfile.TarInfo) -> dict[str, manifest_mod.FileEntry]:
+    """The archive's manifest ``files`` table, parsed by the one manifest parser."""
     try:
         f = tf.extractfile(info)
-        data = f.read() if f is not None else b""
+        data = f.read(MAX_MANIFEST_BYTES + 1) if f is not None else b""
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise ArchiveError(f"{MANIFEST}: unreadable in the archive ({exc})") from None
     if len(data) != info.size:
         raise ArchiveError(f"{MANIFEST}: truncated in the archive")
     try:
-        raw = json.loads(data)
-    except ValueError as exc:
-        raise ArchiveError(f"{MANIFEST}: not valid JSON ({exc})") from None
-    files = raw.get("files") if isinstance(raw, dict) else None
-    if not isinstance(raw, dict) or raw.get("algorithm") != "sha256" or not isinstance(files, dict) or not files:
-        raise ArchiveError(f"{MANIFEST}: expected {{'algorithm': 'sha256', 'files': {{...}}}}")
-    for rel, entry in files.items():
-        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str) \
-                or not isinstance(entry.get("size"), int) or entry["size"] < 0:
-            raise ArchiveError(f"{MANIFEST} → files → {rel}: expected size and sha256")
-        _check_path(rel, f"{MANIFEST} entry")
-        if rel in SIDE_FILES:
-            raise ArchiveError(f"{MANIFEST} → files → {rel}: a side file cannot be listed")
-    return files
+        return manifest_mod.parse(data).files
+    except MalformedFile as exc:
+        raise ArchiveError(f"archive: {exc}") from None
 
 
 def _check_space(dest: Path, need: int) -> None:

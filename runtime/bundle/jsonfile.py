@@ -1,0 +1,93 @@
+"""The one reader and writer of this project's JSON files (manifest, config, weights index, signature,
+aliases, last-known-good, routes given as JSON).
+
+Reading never raises anything but :class:`~m2fpkit.runtime.errors.MalformedFile` for bad content
+(``FileNotFoundError`` and other ``OSError`` pass through: a missing file is the caller's decision).
+Bounded before parsing: a size cap per file, nesting depth ≤ :data:`MAX_DEPTH` (checked on the bytes,
+so a deep document never reaches the recursive parser), no ``NaN``/``Infinity``, no duplicate keys,
+UTF-8 only. Writing is canonical: sorted keys, two-space indent, a final newline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ..errors import MalformedFile
+
+#: deepest nesting any of our files needs is 5 (config.json → architecture → …); leave room, refuse abuse
+MAX_DEPTH = 32
+#: default size cap; callers pass their own for large files (weights index of a big model)
+MAX_BYTES = 4 << 20
+
+
+def _depth(data: bytes) -> int:
+    """Maximum nesting of ``[``/``{`` outside strings (a cheap scan, no recursion)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for b in data:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif b == 0x5C:  # backslash
+                escaped = True
+            elif b == 0x22:  # quote
+                in_string = False
+        elif b == 0x22:
+            in_string = True
+        elif b in (0x5B, 0x7B):
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > MAX_DEPTH:
+                    return deepest
+        elif b in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"key {k!r} appears twice")
+        out[k] = v
+    return out
+
+
+def loads(data: bytes | str, what: str, *, max_bytes: int = MAX_BYTES) -> Any:
+    """Parse ``data`` (the content of the file named ``what``); MalformedFile for anything unusable."""
+    if isinstance(data, str):
+        data = data.encode("utf-8", "surrogatepass")
+    if len(data) > max_bytes:
+        raise MalformedFile(what, f"{len(data)} bytes, more than the {max_bytes}-byte limit for this file")
+    if _depth(data) > MAX_DEPTH:
+        raise MalformedFile(what, f"nested deeper than {MAX_DEPTH} levels")
+    try:
+        text = data.decode("utf-8")
+        return json.loads(text, parse_constant=_no_constant, object_pairs_hook=_unique)
+    except UnicodeDecodeError:
+        raise MalformedFile(what, "not UTF-8 text") from None
+    except RecursionError:  # pragma: no cover - the depth scan refuses such input first
+        raise MalformedFile(what, "nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, NaN/Infinity, duplicate keys
+        raise MalformedFile(what, f"not valid JSON ({exc})") from None
+
+
+def read(path: str | os.PathLike, what: str | None = None, *, max_bytes: int = MAX_BYTES) -> Any:
+    """Read and parse one file; ``what`` names it in errors (default: its file name)."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        data = f.read(max_bytes + 1)
+    return loads(data, what or path.name, max_bytes=max_bytes)
+
+
+def dumps(value: Any) -> bytes:
+    """Canonical bytes of ``value``: sorted keys, indent 2, UTF-8, final newline; refuses NaN/Infinity."""
+    return (json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n").encode()
