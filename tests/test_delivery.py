@@ -20,16 +20,17 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from m2fpkit.runtime.bundle import archive as archive_mod
+from m2fpkit.runtime.bundle import reader
+from m2fpkit.runtime.bundle.archive import pack, unpack
+from m2fpkit.runtime.bundle.signature import TrustPolicy, keygen, sign
+from m2fpkit.runtime.bundle.store import BundleStore
 from m2fpkit.runtime.delivery import ArchiveError, SignatureError, VerificationFailed, VersionInUse
 from m2fpkit.runtime.delivery import install as install_mod
-from m2fpkit.runtime.delivery import pack as pack_mod
 from m2fpkit.runtime.delivery.cli import main
 from m2fpkit.runtime.delivery.install import install, list_versions, promote, remove, verify
-from m2fpkit.runtime.bundle.archive import pack, unpack
-from m2fpkit.runtime.bundle.signature import keygen, sign, verify_signature
-from m2fpkit.runtime.bundle.manifest import verify_manifest
+from m2fpkit.runtime.errors import VersionExists
 from m2fpkit.runtime.predictor import Predictor
-from m2fpkit.runtime.bundle.store import BundleStore, VersionExists
 from reference.bundles import clone_bundle, corrupt, synthetic_png
 
 FAST = {"short_edge": 160}
@@ -132,7 +133,7 @@ def test_two_machine_round_trip_pack_sign_copy_verify_install_serve(build_root, 
     assert "installed v1.0" in r.output
     installed = edge / "m2fp" / "v1.0"
     assert visible(edge) == ["v1.0"] and leftovers(edge) == []
-    verify_manifest(installed)
+    assert reader.inspect(installed, TrustPolicy.from_keys(keys["public"])).signed_by is not None
     assert (installed / "manifest.sig").is_file()
     # machine B serves it: same output as on machine A
     image = synthetic_png(96, 128, seed=3)
@@ -189,11 +190,13 @@ def test_corrupted_file_in_the_archive_is_refused(archives, edge, tmp_path):
         f.write(bytes([byte[0] ^ 0xFF]))
     r = run("verify", bad)
     assert r.exit_code == 1
-    assert any(line.split()[:2] == ["FAIL", "manifest"] and "model.onnx.data" in line and "SHA-256" in line
+    # unpacking hashes every member against the archive's manifest: the archive itself is refused
+    assert any(line.split()[:2] == ["FAIL", "archive"] and "model.onnx.data" in line and "SHA-256" in line
                for line in r.output.splitlines()), r.output
-    assert "NOT verified: manifest" in r.output
+    assert "NOT verified: archive" in r.output
     r = run("install", bad, "--bundles", edge)
-    assert r.exit_code == 1 and "not installed" in r.stderr and "Traceback" not in r.output
+    assert r.exit_code == 1 and "model.onnx.data" in r.stderr and "SHA-256" in r.stderr
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.output
     assert visible(edge) == [] and leftovers(edge) == []
 
 
@@ -289,12 +292,16 @@ def test_dotdot_archive_through_the_cli(build_root, tmp_path, edge):
     assert visible(edge) == [] and leftovers(edge) == [] and not (edge / "m2fp" / "evil.txt").exists()
 
 
-def test_wrong_signature_is_refused(archives, keys, edge):
+def test_wrong_signature_is_refused(archives, keys, edge, monkeypatch):
     r = run("verify", archives["signed"], "--public-key", keys["other_public"])
     assert r.exit_code == 1
     assert "FAIL  signature  wrong signature: signed by key" in r.output
+    writes = []
+    real = archive_mod.write_all
+    monkeypatch.setattr(archive_mod, "write_all", lambda fd, data: (writes.append(len(data)), real(fd, data)))
     r = run("install", archives["signed"], "--bundles", edge, "--public-key", keys["other_public"])
     assert r.exit_code == 1 and "signature" in r.stderr
+    assert writes == []  # refused on the archive's own manifest, before any file was extracted
     assert visible(edge) == [] and leftovers(edge) == []
 
 
@@ -303,14 +310,14 @@ def test_manifest_edited_after_signing_is_refused(own_root, keys):
     sign(bundle, keys["private"])
     manifest = json.loads((bundle / "manifest.json").read_text())
     (bundle / "manifest.json").write_text(json.dumps(manifest, indent=4, sort_keys=True) + "\n")  # same content
-    verify_manifest(bundle)  # the hashes still match …
+    reader.inspect(bundle)  # the hashes still match …
     with pytest.raises(SignatureError, match="changed after signing"):  # … but the signed bytes changed
-        verify_signature(bundle, keys["public"])
-    assert not verify(bundle, keys["public"]).ok
+        reader.inspect(bundle, TrustPolicy.from_keys(keys["public"]))
+    assert not verify(bundle, TrustPolicy.from_keys(keys["public"])).ok
 
 
 def test_a_second_trusted_key_is_accepted(archives, keys):
-    report = verify(archives["signed"], [keys["other_public"], keys["public"]])
+    report = verify(archives["signed"], TrustPolicy.from_keys([keys["other_public"], keys["public"]]))
     assert report.ok, report.render()
 
 
@@ -320,6 +327,10 @@ def test_missing_signature_is_refused_when_a_public_key_is_configured(archives, 
     # the edge box's configuration: the key in the environment
     r = run("install", archives["unsigned"], "--bundles", edge, env={"M2FP_PUBLIC_KEY": str(keys["public"])})
     assert r.exit_code == 1 and "unsigned" in r.stderr
+    assert visible(edge) == [] and leftovers(edge) == []
+    with pytest.raises(VerificationFailed, match="unsigned") as info:
+        install(archives["unsigned"], edge, trust=TrustPolicy.from_keys(keys["public"]))
+    assert [(c.name, c.status) for c in info.value.report.checks] == [("archive", "skip"), ("signature", "FAIL")]
     assert visible(edge) == [] and leftovers(edge) == []
 
 
@@ -344,7 +355,7 @@ def test_a_key_file_that_is_not_a_key(archives, tmp_path):
 
 def test_disk_full_during_unpack_leaves_nothing(archives, edge, monkeypatch):
     written = {"n": 0}
-    real = pack_mod.write_all
+    real = archive_mod.write_all
 
     def full_disk(fd: int, data) -> None:
         if written["n"] + len(data) > 1_500_000:
@@ -352,7 +363,7 @@ def test_disk_full_during_unpack_leaves_nothing(archives, edge, monkeypatch):
         written["n"] += len(data)
         real(fd, data)
 
-    monkeypatch.setattr(pack_mod, "write_all", full_disk)
+    monkeypatch.setattr(archive_mod, "write_all", full_disk)
     with pytest.raises(OSError) as info:
         install(archives["unsigned"], edge)
     assert info.value.errno == errno.ENOSPC
@@ -361,7 +372,7 @@ def test_disk_full_during_unpack_leaves_nothing(archives, edge, monkeypatch):
     r = run("install", archives["unsigned"], "--bundles", edge)
     assert r.exit_code == 1 and "No space left on device" in r.stderr and "Traceback" not in r.output
     assert visible(edge) == [] and leftovers(edge) == []
-    monkeypatch.setattr(pack_mod, "write_all", real)
+    monkeypatch.setattr(archive_mod, "write_all", real)
     assert install(archives["unsigned"], edge).version == "v1.0"  # and nothing blocks a retry
 
 
@@ -444,11 +455,14 @@ def test_list_shows_channel_task_aliases_and_signatures(archives, keys, edge):
     assert lines[0].split() == ["VERSION", "CHANNEL", "TASK", "ALIASES", "SIGNED", "SIZE", "PROBLEM"]
     assert lines[1].split()[:5] == ["v1.0", "stable", "multi-human", "-", "no"]
     assert lines[2].split()[:5] == ["v1.1", "stable", "multi-human", "latest", "yes"]
-    rows = {row["version"]: row for row in list_versions(edge, keys["other_public"])}
+    rows = {row["version"]: row for row in list_versions(edge, TrustPolicy.from_keys(keys["other_public"]))}
     assert rows["v1.1"]["signed"] == "WRONG" and rows["v1.0"]["signed"] == "no"
     r = run("list", "--bundles", edge, "--public-key", keys["public"], "--json")
     rows = {row["version"]: row for row in json.loads(r.output)}
-    assert rows["v1.1"]["signed"] == "verified" and len(rows["v1.1"]["manifest_sha256"]) == 64
+    assert rows["v1.1"]["signed"] == "verified"
+    for version, length in (("v1.1", 64 + 1 + 16), ("v1.0", 64)):  # manifest SHA-256 (+ "-" signature digest)
+        assert rows[version]["identity"] == reader.identity_of(edge / "m2fp" / version)
+        assert len(rows[version]["identity"]) == length
 
 
 def test_promote_moves_aliases_atomically_and_refuses_unverified_versions(archives, build_root, edge, tmp_path):
@@ -542,7 +556,7 @@ def test_signature_file_format(own_root, keys):
 
     assert len(base64.b64decode(sig["signature"])) == 64
     assert not [p for p in bundle.parent.iterdir() if p.name.endswith(".tmp")]
-    verify_manifest(bundle)  # manifest.sig is a side file, not an unlisted one
+    reader.inspect(bundle)  # manifest.sig is a side file, not an unlisted one
 
 
 def test_errors_are_one_line_without_traceback_from_the_installed_script(tmp_path):

@@ -13,14 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from m2fpkit.runtime import lkg
-from m2fpkit.runtime.delivery import TransferError, Unauthorized, VerificationFailed
+from m2fpkit.runtime.bundle import manifest as manifest_mod
+from m2fpkit.runtime.bundle import reader
+from m2fpkit.runtime.bundle.archive import pack
+from m2fpkit.runtime.bundle.signature import TrustPolicy, keygen, sign
+from m2fpkit.runtime.bundle.store import BundleStore
+from m2fpkit.runtime.delivery import ArchiveError, TransferError, Unauthorized, VerificationFailed
 from m2fpkit.runtime.delivery import pull as pull_mod
 from m2fpkit.runtime.delivery.install import install, verify
-from m2fpkit.runtime.bundle.archive import pack
 from m2fpkit.runtime.delivery.pull import pull
-from m2fpkit.runtime.bundle.signature import keygen, sign
-from m2fpkit.runtime.bundle.store import BundleStore
 from reference.bundles import clone_bundle, corrupt
 from server_fixtures import ServerProcess, http_json, png_bytes
 
@@ -95,7 +96,7 @@ def test_listing_shows_verified_versions_with_digest_and_signature(central):
     assert sorted(rows) == ["v1.0", "v1.2"]
     assert rows["v1.0"]["signed"] is True and rows["v1.2"]["signed"] is False
     for v in ("v1.0", "v1.2"):
-        assert rows[v]["manifest_sha256"] == lkg.manifest_sha256(central.root / "m2fp" / v)
+        assert rows[v]["manifest_sha256"] == manifest_mod.read(central.root / "m2fp" / v).sha256
         assert rows[v]["url"] == f"/bundles/{v}.tar" and rows[v]["task"] == "multi-human"
     refused = {r["version"]: r["reason"] for r in listing["refused"]}
     assert list(refused) == ["v1.3"] and "SHA-256" in refused["v1.3"]
@@ -121,7 +122,8 @@ def test_download_is_the_packed_bundle_with_ranges(central, tmp_path):
     local = pack(central.root / "m2fp" / "v1.0", tmp_path / "local.tar").path.read_bytes()
     assert full == local  # deterministic packing: the same bytes as `m2fp-bundle pack` on the server
     etag = headers["ETag"]
-    assert etag.strip('"').startswith(lkg.manifest_sha256(central.root / "m2fp" / "v1.0"))
+    assert etag.strip('"') == reader.identity_of(central.root / "m2fp" / "v1.0")  # manifest SHA-256 + signature
+    assert etag.strip('"').startswith(manifest_mod.read(central.root / "m2fp" / "v1.0").sha256)
     assert headers["Accept-Ranges"] == "bytes" and headers["Content-Type"] == "application/x-tar"
     status, headers, tail = get(central.url + "/bundles/v1.0.tar", headers={"Range": "bytes=1000-", "If-Range": etag})
     assert status == 206 and tail == full[1000:]
@@ -206,12 +208,39 @@ def test_an_interrupted_download_resumes(central, tmp_path, monkeypatch):
 
 def test_pull_with_a_public_key_requires_the_signature(central, keys, tmp_path):
     root = tmp_path / "bundles"
-    done = pull(central.url, "v1.0", root, token=TOKEN, keys=keys["public"])
+    trust = TrustPolicy.from_keys(keys["public"])
+    done = pull(central.url, "v1.0", root, token=TOKEN, trust=trust)
     assert any(c.name == "signature" and c.status == "ok" for c in done.installed.report.checks)
     with pytest.raises(VerificationFailed, match="unsigned"):
-        pull(central.url, "v1.2", root, token=TOKEN, keys=keys["public"])
+        pull(central.url, "v1.2", root, token=TOKEN, trust=trust)
     assert BundleStore(root).versions() == ["v1.0"]
     assert not list((root / "m2fp" / ".downloads").glob("*.part"))  # a refused file is not kept
+
+
+def test_pull_refuses_an_archive_of_another_version(central, tmp_path):
+    """``pull URL v1.2`` where URL serves v1.0's archive: nothing is installed, not as v1.0 either, and
+    with --force an installed v1.0 is not replaced."""
+    root = tmp_path / "bundles"
+    wrong = central.url + "/bundles/v1.0.tar"  # a .tar URL is fetched as given
+    env = {**os.environ, "M2FP_DISTRIBUTION_TOKEN": TOKEN}
+    r = subprocess.run([str(M2FP_BUNDLE), "pull", wrong, "v1.2", "--bundles", str(root)],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 1, r.stdout
+    assert r.stderr.count("\n") == 1 and "holds version v1.0, not the requested v1.2" in r.stderr, r.stderr
+    assert BundleStore(root).versions() == []
+    assert not list((root / "m2fp" / ".downloads").glob("*.part*"))  # the foreign file is not kept
+    # an installed v1.0 is not replaced by it, even with --force
+    pull(central.url, "v1.0", root, token=TOKEN)
+    installed = root / "m2fp" / "v1.0"
+    before = (installed.stat().st_ino, reader.identity_of(installed))
+    r = subprocess.run([str(M2FP_BUNDLE), "pull", wrong, "v1.2", "--bundles", str(root), "--force"],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 1 and "not the requested v1.2" in r.stderr, r.stderr
+    assert (installed.stat().st_ino, reader.identity_of(installed)) == before
+    assert BundleStore(root).versions() == ["v1.0"]
+    with pytest.raises(ArchiveError, match="holds version v1.0"):
+        pull(wrong, "v1.2", root, token=TOKEN, force=True)
+    assert not [p for p in (root / "m2fp").iterdir() if p.name.startswith((".staging-", ".replaced-"))]
 
 
 def test_pull_refuses_an_installed_version(central, edge):
