@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from m2fpkit.runtime.errors import ExportError
+from m2fpkit.runtime.bundle import jsonfile
+from m2fpkit.runtime.errors import ExportError, MalformedFile
 
 from .model import config as mcfg
 from .model.m2fp import M2FP, build
@@ -103,9 +104,9 @@ def load_modelscope_dir(path: str | os.PathLike, uri: str | None = None) -> Chec
         if not p.is_file():
             raise SourceError(f"{p}: missing (a ModelScope model directory has {CONFIG_FILE} and {WEIGHTS_FILE})")
     try:
-        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise SourceError(f"{cfg_path}: not valid JSON: {exc}") from None
+        raw = jsonfile.read(cfg_path, str(cfg_path))
+    except (OSError, MalformedFile) as exc:
+        raise SourceError(str(exc)) from None
     if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict):
         raise SourceError(f"{cfg_path}: no \"model\" object")
     try:

@@ -53,14 +53,21 @@ def _check(cond: bool, path: str, msg: str) -> None:
 
 
 def load(path: Path = DEFAULT_SPECS) -> SpecFile:
+    """Parse a versions.toml; SpecError naming the file and key path for anything unusable."""
     try:
         raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
+    except OSError as exc:
+        raise SpecError(f"{path}: unreadable ({exc.strerror or exc})") from None
+    except RecursionError:  # tomllib recurses once per nested array or inline table
+        raise SpecError(f"{path}: nested too deeply") from None
+    except ValueError as exc:  # TOMLDecodeError, not UTF-8, integers beyond Python's digit limit
         raise SpecError(f"{path}: {exc}") from None
     defaults = raw.get("defaults", {})
     _check(isinstance(defaults, dict), "defaults", "expected a table")
+    table = raw.get("versions", {})
+    _check(isinstance(table, dict), "versions", "expected a table of version specs")
     versions: dict[str, VersionSpec] = {}
-    for name, body in (raw.get("versions") or {}).items():
+    for name, body in table.items():
         p = f"versions.{name}"
         _check(is_version_name(name), p, "version names look like v1.2 or v2.0-beta")
         _check(isinstance(body, dict), p, "expected a table")
@@ -86,5 +93,6 @@ def load(path: Path = DEFAULT_SPECS) -> SpecFile:
     _check(isinstance(aliases, dict), "aliases", "expected a table")
     for alias, target in aliases.items():
         _check(is_alias_name(alias), f"aliases.{alias}", "alias names are lower-case words like latest")
-        _check(target in versions, f"aliases.{alias}", f"{target!r} is not a version in this file")
+        _check(isinstance(target, str) and target in versions, f"aliases.{alias}",
+               f"{target!r}"[:80] + " is not a version in this file")
     return SpecFile(versions=versions, aliases=dict(aliases))

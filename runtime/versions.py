@@ -7,9 +7,9 @@ from functools import total_ordering
 
 from .errors import InvalidVersionName
 
-_NUM = r"(0|[1-9]\d{0,5})"  # no leading zeros: v01.2 would be another name for v1.2
+_NUM = r"(0|[1-9][0-9]{0,5})"  # no leading zeros: v01.2 would be another name for v1.2
 _VERSION = re.compile(rf"v{_NUM}(?:\.{_NUM})?(?:\.{_NUM})?(?:-([0-9A-Za-z]+(?:\.[0-9A-Za-z]+)*))?")
-_ALIAS = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+_ALIAS = re.compile(r"[a-z][a-z0-9_-]{0,31}", re.ASCII)
 
 
 def is_version_name(name: str) -> bool:

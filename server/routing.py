@@ -11,20 +11,26 @@ not-ready version never causes a failed request.
 from __future__ import annotations
 
 import hashlib
-import json
+import math
+import re
 import tomllib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from m2fpkit.runtime.bundle import jsonfile
+from m2fpkit.runtime.errors import MalformedFile
 from m2fpkit.runtime.versions import is_alias_name, is_version_name
 
 BUCKETS = 10_000
+MAX_ROUTES_BYTES = 1 << 20
+#: an HTTP token (RFC 9110): what a header or cookie name may be
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")
 
 
 class RoutesError(ValueError):
-    """The routes file is wrong; the message names the key."""
+    """The routes file is wrong; the message names the file and the key."""
 
 
 @dataclass(frozen=True)
@@ -54,56 +60,105 @@ class Routes:
 
 
 def parse_routes(raw: Any, source: str = "routes") -> Routes:
+    """Routes from a decoded routes document; RoutesError naming ``source`` and the key for anything else."""
     if not isinstance(raw, dict):
         raise RoutesError(f"{source}: expected an object/table")
     unknown = set(raw) - {"weights", "aliases", "sticky", "shadow", "source"}
     if unknown:
-        raise RoutesError(f"{source}: unknown key(s) {', '.join(sorted(unknown))}")
+        raise RoutesError(f"{source}: unknown key(s) {_name(', '.join(sorted(map(str, unknown))))}")
     weights = raw.get("weights", {})
     if not isinstance(weights, dict):
         raise RoutesError(f"{source} → weights: expected a table of version = weight")
     parsed = []
     for v, w in weights.items():
-        if not is_version_name(v):
-            raise RoutesError(f"{source} → weights → {v}: not a version name like v1.2")
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
-            raise RoutesError(f"{source} → weights → {v}: expected a number ≥ 0, got {w!r}")
-        parsed.append((v, float(w)))
+        if not isinstance(v, str) or not is_version_name(v):
+            raise RoutesError(f"{source} → weights → {_name(str(v))}: not a version name like v1.2")
+        weight = _weight(w)
+        if weight is None:
+            raise RoutesError(f"{source} → weights → {v}: expected a finite number ≥ 0, got {jsonfile.brief(w)}")
+        parsed.append((v, weight))
     aliases = raw.get("aliases", {})
     if not isinstance(aliases, dict):
         raise RoutesError(f"{source} → aliases: expected a table of alias = version")
     for a, v in aliases.items():
-        if not is_alias_name(a) or a in ("auto",):
-            raise RoutesError(f"{source} → aliases → {a}: not a valid alias name (lower-case word, not 'auto')")
+        if not isinstance(a, str) or not is_alias_name(a) or a == "auto":
+            raise RoutesError(f"{source} → aliases → {_name(str(a))}: not a valid alias name "
+                              "(lower-case word, not 'auto')")
         if not isinstance(v, str) or not is_version_name(v):
-            raise RoutesError(f"{source} → aliases → {a}: expected a version name, got {v!r}")
+            raise RoutesError(f"{source} → aliases → {a}: expected a version name, got {jsonfile.brief(v)}")
     sticky = raw.get("sticky", {})
     if not isinstance(sticky, dict):
         raise RoutesError(f"{source} → sticky: expected a table")
+    unknown = set(sticky) - {"header", "cookie"}
+    if unknown:
+        raise RoutesError(f"{source} → sticky: unknown key(s) {_name(', '.join(sorted(map(str, unknown))))}")
+    header, cookie = sticky.get("header", "X-Route-Key"), sticky.get("cookie", "m2fp_route")
+    for key, name in (("header", header), ("cookie", cookie)):
+        if not isinstance(name, str) or not _TOKEN.fullmatch(name):
+            raise RoutesError(f"{source} → sticky → {key}: expected a {key} name (1-64 token characters), "
+                              f"got {jsonfile.brief(name)}")
     shadow = raw.get("shadow")
     sh = None
     if shadow is not None:
-        if not isinstance(shadow, dict) or not is_version_name(str(shadow.get("version", ""))):
+        version = shadow.get("version") if isinstance(shadow, dict) else None
+        if not isinstance(version, str) or not is_version_name(version):
             raise RoutesError(f"{source} → shadow: expected {{version = \"vX.Y\", fraction = 0.1}}")
-        frac = shadow.get("fraction", 0.1)
-        if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 <= frac <= 1:
+        frac = _weight(shadow.get("fraction", 0.1))
+        if frac is None or frac > 1:
             raise RoutesError(f"{source} → shadow → fraction: expected a number in [0, 1]")
-        sh = Shadow(shadow["version"], float(frac))
-    return Routes(weights=tuple(parsed), aliases=dict(aliases),
-                  key_header=str(sticky.get("header", "X-Route-Key")),
-                  key_cookie=str(sticky.get("cookie", "m2fp_route")), shadow=sh, source=source)
+        sh = Shadow(version, frac)
+    return Routes(weights=tuple(parsed), aliases=dict(aliases), key_header=header, key_cookie=cookie, shadow=sh,
+                  source=source)
+
+
+def _name(key: str, limit: int = 64) -> str:
+    """A key of the file as it is quoted in an error: cut to ``limit`` characters."""
+    return key if len(key) <= limit else key[:limit - 1] + "…"
+
+
+def _weight(w: Any) -> float | None:
+    """``w`` as a finite float ≥ 0, or None (booleans, strings, NaN, infinities, integers beyond a double)."""
+    if isinstance(w, bool) or not isinstance(w, (int, float)):
+        return None
+    try:
+        value = float(w)
+    except OverflowError:
+        return None
+    return value if math.isfinite(value) and value >= 0 else None
+
+
+def loads_routes(data: bytes | str, fmt: str, source: str = "routes") -> Routes:
+    """Parse routes file content (``fmt`` "json" or "toml"); RoutesError naming ``source`` for anything wrong."""
+    raw_bytes = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else bytes(data)
+    if len(raw_bytes) > MAX_ROUTES_BYTES:
+        raise RoutesError(f"{source}: {len(raw_bytes)} bytes, more than the {MAX_ROUTES_BYTES}-byte limit")
+    if fmt == "json":
+        try:
+            raw = jsonfile.loads(raw_bytes, source, max_bytes=MAX_ROUTES_BYTES)
+        except MalformedFile as exc:
+            raise RoutesError(str(exc)) from None
+    elif fmt == "toml":
+        try:
+            raw = tomllib.loads(raw_bytes.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise RoutesError(f"{source}: not UTF-8 text") from None
+        except RecursionError:  # tomllib recurses once per nested array or inline table
+            raise RoutesError(f"{source}: nested too deeply") from None
+        except ValueError as exc:  # TOMLDecodeError, integers beyond Python's digit limit
+            raise RoutesError(f"{source}: not valid TOML ({exc})") from None
+    else:
+        raise ValueError(f"routes format {fmt!r}: expected 'json' or 'toml'")
+    return parse_routes(raw, source=source)
 
 
 def load_routes(path: Path) -> Routes:
+    """The routes file at ``path``: JSON if its name ends in ``.json``, TOML otherwise."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            data = f.read(MAX_ROUTES_BYTES + 1)
     except OSError as exc:
         raise RoutesError(f"{path}: {exc.strerror or exc}") from None
-    try:
-        raw = json.loads(text) if Path(path).suffix == ".json" else tomllib.loads(text)
-    except (ValueError, tomllib.TOMLDecodeError) as exc:
-        raise RoutesError(f"{path}: {exc}") from None
-    return parse_routes(raw, source=str(path))
+    return loads_routes(data, "json" if Path(path).suffix == ".json" else "toml", source=str(path))
 
 
 def bucket(key: str) -> int:

@@ -8,11 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from m2fpkit.runtime.bundle import manifest, reader
 from m2fpkit.runtime.bundle.config import SCHEMA_VERSION, BundleConfig, Postprocess, Preprocess, TensorSpec
-from m2fpkit.runtime.errors import BundleError, InvalidVersionName
-from m2fpkit.runtime.bundle.manifest import MANIFEST, build_manifest, read_manifest, verify_manifest, write_manifest
+from m2fpkit.runtime.bundle.manifest import MANIFEST
+from m2fpkit.runtime.bundle.store import ALIASES, BundleStore
+from m2fpkit.runtime.bundle.writer import seal, stage
+from m2fpkit.runtime.errors import BundleError, IntegrityError, InvalidVersionName, MalformedFile, VersionExists
 from m2fpkit.runtime.palette import KNOWN_COLOURS, palette_for, voc_colour
-from m2fpkit.runtime.bundle.store import ALIASES, BundleStore, VersionExists
 from m2fpkit.runtime.versions import SemVer, check_name, is_alias_name, is_version_name
 
 CIHP = (
@@ -126,7 +128,13 @@ BAD = [
     ("multi-human", "compatible_api", [], "config.json → compatible_api"),
     ("multi-human", "compatible_api", [1.0], "config.json → compatible_api"),
     ("multi-human", "model_file", "../model.onnx", "config.json → model_file"),
-    ("multi-human", "model_file", "sub/model.onnx", "config.json → model_file"),
+    ("multi-human", "model_file", "/abs/model.onnx", "config.json → model_file"),
+    ("multi-human", "model_file", "sub/../model.onnx", "config.json → model_file"),
+    ("multi-human", "model_file", ".hidden.onnx", "config.json → model_file"),
+    ("multi-human", "model_file", "manifest.json", "config.json → model_file: manifest.json describes the manifest"),
+    ("multi-human", "model_file", "manifest.sig", "config.json → model_file: manifest.sig describes the manifest"),
+    ("multi-human", "weights_index", "manifest.json", "config.json → weights_index: manifest.json describes"),
+    ("multi-human", "weights_index", 3, "config.json → weights_index"),
     ("multi-human", "name", KeyError, "config.json → name: missing"),
     ("multi-human", "name", 7, "config.json → name"),
     ("multi-human", "num_queries", True, "config.json → num_queries"),
@@ -192,19 +200,20 @@ def bundle(tmp_path) -> Path:
     (d / "config.json").write_text(make_config(version="v1.0").to_json())
     (d / "extra").mkdir()
     (d / "extra" / "golden.npz").write_bytes(b"golden")
-    write_manifest(d)
+    seal(d)
     return d
 
 
 def test_manifest_lists_every_file_with_size_and_hash(bundle):
-    m = verify_manifest(bundle)
-    assert m["algorithm"] == "sha256"
-    assert set(m["files"]) == {"model.onnx", "model.onnx.data", "config.json", "extra/golden.npz"}
-    assert m["files"]["model.onnx"]["size"] == 1024
+    m = reader.inspect(bundle).manifest
+    assert json.loads(m.raw)["algorithm"] == "sha256"
+    assert set(m.files) == {"model.onnx", "model.onnx.data", "config.json", "extra/golden.npz"}
+    assert m.files["model.onnx"].size == 1024
     import hashlib
-    assert m["files"]["extra/golden.npz"]["sha256"] == hashlib.sha256(b"golden").hexdigest()
-    assert MANIFEST not in m["files"]
-    assert json.loads((bundle / MANIFEST).read_text()) == m
+    assert m.files["extra/golden.npz"].sha256 == hashlib.sha256(b"golden").hexdigest()
+    assert MANIFEST not in m.files
+    assert m.raw == (bundle / MANIFEST).read_bytes() and m == manifest.read(bundle)
+    assert json.loads(m.raw) == manifest.build(bundle)
 
 
 def test_manifest_catches_flipped_byte(bundle):
@@ -212,77 +221,79 @@ def test_manifest_catches_flipped_byte(bundle):
     data = bytearray(p.read_bytes())
     data[1234] ^= 0x01
     p.write_bytes(bytes(data))
-    with pytest.raises(BundleError, match=r"model\.onnx\.data: SHA-256"):
-        verify_manifest(bundle)
+    with pytest.raises(IntegrityError, match=r"model\.onnx\.data: SHA-256"):
+        reader.inspect(bundle)
 
 
 def test_manifest_catches_truncated_file(bundle):
     p = bundle / "model.onnx"
     p.write_bytes(p.read_bytes()[:-1])
-    with pytest.raises(BundleError, match=r"model\.onnx: size 1023 bytes, manifest says 1024"):
-        verify_manifest(bundle)
+    with pytest.raises(IntegrityError, match=r"model\.onnx: size 1023 bytes, manifest says 1024"):
+        reader.inspect(bundle)
 
 
 def test_manifest_catches_extra_file(bundle):
     (bundle / "notes.txt").write_text("hello")
-    with pytest.raises(BundleError, match=r"files not in manifest\.json: notes\.txt"):
-        verify_manifest(bundle)
+    with pytest.raises(IntegrityError, match=r"files not in manifest\.json: notes\.txt"):
+        reader.inspect(bundle)
     (bundle / "notes.txt").unlink()
     (bundle / "extra" / "more.bin").write_bytes(b"x")
-    with pytest.raises(BundleError, match=r"extra/more\.bin"):
-        verify_manifest(bundle)
+    with pytest.raises(IntegrityError, match=r"extra/more\.bin"):
+        reader.inspect(bundle)
 
 
 def test_manifest_catches_missing_file(bundle):
     (bundle / "config.json").unlink()
-    with pytest.raises(BundleError, match=r"config\.json: listed in manifest\.json but missing"):
-        verify_manifest(bundle)
+    with pytest.raises(IntegrityError, match=r"config\.json: listed in manifest\.json but missing"):
+        reader.inspect(bundle)
 
 
 def test_manifest_sig_is_an_allowed_side_file(bundle):
     (bundle / "manifest.sig").write_bytes(b"signature")
-    verify_manifest(bundle)
-    assert "manifest.sig" not in build_manifest(bundle)["files"]
+    reader.inspect(bundle)
+    assert "manifest.sig" not in manifest.build(bundle)["files"]
 
 
 @pytest.mark.parametrize("text", ["[]", "null", '"files"'])
 def test_manifest_not_an_object(bundle, text):
     (bundle / MANIFEST).write_text(text)
-    with pytest.raises(BundleError, match="manifest.json"):
-        verify_manifest(bundle)
+    with pytest.raises(MalformedFile, match="manifest.json"):
+        reader.inspect(bundle)
 
 
 def test_manifest_missing_or_malformed(bundle):
     (bundle / MANIFEST).write_text("{broken")
-    with pytest.raises(BundleError, match="unreadable"):
-        verify_manifest(bundle)
+    with pytest.raises(MalformedFile, match=r"^manifest\.json: not valid JSON"):
+        reader.inspect(bundle)
     (bundle / MANIFEST).write_text(json.dumps({"algorithm": "sha256", "files": {}}))
     with pytest.raises(BundleError):
-        verify_manifest(bundle)
+        reader.inspect(bundle)
     (bundle / MANIFEST).write_text(json.dumps({"algorithm": "sha256", "files": {"config.json": {"size": "1"}}}))
-    with pytest.raises(BundleError, match="config.json: expected size and sha256"):
-        verify_manifest(bundle)
+    with pytest.raises(MalformedFile, match=r"manifest\.json → files → config\.json: expected a size ≥ 0 and 64"):
+        reader.inspect(bundle)
     (bundle / MANIFEST).write_text(json.dumps({"algorithm": "md5", "files": {"a": {"size": 1, "sha256": "x"}}}))
-    with pytest.raises(BundleError, match="sha256"):
-        read_manifest(bundle)
+    with pytest.raises(MalformedFile, match="sha256"):
+        manifest.read(bundle)
     (bundle / MANIFEST).unlink()
-    with pytest.raises(BundleError, match="manifest.json is missing"):
-        verify_manifest(bundle)
+    with pytest.raises(IntegrityError, match="manifest.json is missing"):
+        reader.inspect(bundle)
 
 
-def test_manifest_entry_leaving_the_bundle_is_refused(bundle, tmp_path):
+@pytest.mark.parametrize("entry", ["../outside", "/etc/passwd", "extra/../../outside", ".hidden", "manifest.sig"])
+def test_manifest_entry_leaving_the_bundle_is_refused(bundle, tmp_path, entry):
     (tmp_path / "outside").write_bytes(b"x")
     (bundle / MANIFEST).write_text(json.dumps({"algorithm": "sha256", "files": {
-        "../outside": {"size": 1, "sha256": "2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881"}}}))
-    with pytest.raises(BundleError, match="leaves the bundle"):
-        verify_manifest(bundle)
+        entry: {"size": 1, "sha256": "2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881"}}}))
+    with pytest.raises(MalformedFile, match=r"^manifest\.json → files: ") as info:
+        reader.inspect(bundle)
+    assert entry in str(info.value)
 
 
 def test_manifest_refuses_symlinks(bundle, tmp_path):
     (tmp_path / "target").write_bytes(b"x")
     (bundle / "link").symlink_to(tmp_path / "target")
-    with pytest.raises(BundleError, match="symbolic links"):
-        write_manifest(bundle)
+    with pytest.raises(IntegrityError, match="symbolic links"):
+        seal(bundle)
 
 
 # ---------------------------------------------------------------------------------------- store
@@ -299,34 +310,58 @@ def test_store_versions_ignore_dot_dirs_non_versions_and_links(tmp_bundles):
     assert store.versions() == ["v1.2", "v1.9", "v1.10", "v2.0-beta", "v2.0", "v6"]
 
 
+def publish(store: BundleStore, version: str, files: dict[str, str], *, force: bool = False) -> Path:
+    """Publish a minimal bundle (``files`` + config.json + manifest) through the writer's staging."""
+    with stage(store, version, force=force) as staged:
+        for name, text in files.items():
+            (staged.dir / name).write_text(text)
+        staged.finish(make_config(version=version, model_file="a"))
+    return store.path(version)
+
+
 def test_store_staging_publishes_on_success(tmp_bundles):
     store = BundleStore(tmp_bundles)
-    with store.staging("v1.0") as stage:
-        assert stage.parent == store.dir and stage.name.startswith(".")
+    with stage(store, "v1.0") as staged:
+        # a hidden directory next to the versions (same file system: publishing is one rename)
+        assert staged.dir.parent.parent == store.dir and staged.dir.parent.name.startswith(".")
         assert store.versions() == []  # nothing visible while staging
-        (stage / "model.onnx").write_bytes(b"m")
+        (staged.dir / "model.onnx").write_bytes(b"m")
+        staged.finish(make_config(version="v1.0"))
+        assert store.versions() == []  # finished is not published yet
     assert store.versions() == ["v1.0"]
     assert (store.path("v1.0") / "model.onnx").read_bytes() == b"m"
+    assert sorted(p.name for p in store.path("v1.0").iterdir()) == ["config.json", "manifest.json", "model.onnx"]
+    assert reader.inspect(store.path("v1.0")).config == make_config(version="v1.0")
     assert sorted(p.name for p in store.dir.iterdir()) == ["v1.0"]
 
 
 def test_store_staging_leaves_nothing_on_exception(tmp_bundles):
     store = BundleStore(tmp_bundles)
     with pytest.raises(RuntimeError, match="boom"):
-        with store.staging("v1.0") as stage:
-            (stage / "model.onnx").write_bytes(b"half")
+        with stage(store, "v1.0") as staged:
+            (staged.dir / "model.onnx").write_bytes(b"half")
             raise RuntimeError("boom")
+    assert store.versions() == []
+    assert list(store.dir.iterdir()) == []
+
+
+def test_store_staging_publishes_nothing_unfinished_or_unverifiable(tmp_bundles):
+    store = BundleStore(tmp_bundles)
+    with pytest.raises(BundleError, match="not finished; nothing published"):
+        with stage(store, "v1.0") as staged:
+            (staged.dir / "model.onnx").write_bytes(b"m")
+    with pytest.raises(IntegrityError, match=r"config\.json names model\.onnx, which is not in manifest\.json"):
+        with stage(store, "v1.0") as staged:
+            staged.finish(make_config(version="v1.0"))  # the config names a graph that was never written
     assert store.versions() == []
     assert list(store.dir.iterdir()) == []
 
 
 def test_store_existing_version_is_immutable_without_force(tmp_bundles):
     store = BundleStore(tmp_bundles)
-    with store.staging("v1.0") as stage:
-        (stage / "a").write_text("old")
+    publish(store, "v1.0", {"a": "old"})
     with pytest.raises(VersionExists, match="v1.0 already exists"):
-        with store.staging("v1.0") as stage:
-            (stage / "a").write_text("new")
+        publish(store, "v1.0", {"a": "new"})
     assert (store.path("v1.0") / "a").read_text() == "old"
     assert sorted(p.name for p in store.dir.iterdir()) == ["v1.0"]
 
@@ -335,8 +370,9 @@ def test_store_never_replaces_a_version_directory_that_appeared_meanwhile(tmp_bu
     """Even an empty directory made by another writer while exporting is kept (no silent rename-over)."""
     store = BundleStore(tmp_bundles)
     with pytest.raises(VersionExists, match="v1.0 appeared meanwhile; not replaced"):
-        with store.staging("v1.0") as stage:
-            (stage / "a").write_text("new")
+        with stage(store, "v1.0") as staged:
+            (staged.dir / "a").write_text("new")
+            staged.finish(make_config(version="v1.0", model_file="a"))
             store.path("v1.0").mkdir()
     assert list(store.path("v1.0").iterdir()) == []
     assert sorted(p.name for p in store.dir.iterdir()) == ["v1.0"]
@@ -344,33 +380,29 @@ def test_store_never_replaces_a_version_directory_that_appeared_meanwhile(tmp_bu
 
 def test_store_force_replaces_and_cleans_up(tmp_bundles):
     store = BundleStore(tmp_bundles)
-    with store.staging("v1.0") as stage:
-        (stage / "a").write_text("old")
-        (stage / "only-old").write_text("x")
-    with store.staging("v1.0", force=True) as stage:
-        (stage / "a").write_text("new")
-    final = store.path("v1.0")
+    publish(store, "v1.0", {"a": "old", "only-old": "x"})
+    final = publish(store, "v1.0", {"a": "new"}, force=True)
     assert (final / "a").read_text() == "new"
     assert not (final / "only-old").exists()  # replaced, not merged
+    reader.inspect(final)
     assert sorted(p.name for p in store.dir.iterdir()) == ["v1.0"]
 
 
 def test_store_force_failure_keeps_old_version(tmp_bundles):
     store = BundleStore(tmp_bundles)
-    with store.staging("v1.0") as stage:
-        (stage / "a").write_text("old")
+    publish(store, "v1.0", {"a": "old"})
     with pytest.raises(ValueError):
-        with store.staging("v1.0", force=True) as stage:
-            (stage / "a").write_text("new")
+        with stage(store, "v1.0", force=True) as staged:
+            (staged.dir / "a").write_text("new")
             raise ValueError("parity")
     assert (store.path("v1.0") / "a").read_text() == "old"
+    reader.inspect(store.path("v1.0"))
     assert sorted(p.name for p in store.dir.iterdir()) == ["v1.0"]
 
 
 def test_store_remove(tmp_bundles):
     store = BundleStore(tmp_bundles)
-    with store.staging("v1.0") as stage:
-        (stage / "a").write_text("x")
+    publish(store, "v1.0", {"a": "x"})
     store.remove("v1.0")
     assert store.versions() == [] and list(store.dir.iterdir()) == []
     with pytest.raises(BundleError):
@@ -382,7 +414,7 @@ def test_store_path_rejects_traversal(tmp_bundles, name):
     with pytest.raises(InvalidVersionName):
         BundleStore(tmp_bundles).path(name)
     with pytest.raises(InvalidVersionName):
-        with BundleStore(tmp_bundles).staging(name):
+        with stage(BundleStore(tmp_bundles), name):
             pass  # pragma: no cover
     assert not tmp_bundles.exists()
 

@@ -29,7 +29,9 @@ from m2fpkit.export.cli import main
 from m2fpkit.export.specs import VersionSpec
 from m2fpkit.export.specs import load as load_specs
 from m2fpkit.runtime.bundle.config import SCHEMA_VERSION, BundleConfig
-from m2fpkit.runtime.bundle.manifest import MANIFEST, verify_manifest
+from m2fpkit.runtime.bundle import reader
+from m2fpkit.runtime.bundle import manifest as bundle_manifest
+from m2fpkit.runtime.bundle.manifest import MANIFEST
 from m2fpkit.runtime.bundle.store import ALIASES, BundleStore
 from reference.cases import normalise_and_pad, sample_image
 
@@ -152,9 +154,14 @@ def test_demo_export_is_a_verified_bundle(demo):
     store = BundleStore(demo.root)
     assert store.versions() == ["v1.2"]
     assert dot_entries(store.dir) == []
-    manifest = verify_manifest(demo.bundle)
-    assert {"model.onnx", "model.onnx.data", "config.json"} <= set(manifest["files"])
-    assert (demo.bundle / MANIFEST).read_text() == json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+    info = reader.inspect(demo.bundle)
+    assert {"model.onnx", "model.onnx.data", "config.json", "weights.json"} <= set(info.manifest.files)
+    assert info.manifest.raw == (demo.bundle / MANIFEST).read_bytes()
+    # canonical JSON of exactly the directory's files (sorted keys, indent 2, final newline)
+    assert info.manifest.raw.decode() == json.dumps(bundle_manifest.build(demo.bundle), indent=2,
+                                                    sort_keys=True) + "\n"
+    assert info.config.weights_index == "weights.json" and info.index is not None
+    assert info.index.data_file == "model.onnx.data" and info.index.tensors
 
     cfg = BundleConfig.read(demo.bundle)
     spec = load_specs().get("v1.2")
@@ -209,7 +216,7 @@ def test_existing_version_without_force_fails_and_keeps_the_bundle(demo, tmp_pat
     assert len(line) == 1 and "--force" in line[0] and "v1.2" in line[0], proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == "Error: export failed for v1.2"
     assert snapshot(bundle) == before
-    verify_manifest(bundle)
+    reader.inspect(bundle)
     assert dot_entries(root / "m2fp") == []
 
 
@@ -224,7 +231,7 @@ def test_force_replaces_the_version(demo, tmp_path):
     new_cfg = BundleConfig.read(bundle)
     assert new_cfg.created_at != old_cfg.created_at
     assert (bundle / MANIFEST).read_bytes() != old_manifest
-    verify_manifest(bundle)
+    reader.inspect(bundle)
     meta = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"]) \
         .get_modelmeta().custom_metadata_map
     assert meta["m2fp.created_at"] == new_cfg.created_at
@@ -377,7 +384,7 @@ def test_source_modelscope_dir(tmp_bundles, ms_multi):
     assert result.exit_code == 0, result.output
     bundle = tmp_bundles / "m2fp" / "v1.2"
     assert f"v1.2: {bundle}" in result.output
-    verify_manifest(bundle)
+    reader.inspect(bundle)
     cfg = BundleConfig.read(bundle)
     spec = load_specs().get("v1.2")
     assert cfg.version == "v1.2" and cfg.task == "multi-human"
@@ -429,7 +436,7 @@ def test_killed_export_publishes_nothing(tmp_path):
     result = invoke("v1.2", "--bundles", str(root))
     assert result.exit_code == 0, result.output
     assert store.versions() == ["v1.2"]
-    verify_manifest(store.path("v1.2"))
+    reader.inspect(store.path("v1.2"))
     assert BundleConfig.read(store.path("v1.2")).version == "v1.2"
 
 
@@ -458,7 +465,7 @@ def test_parity_gate_passes_with_the_reused_graph(reuse_onnx, ms_multi, tmp_bund
     result = build.export_version(_spec(ms_multi), tmp_bundles)
     assert reuse_onnx and result.config.parity["passed"] is True
     assert BundleStore(tmp_bundles).versions() == ["v5.0"]
-    verify_manifest(result.bundle_dir)
+    reader.inspect(result.bundle_dir)
 
 
 def test_parity_failure_on_tolerance_publishes_nothing(reuse_onnx, ms_multi, tmp_bundles, monkeypatch):
@@ -517,6 +524,6 @@ def test_parity_failure_keeps_the_old_version_on_force(reuse_onnx, ms_multi, tmp
     with pytest.raises(parity.ParityError):
         build.export_version(_spec(ms_multi), tmp_bundles, force=True)
     assert (first.bundle_dir / MANIFEST).read_bytes() == manifest
-    verify_manifest(first.bundle_dir)
+    reader.inspect(first.bundle_dir)
     assert BundleStore(tmp_bundles).versions() == ["v5.0"]
     assert dot_entries(tmp_bundles / "m2fp") == []

@@ -21,7 +21,7 @@ from m2fpkit.export import parity, sources
 from m2fpkit.export.build import parity_sizes
 from m2fpkit.export.model import config as mcfg
 from m2fpkit.export.model.m2fp import build, count_parameters
-from m2fpkit.runtime.bundle.manifest import verify_manifest
+from m2fpkit.runtime.bundle import reader
 from reference.cases import CASE_VERSIONS, normalise_and_pad, sample_image
 from reference.modelscope_m2fp import build_modelscope_m2fp, modelscope_forward
 
@@ -207,7 +207,7 @@ def test_bundle_describes_the_checkpoint(case):
     assert cfg.source["uri"] == str(case.model_dir.resolve())
     weights = (case.model_dir / "pytorch_model.pt").read_bytes()
     assert cfg.source["sha256"] == hashlib.sha256(weights).hexdigest()
-    verify_manifest(case.bundle_dir)
+    assert reader.inspect(case.bundle_dir).config == cfg  # files, hashes, config and weights index verify
     meta = _session(str(case.bundle_dir / cfg.model_file)).get_modelmeta().custom_metadata_map
     assert meta["m2fp.version"] == cfg.version and meta["m2fp.task"] == cfg.task
     assert meta["m2fp.source_sha256"] == cfg.source["sha256"]

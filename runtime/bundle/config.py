@@ -24,6 +24,8 @@ CONFIG = "config.json"
 TASKS = ("multi-human", "single-human")
 CHANNELS = ("stable", "recommended", "experimental")
 RESIZE_POLICIES = ("shortest-edge", "center-canvas")
+#: longest resized side a config may ask for (the exported graphs take up to 8192 px a side)
+MAX_SIDE = 16384
 
 
 @dataclass(frozen=True)
@@ -159,20 +161,36 @@ def _get(d: dict, key: str, path: str, kind: type | tuple[type, ...], default: A
         return default
     v = d[key]
     if kind is float and isinstance(v, int) and not isinstance(v, bool):
-        v = float(v)
+        v = _as_float(v, f"{path}{key}")
     ok = isinstance(v, kind) and not (isinstance(v, bool) and kind in (int, float, (int, str)))
     if not ok:
         name = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
-        raise _err(f"{path}{key}", f"expected {name}, got {v!r}"[:200])
+        raise _err(f"{path}{key}", f"expected {name}, got {jsonfile.brief(v)}")
     return v
+
+
+def _as_float(v: int | float, path: str) -> float:
+    """A JSON number as a float; an integer beyond a double's range is refused, not an OverflowError."""
+    try:
+        return float(v)
+    except OverflowError:
+        raise _err(path, "number out of range") from None
 
 
 def _numbers(d: dict, key: str, path: str, n: int, default: Any) -> tuple[float, ...]:
     v = d.get(key, default)
     if not isinstance(v, (list, tuple)) or len(v) != n or not all(
             isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
-        raise _err(f"{path}{key}", f"expected {n} numbers, got {v!r}"[:200])
-    return tuple(float(x) for x in v)
+        raise _err(f"{path}{key}", f"expected {n} numbers, got {jsonfile.brief(v)}")
+    return tuple(_as_float(x, f"{path}{key}") for x in v)
+
+
+def _at_least(value: int, low: int, path: str, high: int | None = None) -> int:
+    """``value`` if ``low ≤ value (≤ high)``: an absurd count or pixel value is refused here, not at inference."""
+    if value < low or (high is not None and value > high):
+        bounds = f"≥ {low}" + (f" and ≤ {high}" if high is not None else "")
+        raise _err(path, f"expected an integer {bounds}, got {jsonfile.brief(value)}")
+    return value
 
 
 def _parse_preprocess(d: Any) -> Preprocess:
@@ -182,18 +200,18 @@ def _parse_preprocess(d: Any) -> Preprocess:
     dflt = Preprocess()
     resize = _get(d, "resize", p, str, dflt.resize)
     if resize not in RESIZE_POLICIES:
-        raise _err(p + "resize", f"expected one of {', '.join(RESIZE_POLICIES)}, got {resize!r}")
+        raise _err(p + "resize", f"expected one of {', '.join(RESIZE_POLICIES)}, got {jsonfile.brief(resize)}")
     canvas = d.get("canvas")
     if resize == "center-canvas":
         if (not isinstance(canvas, (list, tuple)) or len(canvas) != 2
                 or not all(isinstance(x, int) and not isinstance(x, bool) and 32 <= x <= 8192 for x in canvas)):
-            raise _err(p + "canvas", f"expected [width, height] in pixels, got {canvas!r}")
+            raise _err(p + "canvas", f"expected [width, height] in pixels, got {jsonfile.brief(canvas)}")
         canvas = (canvas[0], canvas[1])
     else:
         canvas = None
     order = _get(d, "channel_order", p, str, dflt.channel_order)
     if order not in ("RGB", "BGR"):
-        raise _err(p + "channel_order", f"expected RGB or BGR, got {order!r}")
+        raise _err(p + "channel_order", f"expected RGB or BGR, got {jsonfile.brief(order)}")
     std = _numbers(d, "std", p, 3, dflt.std)
     if any(s <= 0 for s in std):
         raise _err(p + "std", "must be positive")
@@ -202,7 +220,7 @@ def _parse_preprocess(d: Any) -> Preprocess:
         short_edge=_get(d, "short_edge", p, int, dflt.short_edge),
         max_size=_get(d, "max_size", p, int, dflt.max_size),
         canvas=canvas,
-        canvas_fill=_get(d, "canvas_fill", p, int, dflt.canvas_fill),
+        canvas_fill=_at_least(_get(d, "canvas_fill", p, int, dflt.canvas_fill), 0, p + "canvas_fill", 255),
         interpolation=_get(d, "interpolation", p, str, dflt.interpolation),
         channel_order=order,
         mean=_numbers(d, "mean", p, 3, dflt.mean),  # type: ignore[arg-type]
@@ -210,8 +228,9 @@ def _parse_preprocess(d: Any) -> Preprocess:
         size_divisibility=_get(d, "size_divisibility", p, int, dflt.size_divisibility),
         pad_value=_get(d, "pad_value", p, float, dflt.pad_value),
     )
-    if out.size_divisibility < 1 or out.short_edge < 1 or out.max_size < out.short_edge:
-        raise _err("preprocess", "size_divisibility, short_edge and max_size must be positive, max_size ≥ short_edge")
+    if (not 1 <= out.size_divisibility <= 1024 or out.short_edge < 1 or out.max_size < out.short_edge
+            or out.max_size > MAX_SIDE):
+        raise _err("preprocess", f"size_divisibility must lie in 1..1024, short_edge ≤ max_size in 1..{MAX_SIDE}")
     return out
 
 
@@ -221,7 +240,7 @@ def _parse_postprocess(d: Any) -> Postprocess:
         raise _err("postprocess", "expected an object")
     dflt = Postprocess()
     return Postprocess(
-        topk=_get(d, "topk", p, int, dflt.topk),
+        topk=_at_least(_get(d, "topk", p, int, dflt.topk), 1, p + "topk"),
         human_score_threshold=_get(d, "human_score_threshold", p, float, dflt.human_score_threshold),
         part_score_threshold=_get(d, "part_score_threshold", p, float, dflt.part_score_threshold),
         instance_paste_threshold=_get(d, "instance_paste_threshold", p, float, dflt.instance_paste_threshold),
@@ -248,16 +267,17 @@ def _parse_config(raw: Any) -> BundleConfig:
         raise MalformedFile(CONFIG, "expected a JSON object")
     schema = _get(raw, "schema_version", "", int)
     if schema != SCHEMA_VERSION:
-        raise _err("schema_version", f"this runtime reads schema {SCHEMA_VERSION}, the bundle has {schema}")
+        raise _err("schema_version",
+                   f"this runtime reads schema {SCHEMA_VERSION}, the bundle has {jsonfile.brief(schema)}")
     version = _get(raw, "version", "", str)
     if not is_version_name(version):
-        raise _err("version", f"{version!r} is not a version name like v1.2 or v2.0-beta")
+        raise _err("version", f"{jsonfile.brief(version)} is not a version name like v1.2 or v2.0-beta")
     task = _get(raw, "task", "", str)
     if task not in TASKS:
-        raise _err("task", f"expected one of {', '.join(TASKS)}, got {task!r}")
+        raise _err("task", f"expected one of {', '.join(TASKS)}, got {jsonfile.brief(task)}")
     channel = _get(raw, "channel", "", str, "stable")
     if channel not in CHANNELS:
-        raise _err("channel", f"expected one of {', '.join(CHANNELS)}, got {channel!r}")
+        raise _err("channel", f"expected one of {', '.join(CHANNELS)}, got {jsonfile.brief(channel)}")
     classes = _get(raw, "classes", "", list)
     if not classes or not all(isinstance(c, str) and c for c in classes):
         raise _err("classes", "expected a non-empty list of class names")
@@ -267,13 +287,14 @@ def _parse_config(raw: Any) -> BundleConfig:
     for i, c in enumerate(palette):
         if (not isinstance(c, list) or len(c) != 3
                 or not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= 255 for x in c)):
-            raise _err(f"palette → {i}", f"expected [r, g, b] in 0..255, got {c!r}")
+            raise _err(f"palette → {i}", f"expected [r, g, b] in 0..255, got {jsonfile.brief(c)}")
     if "num_classes" in raw and raw["num_classes"] != len(classes):
-        raise _err("num_classes", f"{raw['num_classes']} but classes has {len(classes)} names")
+        raise _err("num_classes", f"{jsonfile.brief(raw['num_classes'])} but classes has {len(classes)} names")
     human = raw.get("human_class")
     if task == "multi-human":
         if not isinstance(human, int) or isinstance(human, bool) or not 0 < human < len(classes):
-            raise _err("human_class", f"a multi-human bundle needs the index of its human class, got {human!r}")
+            raise _err("human_class",
+                       f"a multi-human bundle needs the index of its human class, got {jsonfile.brief(human)}")
     elif human is not None:
         raise _err("human_class", "must be null for a single-human bundle")
     api = _get(raw, "compatible_api", "", list)
@@ -297,7 +318,7 @@ def _parse_config(raw: Any) -> BundleConfig:
         backbone=_get(raw, "backbone", "", str),
         classes=tuple(classes),
         palette=tuple(tuple(c) for c in palette),  # type: ignore[misc]
-        num_queries=_get(raw, "num_queries", "", int),
+        num_queries=_at_least(_get(raw, "num_queries", "", int), 1, "num_queries"),
         inputs=_parse_tensors(raw.get("inputs"), "inputs"),
         outputs=_parse_tensors(raw.get("outputs"), "outputs"),
         compatible_api=tuple(api),
@@ -327,4 +348,4 @@ def _check_golden(golden: Any) -> None:
         _file_name(golden.get(key), f"golden → {key}")
     agree = golden.get("min_agreement", 0.995)
     if isinstance(agree, bool) or not isinstance(agree, (int, float)) or not 0 < agree <= 1:
-        raise _err("golden → min_agreement", f"expected a number in (0, 1], got {agree!r}")
+        raise _err("golden → min_agreement", f"expected a number in (0, 1], got {jsonfile.brief(agree)}")

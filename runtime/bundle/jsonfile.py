@@ -4,14 +4,19 @@ aliases, last-known-good, routes given as JSON).
 Reading never raises anything but :class:`~m2fpkit.runtime.errors.MalformedFile` for bad content
 (``FileNotFoundError`` and other ``OSError`` pass through: a missing file is the caller's decision).
 Bounded before parsing: a size cap per file, nesting depth ≤ :data:`MAX_DEPTH` (checked on the bytes,
-so a deep document never reaches the recursive parser), no ``NaN``/``Infinity``, no duplicate keys,
-UTF-8 only. Writing is canonical: sorted keys, two-space indent, a final newline.
+so a deep document never reaches the recursive parser), no ``NaN``/``Infinity`` (neither the literals
+nor numbers too large for a float, such as ``1e400``), integers of at most 4300 digits, no duplicate
+keys, UTF-8 only — also inside strings: an unpaired ``\\uD800``-``\\uDFFF`` escape is refused, since
+such a string can neither be written back nor name a file. Writing is canonical: sorted keys,
+two-space indent, a final newline.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -48,15 +53,38 @@ def _depth(data: bytes) -> int:
     return deepest
 
 
+#: a ``\uD800``-``\uDFFF`` escape somewhere (maybe preceded by an escaped backslash: then a harmless false alarm)
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _lone_surrogate(value: Any) -> bool:
+    """True if a string (key or value) in the parsed ``value`` holds a surrogate (JSON pairs decode to one
+    code point, so any surrogate left is unpaired). Recursion is bounded by :data:`MAX_DEPTH`."""
+    if isinstance(value, str):
+        return not value.isascii() and any("\ud800" <= c <= "\udfff" for c in value)
+    if isinstance(value, list):
+        return any(_lone_surrogate(v) for v in value)
+    if isinstance(value, dict):
+        return any(_lone_surrogate(k) or _lone_surrogate(v) for k, v in value.items())
+    return False
+
+
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:40]} does not fit a finite double")
+    return value
 
 
 def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in pairs:
         if k in out:
-            raise ValueError(f"key {k!r} appears twice")
+            raise ValueError(f"key {brief(k)} appears twice")
         out[k] = v
     return out
 
@@ -71,13 +99,16 @@ def loads(data: bytes | str, what: str, *, max_bytes: int = MAX_BYTES) -> Any:
         raise MalformedFile(what, f"nested deeper than {MAX_DEPTH} levels")
     try:
         text = data.decode("utf-8")
-        return json.loads(text, parse_constant=_no_constant, object_pairs_hook=_unique)
+        value = json.loads(text, parse_constant=_no_constant, parse_float=_finite, object_pairs_hook=_unique)
     except UnicodeDecodeError:
         raise MalformedFile(what, "not UTF-8 text") from None
     except RecursionError:  # pragma: no cover - the depth scan refuses such input first
         raise MalformedFile(what, "nested too deeply") from None
-    except ValueError as exc:  # JSONDecodeError, NaN/Infinity, duplicate keys
+    except ValueError as exc:  # JSONDecodeError, NaN/Infinity, overflowing floats, huge integers, duplicate keys
         raise MalformedFile(what, f"not valid JSON ({exc})") from None
+    if _SURROGATE_ESCAPE.search(data) and _lone_surrogate(value):
+        raise MalformedFile(what, "a string holds an unpaired UTF-16 surrogate (\\uD800-\\uDFFF), not Unicode text")
+    return value
 
 
 def read(path: str | os.PathLike, what: str | None = None, *, max_bytes: int = MAX_BYTES) -> Any:
@@ -86,6 +117,12 @@ def read(path: str | os.PathLike, what: str | None = None, *, max_bytes: int = M
     with open(path, "rb") as f:
         data = f.read(max_bytes + 1)
     return loads(data, what or path.name, max_bytes=max_bytes)
+
+
+def brief(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters: an untrusted value quoted in an error stays short."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def dumps(value: Any) -> bytes:

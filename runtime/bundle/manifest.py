@@ -57,11 +57,11 @@ def sha256_file(path: Path) -> str:
 def check_rel_path(rel: object, where: str) -> str:
     """A relative POSIX path inside the bundle: no absolute, '..', '.', empty or hidden parts, no side file."""
     if not isinstance(rel, str) or not rel or "\x00" in rel or "\\" in rel or rel.startswith("/"):
-        raise MalformedFile(where, f"{rel!r} is not a relative path inside the bundle")
+        raise MalformedFile(where, f"{jsonfile.brief(rel)} is not a relative path inside the bundle")
     parts = rel.split("/")
     if len(parts) > MAX_PATH_PARTS or any(p in ("", ".", "..") or p.startswith(".") for p in parts):
-        raise MalformedFile(where, f"{rel!r} is not a plain path inside the bundle (at most {MAX_PATH_PARTS} parts, "
-                                   "no empty, '.', '..' or hidden parts)")
+        raise MalformedFile(where, f"{jsonfile.brief(rel)} is not a plain path inside the bundle "
+                                   f"(at most {MAX_PATH_PARTS} parts, no empty, '.', '..' or hidden parts)")
     if rel in SIDE_FILES:
         raise MalformedFile(where, f"{rel} describes the manifest and cannot be listed or named as a bundle file")
     return rel

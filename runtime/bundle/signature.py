@@ -145,7 +145,10 @@ def signature_bytes(manifest: bytes, key: Ed25519PrivateKey) -> bytes:
 
 
 def parse_signature(raw: bytes) -> tuple[str, bytes]:
-    """(key id, raw signature) from ``manifest.sig`` bytes; SignatureError if malformed."""
+    """(key id, raw signature) from ``manifest.sig`` bytes; SignatureError (and nothing else) if malformed.
+
+    The key id is only ever quoted in messages: anything but 1-64 ASCII letters and digits becomes ``?``.
+    """
     try:
         data = jsonfile.loads(raw, SIGNATURE, max_bytes=MAX_SIGNATURE_BYTES)
     except MalformedFile as exc:
@@ -159,7 +162,7 @@ def parse_signature(raw: bytes) -> tuple[str, bytes]:
     if len(sig) != 64:
         raise SignatureError(f"{SIGNATURE} → signature: {len(sig)} bytes, an Ed25519 signature has 64")
     kid = data.get("key_id", "?")
-    return (kid if isinstance(kid, str) and kid.isalnum() and len(kid) <= 64 else "?"), sig
+    return (kid if isinstance(kid, str) and kid.isascii() and kid.isalnum() and len(kid) <= 64 else "?"), sig
 
 
 def read_signature_bytes(bundle_dir: str | os.PathLike) -> bytes | None:

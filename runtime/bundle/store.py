@@ -58,17 +58,33 @@ class BundleStore:
 
     # ---------------------------------------------------------------------------------- aliases
     def read_aliases(self) -> dict[str, str]:
+        """Alias → version from ``aliases.json``; never raises for its content.
+
+        Missing: ``{}``. Unreadable, malformed (MalformedFile: too large, too deep, not JSON) or not an
+        object: ``{}`` and one warning per state of the file (readers call this on every request).
+        Entries that are not an alias name → version name are dropped.
+        """
         path = self.dir / ALIASES
+
+        def ignored(why: object) -> dict[str, str]:
+            try:
+                st = path.stat()
+                state: tuple = (st.st_ino, st.st_size, st.st_mtime_ns, str(why))
+            except OSError:
+                state = (str(why),)
+            if getattr(self, "_aliases_ignored", None) != state:
+                self._aliases_ignored = state
+                log.warning("%s ignored: %s", path, why)
+            return {}
+
         try:
             raw = jsonfile.read(path, f"{self.model}/{ALIASES}", max_bytes=MAX_ALIASES_BYTES)
         except FileNotFoundError:
             return {}
         except (OSError, MalformedFile) as exc:
-            log.warning("%s ignored: %s", path, exc)
-            return {}
+            return ignored(exc)
         if not isinstance(raw, dict):
-            log.warning("%s ignored: expected an object of alias → version", path)
-            return {}
+            return ignored("expected an object of alias → version")
         return {k: v for k, v in raw.items()
                 if isinstance(k, str) and isinstance(v, str) and is_alias_name(k) and is_version_name(v)}
 

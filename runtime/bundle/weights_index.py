@@ -51,7 +51,7 @@ class WeightsIndex:
 def parse(raw: bytes, what: str, data_size: int | None = None) -> WeightsIndex:
     """Parse index bytes (file ``what``); with ``data_size``, check every range against the data file."""
     data = jsonfile.loads(raw, what, max_bytes=MAX_INDEX_BYTES)
-    if not isinstance(data, dict) or data.get("format") != INDEX_FORMAT:
+    if not isinstance(data, dict) or type(data.get("format")) is not int or data["format"] != INDEX_FORMAT:
         raise MalformedFile(f"{what} → format", f"this runtime reads weights index format {INDEX_FORMAT}")
     data_file = check_rel_path(data.get("data_file"), f"{what} → data_file")
     items = data.get("tensors")
@@ -61,7 +61,7 @@ def parse(raw: bytes, what: str, data_size: int | None = None) -> WeightsIndex:
     for i, t in enumerate(items):
         entry = _entry(t, f"{what} → tensors[{i}]")
         if entry.name in names:
-            raise MalformedFile(f"{what} → tensors[{i}] → name", f"{entry.name!r} is listed twice")
+            raise MalformedFile(f"{what} → tensors[{i}] → name", f"{jsonfile.brief(entry.name)} is listed twice")
         if data_size is not None and entry.offset + entry.length > data_size:
             raise MalformedFile(f"{what} → tensors[{i}]", f"bytes {entry.offset}+{entry.length} lie beyond the end "
                                                           f"of {data_file} ({data_size} bytes)")
@@ -70,7 +70,8 @@ def parse(raw: bytes, what: str, data_size: int | None = None) -> WeightsIndex:
     entries.sort(key=lambda e: e.offset)
     for a, b in zip(entries, entries[1:]):
         if a.offset + a.length > b.offset:
-            raise MalformedFile(what, f"tensors {a.name!r} and {b.name!r} overlap in {data_file}")
+            raise MalformedFile(what, f"tensors {jsonfile.brief(a.name)} and {jsonfile.brief(b.name)} "
+                                      f"overlap in {data_file}")
     return WeightsIndex(data_file, tuple(entries))
 
 
@@ -82,8 +83,8 @@ def _entry(t: object, where: str) -> IndexEntry:
         raise MalformedFile(f"{where} → name", "expected a non-empty string")
     if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**62 for v in (offset, length)):
         raise MalformedFile(where, "offset and length must be non-negative integers")
-    if dtype not in DTYPES:
-        raise MalformedFile(f"{where} → dtype", f"{dtype!r} is not one of {', '.join(sorted(DTYPES))}")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise MalformedFile(f"{where} → dtype", f"{jsonfile.brief(dtype)} is not one of {', '.join(sorted(DTYPES))}")
     if (not isinstance(shape, list) or len(shape) > MAX_RANK
             or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape)):
         raise MalformedFile(f"{where} → shape", f"expected at most {MAX_RANK} non-negative integers")
