@@ -49,4 +49,4 @@ $(VENV)/.stamp-test: $(VENV)/.stamp-base
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null
 
 clean-bundles:
-	rm -rf bundles/m2fp
+	rm -rf $(BUNDLES)/m2fp

@@ -1,4 +1,8 @@
-"""``m2fp-export``: build versions into verified bundles."""
+"""``m2fp-export``: build versions into verified bundles.
+
+The bundle root is the one every CLI uses (``--bundles``, else ``$M2FP_BUNDLES``, else ``./bundles``);
+exporting creates it (and ``m2fp/``) when it does not exist yet.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from pathlib import Path
 
 import click
 
-DEFAULT_BUNDLES = Path(__file__).resolve().parent.parent / "bundles"
+from m2fpkit.runtime.roots import bundles_option
 
 
 def _setup_logging(verbose: int) -> None:
@@ -29,8 +33,7 @@ def _setup_logging(verbose: int) -> None:
 @click.option("--source", help="Override the spec's source: a ModelScope dir, modelscope:ID[@REV] or random:PRESET[?seed=N].")
 @click.option("--task", type=click.Choice(["multi-human", "single-human"]), help="Task for --source (default: the checkpoint's).")
 @click.option("--channel", type=click.Choice(["stable", "recommended", "experimental"]), help="Channel for a version without a spec.")
-@click.option("--bundles", "bundles", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_BUNDLES,
-              show_default=True, help="Bundle root.")
+@bundles_option(creates=True)
 @click.option("--specs", "specs_path", type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="Version spec file (default: the packaged versions.toml).")
 @click.option("--force", is_flag=True, help="Replace an existing version (atomically).")
@@ -38,7 +41,8 @@ def _setup_logging(verbose: int) -> None:
 @click.option("-q", "--quiet", is_flag=True, help="Warnings and errors only.")
 def main(versions: tuple[str, ...], build_all: bool, list_specs: bool, source: str | None, task: str | None,
          channel: str | None, bundles: Path, specs_path: Path | None, force: bool, verbose: int, quiet: bool) -> None:
-    """Export M2FP VERSIONS (e.g. v1.2) into verified, self-describing ONNX bundles."""
+    """Export M2FP VERSIONS (e.g. v1.2) into verified, self-describing ONNX bundles under --bundles
+    (created if it does not exist)."""
     _setup_logging(-1 if quiet else verbose)
     from . import specs as specs_mod  # light; heavy imports below only when exporting
 

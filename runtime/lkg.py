@@ -1,7 +1,9 @@
 """Last-known-good state of an edge box: the version set and routing it last served successfully.
 
-``<store>/.lkg.json`` (``store`` = the model directory, e.g. ``bundles/m2fp``, next to
-``aliases.json``; a dot-file, so watchers and version scans ignore it)::
+``<state dir>/.lkg.json`` — the state directory is the server's ``--state-dir`` (``$M2FP_STATE_DIR``),
+else the store directory (e.g. ``bundles/m2fp``, next to ``aliases.json``) when it is writable; where it
+is, or why there is none, is decided by :mod:`m2fpkit.runtime.registry.recovery`. A dot-file, so
+watchers and version scans ignore it::
 
     {"schema": 1, "recorded_at": "2026-11-25T12:00:00Z",
      "versions": {"v1.0": "<content key of v1.0>", "v1.2": "…"},
@@ -23,8 +25,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import re
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,7 +55,8 @@ class LastKnownGood:
     recorded_at: str = ""
 
     def intact(self, store_dir: str | os.PathLike) -> dict[str, str | None]:
-        """For each recorded version: None if its manifest on disk is the recorded one, else why not."""
+        """For each recorded version: None if its bundle under ``store_dir`` (the model directory) has the
+        recorded content key, else why not."""
         out: dict[str, str | None] = {}
         for version, digest in self.versions.items():
             path = Path(store_dir) / version
@@ -83,20 +86,21 @@ def _check(versions: Any, aliases: Any, routes: Any) -> None:
         raise ValueError("routes: expected an object")
 
 
-def record(store_dir: str | os.PathLike, versions: dict[str, str], aliases: dict[str, str],
+def record(state_dir: str | os.PathLike, versions: dict[str, str], aliases: dict[str, str],
            routes: dict[str, Any]) -> None:
-    """Atomically write ``<store_dir>/.lkg.json``; raises ValueError for malformed input."""
+    """Atomically write ``<state_dir>/.lkg.json`` (creating the directory); ValueError for malformed input,
+    OSError when it cannot be written."""
     _check(versions, aliases, routes)
-    store = Path(store_dir)
+    store = Path(state_dir)
     store.mkdir(parents=True, exist_ok=True)
     now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
     state = LastKnownGood(dict(versions), dict(aliases), json.loads(json.dumps(routes)), now)
     write_atomic(store / LKG, jsonfile.dumps(state.to_dict()))
 
 
-def load(store_dir: str | os.PathLike) -> LastKnownGood | None:
+def load(state_dir: str | os.PathLike) -> LastKnownGood | None:
     """The recorded state, or None when there is none or it is unreadable (logged)."""
-    path = Path(store_dir) / LKG
+    path = Path(state_dir) / LKG
     try:
         raw = jsonfile.read(path, LKG, max_bytes=MAX_BYTES)
     except FileNotFoundError:

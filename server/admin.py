@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import functools
-import hmac
-import json
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from m2fpkit.runtime.bundle import jsonfile
+from m2fpkit.runtime.errors import MalformedFile
+
 from . import keys
+from .auth import require_bearer
 from .errors import HTTPProblem
 from .routing import RoutesError
 
@@ -17,13 +19,8 @@ Change = Callable[[web.Request], Awaitable[None]]
 
 
 def _authorize(request: web.Request) -> None:
-    token = request.app[keys.CONFIG].admin_token
-    if not token:
-        raise HTTPProblem(404, "admin_disabled", "admin endpoints are disabled (start with --admin-token)")
-    given = request.headers.get("Authorization", "")
-    if not given.startswith("Bearer ") or not hmac.compare_digest(given[7:].encode(), token.encode()):
-        raise HTTPProblem(401, "unauthorized", "missing or wrong bearer token",
-                          headers={"WWW-Authenticate": 'Bearer realm="m2fp-admin"'})
+    require_bearer(request, request.app[keys.CONFIG].admin_token, realm="m2fp-admin",
+                   disabled=("admin_disabled", "admin endpoints are disabled (start with --admin-token)"))
 
 
 def _answer(request: web.Request) -> web.Response:
@@ -60,9 +57,9 @@ async def reload_routes(request: web.Request) -> None:
 @_change(422, "bad_weights")
 async def set_weights(request: web.Request) -> None:
     try:
-        weights = json.loads(await request.read())
-    except ValueError as exc:
-        raise HTTPProblem(400, "bad_json", f"body must be JSON like {{\"v1.2\": 10}}: {exc}") from None
+        weights = jsonfile.loads(await request.read(), "request body", max_bytes=64 << 10)
+    except MalformedFile as exc:
+        raise HTTPProblem(400, "bad_json", f"body must be JSON like {{\"v1.2\": 10}}: {exc.reason}") from None
     if not isinstance(weights, dict):
         raise HTTPProblem(400, "bad_json", "body must be a JSON object of version → weight")
     registry = request.app[keys.REGISTRY]

@@ -11,8 +11,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from m2fpkit.runtime.bundle.signature import TrustPolicy
-from m2fpkit.runtime.registry import Registry, RegistryOptions
+from m2fpkit.runtime.registry import Registry
 
 from . import admin, distribution, handlers, keys
 from .admission import Admission
@@ -59,17 +58,17 @@ async def request_context(request: web.Request, handler) -> web.StreamResponse:
 
 async def runtime_context(app: web.Application) -> AsyncIterator[None]:
     cfg = app[keys.CONFIG]
-    budget = cfg.memory_budget_mb * 2**20 if cfg.memory_budget_mb else None
-    registry = Registry(cfg.bundles, RegistryOptions(
-        settings=cfg.runtime, limits=cfg.limits, idle_ttl=cfg.idle_ttl, memory_budget=budget,
-        preload=cfg.preload, watch=cfg.watch, watch_polling=cfg.watch_polling,
-        trust=TrustPolicy.from_keys(list(cfg.trusted_keys))))
+    registry = Registry(cfg.bundles, cfg.runtime)
     routes = RoutesState(registry, cfg.routes_file)
     app[keys.REGISTRY] = registry
     app[keys.ROUTES] = routes
-    app[keys.ADMISSION] = Admission(cfg.runtime.concurrent_runs, cfg.max_queue)
+    app[keys.ADMISSION] = Admission(cfg.runtime.settings.concurrent_runs, cfg.max_queue)
     app[keys.BACKGROUND] = set()
-    await registry.start()  # serves the last-known-good set first when one is recorded
+    try:
+        await registry.start()  # serves the last-known-good set first when one is recorded
+    except BaseException:
+        await registry.close()
+        raise
     if cfg.routes_file is not None:
         try:
             routes.reload()
@@ -81,9 +80,10 @@ async def runtime_context(app: web.Application) -> AsyncIterator[None]:
             log.error("routes file refused (%s); serving the last-known-good routes", exc)
         await registry.preload()  # versions the routes weight or alias are pinned: load them now
     stop = asyncio.Event()
-    watcher = asyncio.ensure_future(routes.watch(stop)) if cfg.watch else None
-    log.info("serving %s: %s", cfg.bundles, ", ".join(f"{s['version']}({s['state']})" for s in registry.status())
-             or "no versions yet")
+    watcher = asyncio.ensure_future(routes.watch(stop)) if cfg.runtime.watch else None
+    status = registry.status()
+    log.info("serving %s: %s", cfg.bundles,
+             ", ".join(f"{s.version}({s.state.value})" for s in status.versions) or "no versions yet")
     try:
         yield
     finally:

@@ -1,7 +1,14 @@
-"""``m2fp-serve``: the HTTP server over a bundle root."""
+"""``m2fp-serve``: the HTTP server over a bundle root.
+
+Parses arguments into one :class:`~m2fpkit.server.config.ServerConfig` (its ``runtime`` is the library's
+:class:`~m2fpkit.runtime.registry.RegistryOptions`; option defaults are read from those classes) and
+runs :func:`~m2fpkit.server.app.make_app`. The bundle root must exist (``--bundles``, else
+``$M2FP_BUNDLES``, else ``./bundles``).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -9,7 +16,10 @@ from pathlib import Path
 
 import click
 
-from .config import DEFAULT_BUNDLES
+from m2fpkit.runtime.registry.options import RegistryOptions
+from m2fpkit.runtime.roots import ENV_STATE_DIR, bundles_option
+
+from .config import ServerConfig
 
 
 class JsonFormatter(logging.Formatter):
@@ -33,9 +43,16 @@ def setup_logging(fmt: str, level: str) -> None:
     root.setLevel(level.upper())
 
 
+#: every default of the runtime options (the CLI shows them; nothing restates them)
+_RUNTIME = RegistryOptions()
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--bundles", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_BUNDLES,
-              show_default=True, help="Bundle root (holds m2fp/<version>/).")
+@bundles_option()
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), envvar=ENV_STATE_DIR,
+              help=f"Writable directory for the last-known-good record (env {ENV_STATE_DIR}). Default: the store "
+                   "directory <bundles>/m2fp when it is writable; otherwise last-known-good is off, said once at "
+                   "start and in /readyz and /api/versions.")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8080, show_default=True, type=int)
 @click.option("--routes", "routes_file", type=click.Path(dir_okay=False, exists=True, path_type=Path),
@@ -44,12 +61,18 @@ def setup_logging(fmt: str, level: str) -> None:
 @click.option("--distribution-token", envvar="M2FP_DISTRIBUTION_TOKEN",
               help="Bearer token enabling read-only bundle downloads at /bundles for m2fp-bundle pull "
                    "(env M2FP_DISTRIBUTION_TOKEN; must differ from the admin token).")
-@click.option("--max-body-mb", default=20.0, show_default=True, help="Largest request body (413 above).")
-@click.option("--max-pixels", default=40_000_000, show_default=True, help="Largest image, checked before decoding.")
-@click.option("--max-queue", default=8, show_default=True, help="Parses that may wait; more get 503 + Retry-After.")
-@click.option("--concurrency", default=1, show_default=True, help="Parses run at once (threads split between them).")
-@click.option("--timeout", "request_timeout", default=60.0, show_default=True, help="Seconds before a 504.")
-@click.option("--idle-ttl", default=600.0, show_default=True, help="Unload unpinned versions idle this long (s).")
+@click.option("--max-body-mb", default=ServerConfig.max_body_bytes / 2**20, show_default=True,
+              help="Largest request body (413 above).")
+@click.option("--max-pixels", default=_RUNTIME.limits.max_pixels, show_default=True,
+              help="Largest image, checked before decoding.")
+@click.option("--max-queue", default=ServerConfig.max_queue, show_default=True,
+              help="Parses that may wait; more get 503 + Retry-After.")
+@click.option("--concurrency", default=_RUNTIME.settings.concurrent_runs, show_default=True,
+              help="Parses run at once (threads split between them).")
+@click.option("--timeout", "request_timeout", default=ServerConfig.request_timeout, show_default=True,
+              help="Seconds before a 504.")
+@click.option("--idle-ttl", default=_RUNTIME.idle_ttl, show_default=True,
+              help="Unload unpinned versions idle this long (s; 0: never).")
 @click.option("--memory-budget-mb", type=int, help="Evict least recently used unpinned versions above this.")
 @click.option("--preload", multiple=True, help="Versions to load at start (latest and aliases always are).")
 @click.option("--lean-memory", is_flag=True,
@@ -59,14 +82,15 @@ def setup_logging(fmt: str, level: str) -> None:
               type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="Trusted Ed25519 public key (PEM); repeatable (env M2FP_PUBLIC_KEY, paths separated by ':'). "
                    "Only bundles signed by one of them load; others are marked failed with the reason.")
-@click.option("--drain-timeout", default=30.0, show_default=True, help="Seconds to finish requests on shutdown.")
+@click.option("--drain-timeout", default=ServerConfig.drain_timeout, show_default=True,
+              help="Seconds to finish requests on shutdown.")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="info", show_default=True)
-def main(bundles: Path, host: str, port: int, routes_file: Path | None, admin_token: str | None,
-         distribution_token: str | None, max_body_mb: float,
-         max_pixels: int, max_queue: int, concurrency: int, request_timeout: float, idle_ttl: float,
-         memory_budget_mb: int | None, preload: tuple[str, ...], lean_memory: bool, public_keys: tuple[Path, ...],
-         drain_timeout: float, log_format: str, log_level: str) -> None:
+def main(bundles: Path, state_dir: Path | None, host: str, port: int, routes_file: Path | None,
+         admin_token: str | None, distribution_token: str | None, max_body_mb: float, max_pixels: int,
+         max_queue: int, concurrency: int, request_timeout: float, idle_ttl: float, memory_budget_mb: int | None,
+         preload: tuple[str, ...], lean_memory: bool, public_keys: tuple[Path, ...], drain_timeout: float,
+         log_format: str, log_level: str) -> None:
     """Serve M2FP bundles over HTTP: parse API, versions, WebUI, metrics."""
     if distribution_token and distribution_token == admin_token:
         raise click.BadParameter("must differ from the admin token", param_hint="--distribution-token")
@@ -75,26 +99,27 @@ def main(bundles: Path, host: str, port: int, routes_file: Path | None, admin_to
 
     from m2fpkit.runtime.bundle.signature import TrustPolicy
     from m2fpkit.runtime.errors import BundleError
-
-    try:
-        TrustPolicy.from_keys(list(public_keys))
-    except BundleError as exc:
-        raise click.BadParameter(str(exc), param_hint="--public-key") from None
-
-    from m2fpkit.runtime.predictor import ImageLimits
-    from m2fpkit.runtime.session import RuntimeSettings, cap_library_threads
+    from m2fpkit.runtime.session import cap_library_threads
 
     from .app import make_app
-    from .config import ServerConfig
 
+    try:
+        trust = TrustPolicy.from_keys(list(public_keys))
+    except BundleError as exc:
+        raise click.BadParameter(str(exc), param_hint="--public-key") from None
+    try:
+        runtime = dataclasses.replace(
+            _RUNTIME, limits=dataclasses.replace(_RUNTIME.limits, max_pixels=max_pixels),
+            settings=dataclasses.replace(_RUNTIME.settings, concurrent_runs=concurrency, shared_arena=lean_memory,
+                                         disable_prepacking=lean_memory,
+                                         optimization="basic" if lean_memory else _RUNTIME.settings.optimization),
+            idle_ttl=idle_ttl, memory_budget=memory_budget_mb * 2**20 if memory_budget_mb else None,
+            preload=preload, trust=trust, state_dir=state_dir)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     cap_library_threads(1)
-    cfg = ServerConfig(bundles=bundles, routes_file=routes_file, admin_token=admin_token,
-                       distribution_token=distribution_token,
-                       max_body_bytes=int(max_body_mb * 2**20), limits=ImageLimits(max_pixels=max_pixels),
-                       max_queue=max_queue, request_timeout=request_timeout, drain_timeout=drain_timeout,
-                       idle_ttl=idle_ttl, memory_budget_mb=memory_budget_mb, preload=preload,
-                       trusted_keys=public_keys, runtime=RuntimeSettings(concurrent_runs=concurrency, shared_arena=lean_memory,
-                                               disable_prepacking=lean_memory,
-                                               optimization="basic" if lean_memory else "extended"))
+    cfg = ServerConfig(bundles=bundles, runtime=runtime, routes_file=routes_file, admin_token=admin_token,
+                       distribution_token=distribution_token, max_body_bytes=int(max_body_mb * 2**20),
+                       max_queue=max_queue, request_timeout=request_timeout, drain_timeout=drain_timeout)
     web.run_app(make_app(cfg), host=host, port=port, access_log=None, shutdown_timeout=drain_timeout,
                 print=lambda msg: logging.getLogger("m2fpkit.server").info(msg.strip()))

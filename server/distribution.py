@@ -18,7 +18,6 @@ installed versions that verify, and that the registry has not refused, are serve
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import os
 import re
@@ -29,11 +28,12 @@ from pathlib import Path
 from aiohttp import web
 
 from m2fpkit.runtime.bundle import reader
-from m2fpkit.runtime.bundle.archive import pack
+from m2fpkit.runtime.bundle.archive import archive_name, pack
 from m2fpkit.runtime.errors import BundleError
 from m2fpkit.runtime.versions import is_version_name
 
 from . import keys
+from .auth import require_bearer
 from .errors import HTTPProblem
 
 log = logging.getLogger(__name__)
@@ -60,14 +60,9 @@ def setup(app: web.Application) -> None:
 
 
 def _authorize(request: web.Request) -> None:
-    token = request.app[keys.CONFIG].distribution_token
-    if not token:
-        raise HTTPProblem(404, "distribution_disabled",
-                          "bundle distribution is disabled (start the server with --distribution-token)")
-    given = request.headers.get("Authorization", "")
-    if not given.startswith("Bearer ") or not hmac.compare_digest(given[7:].encode(), token.encode()):
-        raise HTTPProblem(401, "unauthorized", "missing or wrong bearer token",
-                          headers={"WWW-Authenticate": 'Bearer realm="m2fp-distribution"'})
+    require_bearer(request, request.app[keys.CONFIG].distribution_token, realm="m2fp-distribution",
+                   disabled=("distribution_disabled",
+                             "bundle distribution is disabled (start the server with --distribution-token)"))
 
 
 def _check(bundle_dir: Path, trust: reader.TrustPolicy) -> tuple[str, str | None, dict]:
@@ -93,8 +88,8 @@ async def _verified(request: web.Request, version: str) -> tuple[str | None, dic
         cached = await loop.run_in_executor(None, _check, path, registry.options.trust)
         state.verified[version] = cached
     reason, entry = cached[1], cached[2]
-    refused = next((s["reason"] for s in registry.status() if s["version"] == version and s["reason"]), None)
-    return reason or refused, entry
+    status = registry.status().get(version)
+    return reason or (status.reason if status else None), entry
 
 
 async def list_bundles(request: web.Request) -> web.Response:
@@ -129,12 +124,12 @@ def _packed(bundle_dir: Path, cache: Path) -> tuple[Path, str]:
     """The cached archive of the bundle's current content (packed now if needed) and its key."""
     for _ in range(3):
         key = reader.identity_of(bundle_dir)
-        path = cache / f"m2fp-{bundle_dir.name}-{key}.tar"
+        path = cache / archive_name(f"{bundle_dir.name}-{key}")
         if path.is_file():
             return path, key
         pack(bundle_dir, path)
         if reader.identity_of(bundle_dir) == key:  # not replaced while packing
-            for old in cache.glob(f"m2fp-{bundle_dir.name}-*.tar"):
+            for old in cache.glob(archive_name(f"{bundle_dir.name}-*")):
                 if old != path:
                     old.unlink(missing_ok=True)
             return path, key
@@ -203,7 +198,7 @@ async def _send(request: web.Request, path: Path, key: str, version: str) -> web
         response = web.StreamResponse(status=206 if rng else 200, headers={
             "Content-Type": "application/x-tar", "ETag": etag, "Accept-Ranges": "bytes",
             "X-Manifest-SHA256": key[:64], "X-Model-Version": version,
-            "Content-Disposition": f'attachment; filename="m2fp-{version}.tar"',
+            "Content-Disposition": f'attachment; filename="{archive_name(version)}"',
             **({"Content-Range": f"bytes {start}-{end}/{size}"} if rng else {})})
         response.content_length = end - start + 1
         await response.prepare(request)

@@ -12,12 +12,13 @@ import numpy as np
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from m2fpkit.runtime.errors import IncompatibleAPI, UnknownVersion, VersionUnavailable
+from m2fpkit.runtime.errors import UnknownVersion, VersionUnavailable
+from m2fpkit.runtime.registry import RegistrySnapshot
 from m2fpkit.runtime.versions import check_name, is_version_name
 
 from . import keys, render
 from .errors import HTTPProblem
-from .routing import bucket, pick
+from .routing import Routes, bucket, pick
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).with_name("static")
@@ -39,33 +40,16 @@ def choose_version(request: web.Request, name: str) -> tuple[str, str]:
     """(version, route rule) for a path name: exact version, alias, ``latest`` or ``auto``."""
     registry = request.app[keys.REGISTRY]
     api = client_api(request)
-
-    def compatible(v: str) -> bool:
-        cfg = registry.config(v)
-        return api is None or (cfg is not None and api in cfg.compatible_api)
-
     if name == "auto":
         routes = request.app[keys.ROUTES].current
-        v = pick(routes.weights, bucket(route_key(request)), lambda x: registry.is_ready(x) and compatible(x))
+        v = pick(routes.weights, bucket(route_key(request)),
+                 lambda x: registry.is_ready(x) and registry.compatible(x, api))
         if v is not None:
             return v, "auto"
-        name, rule = "latest", "auto-fallback"
-    else:
-        check_name(name)
-        rule = "latest" if name == "latest" else "exact" if is_version_name(name) else f"alias:{name}"
-    if name == "latest":
-        v = registry.latest(accept=compatible)
-        if v is None:
-            if api is not None and registry.latest() is not None:
-                raise IncompatibleAPI(f"no available version declares API {api!r} compatible")
-            raise VersionUnavailable("no version is available")
-        return v, rule
-    v = registry.resolve(name)
-    if not compatible(v):
-        cfg = registry.config(v)
-        raise IncompatibleAPI(f"{v} is compatible with API {', '.join(cfg.compatible_api) if cfg else '?'}, "
-                              f"not {api!r}")
-    return v, rule
+        return registry.resolve("latest", api), "auto-fallback"
+    check_name(name)
+    rule = "latest" if name == "latest" else "exact" if is_version_name(name) else f"alias:{name}"
+    return registry.resolve(name, api), rule
 
 
 # ------------------------------------------------------------------------------------- parsing
@@ -116,7 +100,7 @@ async def parse(request: web.Request) -> web.Response:
             async with admission.slot():
                 queued = time.perf_counter() - t_start
                 state["started"] = True
-                body = await registry.run_in_executor(render.parse, predictor, data, cfg.limits, opts)
+                body = await registry.run_in_executor(render.parse, predictor, data, cfg.runtime.limits, opts)
                 body["timing"]["queue"] = round(queued * 1000, 2)
                 return body
 
@@ -152,7 +136,7 @@ def maybe_shadow(request: web.Request, primary: str, data: bytes) -> None:
     if not admission.idle() or not registry.is_ready(shadow.version):
         metrics.shadow_runs.labels(primary, shadow.version, "dropped").inc()
         return
-    limits = app[keys.CONFIG].limits
+    limits = app[keys.CONFIG].runtime.limits
 
     async def compare() -> None:
         try:
@@ -173,15 +157,18 @@ def maybe_shadow(request: web.Request, primary: str, data: bytes) -> None:
 
 
 # ------------------------------------------------------------------------------- introspection
+def versions_body(snapshot: RegistrySnapshot, routes: Routes) -> dict:
+    """``/api/versions``: the registry's snapshot with each version's routing weight, and the routes."""
+    weights = dict(routes.weights)
+    body = snapshot.to_dict()
+    body["versions"] = [{**s.to_dict(), "weight": weights.get(s.version, 0.0)} for s in snapshot.versions]
+    body["routes"] = routes.to_dict()
+    return body
+
+
 async def versions(request: web.Request) -> web.Response:
     app = request.app
-    routes = app[keys.ROUTES].current
-    weights = dict(routes.weights)
-    items = app[keys.REGISTRY].status()
-    for item in items:
-        item["weight"] = weights.get(item["version"], 0.0)
-    return web.json_response({"versions": items, "latest": app[keys.REGISTRY].latest(),
-                              "aliases": app[keys.REGISTRY].aliases(), "routes": routes.to_dict()})
+    return web.json_response(versions_body(app[keys.REGISTRY].status(), app[keys.ROUTES].current))
 
 
 async def meta(request: web.Request) -> web.Response:
@@ -207,10 +194,15 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    registry = request.app[keys.REGISTRY]
-    ready = [v for v in registry.versions() if registry.is_ready(v)]
-    status = 200 if ready else 503
-    return web.json_response({"ready": bool(ready), "versions": ready, "latest": registry.latest()}, status=status)
+    """200 once a version answers; 503 with the reason otherwise (no versions yet, or none ready)."""
+    snapshot = request.app[keys.REGISTRY].status()
+    ready = snapshot.ready()
+    body: dict = {"ready": bool(ready), "versions": ready, "latest": snapshot.latest,
+                  "last_known_good": snapshot.last_known_good}
+    if not ready:
+        body["detail"] = ("no versions yet" if not snapshot.versions else "no version is ready: " + ", ".join(
+            f"{s.version} {s.state.value}" for s in snapshot.versions))
+    return web.json_response(body, status=200 if ready else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -219,8 +211,8 @@ async def metrics(request: web.Request) -> web.Response:
     for event, n in registry.events.items():
         m.lifecycle.labels(event).set(n)
     m.loaded.clear()
-    for item in registry.status():
-        m.loaded.labels(item["version"], item["state"]).set(1 if item["loaded"] else 0)
+    for s in registry.status().versions:
+        m.loaded.labels(s.version, s.state.value).set(1 if s.loaded else 0)
     m.queue_depth.set(app[keys.ADMISSION].waiting)
     for kind, n in registry.weight_bytes().items():
         m.weights.labels(kind).set(n)

@@ -21,8 +21,6 @@ class Metrics:
                                    buckets=LATENCY_BUCKETS, registry=r)
         self.in_flight = Gauge("m2fp_in_flight", "Parse requests being processed", registry=r)
         self.queue_depth = Gauge("m2fp_queue_depth", "Parse requests waiting for a worker", registry=r)
-        self.rejected = Counter("m2fp_overload_rejections_total", "Requests refused because the queue was full",
-                                registry=r)
         self.lifecycle = Gauge("m2fp_version_events", "Registry events since start (loads, unloads, swaps, …)",
                                ["event"], registry=r)
         self.loaded = Gauge("m2fp_version_loaded", "1 if the version is loaded", ["version", "state"], registry=r)

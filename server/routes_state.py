@@ -1,4 +1,9 @@
-"""The live routing table: loaded from the routes file, hot-reloaded, changed by admins, rolled back."""
+"""The live routing table: loaded from the routes file, hot-reloaded, changed by admins, rolled back.
+
+Invariant: every change goes through :meth:`RoutesState.apply`, which hands the registry one
+:class:`~m2fpkit.runtime.registry.RouteOverlay` (alias overrides, pinned versions, the table for the
+last-known-good record); a refused change leaves the routes in force untouched.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,9 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from m2fpkit.runtime.registry import Registry
+from m2fpkit.runtime.registry import Registry, RouteOverlay
 
-from .routing import Routes, RoutesError, load_routes
+from .routing import Routes, RoutesError, load_routes, parse_routes
 
 log = logging.getLogger(__name__)
 HISTORY = 20
@@ -25,9 +30,9 @@ class RoutesState:
         if remember and routes != self.current:
             self._history = (self._history + [self.current])[-HISTORY:]
         self.current = routes
-        self.registry.set_alias_overrides(routes.aliases)
-        self.registry.set_pinned(routes.weighted_versions() | ({routes.shadow.version} if routes.shadow else set()))
-        self.registry.set_routes_snapshot(routes.to_dict())
+        pinned = routes.weighted_versions() | ({routes.shadow.version} if routes.shadow else set())
+        self.registry.apply_routes(RouteOverlay(aliases=routes.aliases, pinned=frozenset(pinned),
+                                                routes=routes.to_dict()))
         log.info("routes: %s", routes.to_dict())
         return routes
 
@@ -38,19 +43,20 @@ class RoutesState:
         return self.apply(load_routes(self.path))
 
     def restore_last_known_good(self) -> bool:
-        """Apply the routes recorded in the last-known-good state, if any; True if applied."""
+        """Apply the routes recorded in the last-known-good state, if any and valid; True if applied."""
         state = self.registry.last_known_good
         if state is None or not state.routes:
             return False
-        from .routing import parse_routes
-
         raw = {k: v for k, v in state.routes.items() if k != "source"}
-        self.apply(dataclasses.replace(parse_routes(raw, "last-known-good"), source="last-known-good"))
+        try:
+            routes = parse_routes(raw, "last-known-good")
+        except RoutesError as exc:
+            log.error("last-known-good routes refused: %s", exc)
+            return False
+        self.apply(dataclasses.replace(routes, source="last-known-good"))
         return True
 
     def set_weights(self, weights: dict[str, float]) -> Routes:
-        from .routing import parse_routes
-
         raw = self.current.to_dict()
         raw["weights"] = weights
         raw.pop("source", None)
@@ -66,13 +72,17 @@ class RoutesState:
         """Reload when the routes file changes; keep the old routes if the new file is broken."""
         if self.path is None:
             return
-        import watchfiles
+        from m2fpkit.runtime.watcher import watch
 
         target = self.path.resolve()
-        async for _ in watchfiles.awatch(target.parent, stop_event=stop, debounce=200, step=50, recursive=False,
-                                         watch_filter=lambda _c, p: Path(p).resolve() == target):
+
+        async def changed() -> None:
             try:
                 self.reload()
-                await self.registry.rescan()
             except RoutesError as exc:
                 log.error("routes file change ignored: %s", exc)
+                return
+            await self.registry.rescan()
+
+        await watch(target.parent, lambda _c, p: Path(p).resolve() == target, changed, stop, recursive=False,
+                    debounce=200)

@@ -172,7 +172,8 @@ class ServerProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, ready_timeout: float = 90.0) -> "ServerProcess":
+    def start(self, ready_timeout: float = 90.0, until: str = "/readyz") -> "ServerProcess":
+        """Start and wait until ``until`` answers 200 (``/healthz`` for a server with nothing to serve yet)."""
         self._log = open(self.log_path, "ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
@@ -182,7 +183,7 @@ class ServerProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"m2fp-serve exited with {self.proc.returncode}:\n{self.log_tail()}")
-            status, _ = http_json(self.url + "/readyz", timeout=2)
+            status, _ = http_json(self.url + until, timeout=2)
             if status == 200:
                 return self
             time.sleep(0.25)

@@ -25,7 +25,7 @@ import pytest
 
 from m2fpkit.runtime.errors import VersionUnavailable
 from m2fpkit.runtime.predictor import ImageLimits, Predictor
-from m2fpkit.runtime.registry import Registry, RegistryOptions
+from m2fpkit.runtime.registry import Registry, RegistryOptions, VersionStatus
 from m2fpkit.runtime.bundle.store import BundleStore
 from reference.bundles import clone_bundle, corrupt, replace_bundle, synthetic_png
 
@@ -87,8 +87,8 @@ async def _wait(cond, what: str, log: list[str], timeout: float = PHASE_TIMEOUT)
     return time.monotonic()
 
 
-def _status(reg: Registry) -> dict[str, dict]:
-    return {s["version"]: s for s in reg.status()}
+def _status(reg: Registry) -> dict[str, VersionStatus]:
+    return {s.version: s for s in reg.status().versions}
 
 
 @pytest.mark.parametrize("watch_polling", [False, True], ids=["inotify", "polling"])
@@ -107,7 +107,7 @@ async def test_swaps_under_load_never_fail_a_request(fast_multi_src, fast_single
 
     def note(msg: str) -> None:
         log.append(f"{time.monotonic() - t_begin:7.2f}s {msg} | " + ", ".join(
-            f"{s['version']}:{s['state']}/{s['in_flight']}" for s in reg.status()))
+            f"{s.version}:{s.state.value}/{s.in_flight}" for s in reg.status().versions))
 
     async def client(name: str, k: int) -> None:
         i = k
@@ -169,14 +169,14 @@ async def test_swaps_under_load_never_fail_a_request(fast_multi_src, fast_single
             # 3. corrupted bundles under new names: refused, nothing else changes
             await asyncio.to_thread(clone_bundle, fast_multi_src, root, "v4.0", then=lambda s: corrupt(s, "flip-byte"))
             await asyncio.to_thread(clone_bundle, fast_multi_src, root, "v5.0", then=lambda s: corrupt(s, "extra-class"))
-            await _wait(lambda: _status(reg).get("v4.0", {}).get("state") == "failed", "v4.0 to be refused", log)
+            await _wait(lambda: getattr(_status(reg).get("v4.0"), "state", None) == "failed", "v4.0 to be refused", log)
             await _wait(lambda: "v5.0" in _status(reg), "the watcher to discover v5.0", log)
             with pytest.raises(VersionUnavailable, match="does not match config.json"):
                 await reg.load("v5.0")  # passes file checks, fails against the graph
             st = _status(reg)
             healthy("v4.0 and v5.0 refused")
-            assert st["v4.0"]["state"] == "failed" and "model.onnx.data" in st["v4.0"]["reason"]
-            assert st["v5.0"]["state"] == "failed" and "pred_logits" in st["v5.0"]["reason"]
+            assert st["v4.0"].state == "failed" and "model.onnx.data" in st["v4.0"].reason
+            assert st["v5.0"].state == "failed" and "pred_logits" in st["v5.0"].reason
             assert reg.latest() == "v3.0"
 
             # 4. corrupted replacements of working versions: the old content keeps serving
@@ -184,13 +184,13 @@ async def test_swaps_under_load_never_fail_a_request(fast_multi_src, fast_single
             await asyncio.to_thread(replace_bundle, fast_multi_src, root, "v3.0", then=lambda s: corrupt(s, "flip-byte"))
             await asyncio.to_thread(replace_bundle, fast_multi_src, root, "v1.0", then=lambda s: corrupt(s, "extra-class"))
             t_refused = await _wait(
-                lambda: (_status(reg)["v3.0"]["update_error"] or "").startswith("model.onnx.data")
-                and "pred_logits" in (_status(reg)["v1.0"]["update_error"] or ""),
+                lambda: (_status(reg)["v3.0"].update_error or "").startswith("model.onnx.data")
+                and "pred_logits" in (_status(reg)["v1.0"].update_error or ""),
                 "both replacements to be refused", log)
             healthy("corrupted replacements refused")
             st = _status(reg)
-            assert st["v3.0"]["state"] == st["v1.0"]["state"] == "ready"
-            assert st["v3.0"]["reason"] is None and st["v1.0"]["reason"] is None
+            assert st["v3.0"].state == st["v1.0"].state == "ready"
+            assert st["v3.0"].reason is None and st["v1.0"].reason is None
             assert reg.events["load_failures"] == failures_before + 1  # v1.0's; v3.0's failed verification
             assert reg.events["swaps"] == swaps + 1
             await answered("latest", t_refused)
@@ -201,10 +201,10 @@ async def test_swaps_under_load_never_fail_a_request(fast_multi_src, fast_single
             # 5. remove v3.0 (latest, never asked for by name) while a request holds it
             async with reg.lease("v3.0") as held:
                 await asyncio.to_thread(store.remove, "v3.0")
-                t_removed = await _wait(lambda: _status(reg).get("v3.0", {}).get("state") == "draining",
+                t_removed = await _wait(lambda: getattr(_status(reg).get("v3.0"), "state", None) == "draining",
                                         "v3.0 to drain", log)
                 healthy("v3.0 removed, draining")
-                assert _status(reg)["v3.0"]["in_flight"] >= 1
+                assert _status(reg)["v3.0"].in_flight >= 1
                 assert reg.latest() == "v2.0" and "v3.0" not in reg.versions()
                 # the held predictor still works: it is closed only when its last lease returns
                 assert held.session is not None
@@ -252,7 +252,28 @@ async def test_the_watcher_sees_changes_under_a_relative_bundle_root(fast_multi_
         await asyncio.to_thread(clone_bundle, fast_multi_src, tmp_path / "bundles", "v2.0")
         await _wait(lambda: "v2.0" in reg.versions(), "v2.0 discovered", log, timeout=60)
         await asyncio.to_thread(replace_bundle, fast_multi_src, tmp_path / "bundles", "v1.0", notes="replaced")
-        await _wait(lambda: reg.events["swaps"] >= 1 and _status(reg)["v1.0"]["notes"] == "replaced",
+        await _wait(lambda: reg.events["swaps"] >= 1 and _status(reg)["v1.0"].notes == "replaced",
                     "v1.0 swapped", log, timeout=120)
+    finally:
+        await reg.close(drain_timeout=5)
+
+
+@pytest.mark.parametrize("watch_polling", [False, True], ids=["inotify", "polling"])
+async def test_a_store_directory_that_appears_later_is_noticed(fast_multi_src, tmp_path, watch_polling):
+    """An empty root has no ``m2fp/`` and the registry does not create it: the watcher watches the root,
+    so the first publish (which creates ``m2fp/``) is seen all the same."""
+    root = tmp_path / "bundles"
+    root.mkdir()
+    reg = Registry(root, RegistryOptions(watch=True, watch_polling=watch_polling, idle_ttl=0))
+    await reg.start()
+    log: list[str] = []
+    try:
+        assert reg.versions() == [] and list(root.iterdir()) == []
+        await asyncio.sleep(0.5)  # the watcher is running
+        (root / "unrelated").mkdir()  # not under m2fp/: ignored
+        await asyncio.to_thread(clone_bundle, fast_multi_src, root, "v1.0")
+        await _wait(lambda: reg.is_ready("v1.0"), "v1.0 in a store directory that did not exist to be served", log,
+                    timeout=60)
+        assert reg.latest() == "v1.0" and (await reg.predict("latest", IMAGES[0])).version == "v1.0"
     finally:
         await reg.close(drain_timeout=5)

@@ -90,7 +90,8 @@ def test_runtime_and_server_run_a_prediction_without_torch_or_pillow(ms_multi, t
     assert out["direct"] == ["v1.0", [96, 128]]
     expected = [m for p in LIGHT_PACKAGES for m in modules_of(p)[1:]]
     assert sorted(out["imported"]) == sorted(expected)
-    assert {"m2fpkit.runtime.registry", "m2fpkit.runtime.watcher", "m2fpkit.server.app"} <= set(out["imported"])
+    assert {"m2fpkit.runtime.registry", "m2fpkit.runtime.registry.core", "m2fpkit.runtime.registry.lifecycle",
+            "m2fpkit.runtime.roots", "m2fpkit.runtime.watcher", "m2fpkit.server.app"} <= set(out["imported"])
     assert len(out["exported"]) == len(importlib.import_module("m2fpkit.runtime").__all__)
 
 
@@ -121,3 +122,18 @@ def test_every_module_imports_cleanly_on_its_own(package, tmp_path):
     with ThreadPoolExecutor(2) as pool:  # two interpreters at a time: the machine has 2 cores
         problems = [p for p in pool.map(check, names) if p]
     assert problems == [], "\n\n".join(problems)
+
+
+LIGHT_CLI = textwrap.dedent("""
+    import json, sys
+    import m2fpkit.runtime.roots, m2fpkit.runtime.delivery.cli, m2fpkit.export.cli
+    print(json.dumps(LOADED))
+""").replace("LOADED", _loaded(("torch", "PIL", "numpy", "onnxruntime", "cv2")))
+
+
+def test_the_bundle_root_rule_and_the_light_clis_import_nothing_heavy(tmp_path):
+    """Every CLI reads the bundle-root rule (``runtime/roots.py``) before parsing its arguments; it, and the
+    ``m2fp-bundle`` and ``m2fp-export`` command modules, load no numpy, onnxruntime, OpenCV or torch."""
+    proc = run_python(LIGHT_CLI, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []

@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import m2fpkit.runtime.registry as registry_mod
+from m2fpkit.runtime.registry import lifecycle as lifecycle_mod
 from m2fpkit.runtime.api import Runtime
 from m2fpkit.runtime.errors import InvalidVersionName, UnknownVersion, VersionUnavailable
 from m2fpkit.runtime.predictor import Predictor
-from m2fpkit.runtime.registry import Registry, RegistryOptions, State
+from m2fpkit.runtime.registry import Registry, RegistryOptions, RouteOverlay, State, VersionStatus
 from m2fpkit.runtime.bundle.store import BundleStore
 from reference.bundles import add_golden, clone_bundle, corrupt, replace_bundle, synthetic_png
 
@@ -56,11 +56,13 @@ async def wait_until(cond, what: str, timeout: float = 30.0, step: float = 0.02)
 
 
 def states(reg: Registry) -> dict[str, str]:
-    return {s["version"]: s["state"] for s in reg.status()}
+    return {s.version: s.state.value for s in reg.status().versions}
 
 
-def status_of(reg: Registry, version: str) -> dict:
-    return next(s for s in reg.status() if s["version"] == version)
+def status_of(reg: Registry, version: str) -> VersionStatus:
+    status = reg.status().get(version)
+    assert status is not None, f"{version} is not in the status"
+    return status
 
 
 @pytest.fixture
@@ -108,12 +110,12 @@ async def test_discovery_ignores_hidden_staging_and_non_version_entries(fast_mul
 
     reg = await make_registry(root)
     assert reg.versions() == ["v1.0", "v1.1-rc.1"]
-    st = {s["version"]: s for s in reg.status()}
+    st = {s.version: s for s in reg.status().versions}
     assert list(st) == ["v1.0", "v1.1-rc.1"]
-    assert st["v1.0"]["state"] == "ready" and st["v1.0"]["aliases"] == ["latest"]  # preloaded as latest
-    assert st["v1.1-rc.1"]["state"] == "discovered" and not st["v1.1-rc.1"]["loaded"]
+    assert st["v1.0"].state is State.READY and st["v1.0"].aliases == ("latest",)  # preloaded as latest
+    assert st["v1.1-rc.1"].state is State.DISCOVERED and not st["v1.1-rc.1"].loaded
     # discovery verified the bundle and read its config without loading it
-    assert (st["v1.1-rc.1"]["task"], st["v1.1-rc.1"]["channel"]) == ("single-human", "experimental")
+    assert (st["v1.1-rc.1"].task, st["v1.1-rc.1"].channel) == ("single-human", "experimental")
     assert reg.events["loads"] == 1
     with pytest.raises(InvalidVersionName):
         reg.resolve(".staging-v3.0-0123abcd")
@@ -133,27 +135,27 @@ async def test_states_lazy_load_and_warmup_before_ready(fast_multi_src, root, ma
     original = Predictor.warmup
 
     def spy(self):
-        seen.append((self.version, reg.is_ready(self.version), reg.slot_states().get(self.version)))
+        seen.append((self.version, reg.is_ready(self.version), reg.status().states().get(self.version)))
         return original(self)
 
     monkeypatch.setattr(Predictor, "warmup", spy)
     await reg.start()
     # latest (v2.0) is loaded at start and warmed up before it became ready; v1.0 only discovered
     assert seen == [("v2.0", False, State.LOADING)]
-    assert reg.slot_states() == {"v1.0": State.DISCOVERED, "v2.0": State.READY}
+    assert reg.status().states() == {"v1.0": State.DISCOVERED, "v2.0": State.READY}
     assert reg.config("v1.0") is not None and reg.config("v1.0").version == "v1.0"
     assert reg.events["loads"] == 1
 
     task = asyncio.create_task(reg.predict("v1.0", IMAGE))
-    await wait_until(lambda: reg.slot_states()["v1.0"] == State.LOADING, "v1.0 to be loading")
-    assert status_of(reg, "v1.0")["state"] == "loading" and not reg.is_ready("v1.0")
+    await wait_until(lambda: reg.status().states()["v1.0"] == State.LOADING, "v1.0 to be loading")
+    assert status_of(reg, "v1.0").state is State.LOADING and not reg.is_ready("v1.0")
     pred = await task
     assert pred.version == "v1.0" and pred.result.label_map.shape == (96, 128)
-    assert reg.slot_states()["v1.0"] == State.READY
+    assert reg.status().states()["v1.0"] == State.READY
     assert seen[-1] == ("v1.0", False, State.LOADING)
     assert len(seen) == 2 and reg.events["loads"] == 2
     s = status_of(reg, "v1.0")
-    assert s["loaded"] and s["requests"] == 1 and s["in_flight"] == 0 and s["load_seconds"] > 0
+    assert s.loaded and s.requests == 1 and s.in_flight == 0 and s.load_seconds > 0
 
 
 @bounded(120)
@@ -175,9 +177,9 @@ async def test_concurrent_first_requests_load_once(fast_multi_src, root, make_re
     loads: list[str] = []
     original = Predictor.load.__func__
 
-    def counting_load(cls, bundle_dir, factory=None):
+    def counting_load(cls, bundle_dir, factory=None, trust=None):
         loads.append(Path(bundle_dir).name)
-        return original(cls, bundle_dir, factory)
+        return original(cls, bundle_dir, factory, trust)
 
     monkeypatch.setattr(Predictor, "load", classmethod(counting_load))
     preds = await asyncio.gather(*(reg.predict("v1.0", IMAGE) for _ in range(8)), reg.load("v1.0"), reg.load("v1.0"))
@@ -185,7 +187,7 @@ async def test_concurrent_first_requests_load_once(fast_multi_src, root, make_re
     assert preds[8:] == ["v1.0", "v1.0"]
     assert loads == ["v1.0"]
     assert reg.events["loads"] == 2 and reg.events["load_failures"] == 0
-    assert status_of(reg, "v1.0")["requests"] == 8
+    assert status_of(reg, "v1.0").requests == 8
 
 
 # ------------------------------------------------------------------------- latest and aliases
@@ -198,8 +200,8 @@ async def test_latest_is_the_newest_release_by_semver(fast_multi_src, root, make
     assert reg.resolve("latest") == "v10.0"
     assert reg.is_ready("v10.0") and "v10.0" in reg.pinned()
     assert (await reg.predict("latest", IMAGE)).version == "v10.0"
-    assert status_of(reg, "v10.0")["aliases"] == ["latest"]
-    assert status_of(reg, "v10.1-rc.1")["aliases"] == []
+    assert status_of(reg, "v10.0").aliases == ("latest",)
+    assert status_of(reg, "v10.1-rc.1").aliases == ()
     # a version becomes latest once it is ready
     publish(fast_multi_src, root, "v11.0")
     await reg.rescan()
@@ -240,7 +242,7 @@ async def test_alias_file_overrides_latest(fast_multi_src, root, make_registry):
     store.set_alias("latest", "v1.0")
     assert reg.latest() == "v1.0" and reg.resolve("latest") == "v1.0"
     assert (await reg.predict("latest", IMAGE)).version == "v1.0"
-    assert status_of(reg, "v1.0")["aliases"] == ["latest"] and status_of(reg, "v2.0")["aliases"] == []
+    assert status_of(reg, "v1.0").aliases == ("latest",) and status_of(reg, "v2.0").aliases == ()
     # an alias to a missing or failed version does not take latest down with it (it falls back to a
     # working version: the newest ready release, or the last-known-good target of the alias)
     for broken in ("v8.0", "v3.0"):
@@ -256,7 +258,8 @@ async def test_status_shows_where_latest_resolves_with_a_dangling_latest_alias(f
     reg = await make_registry(root)
     BundleStore(root).set_alias("latest", "v8.0")
     assert reg.latest() == "v2.0"
-    assert "latest" in status_of(reg, "v2.0")["aliases"]
+    assert "latest" in status_of(reg, "v2.0").aliases
+    assert reg.status().latest == "v2.0" and reg.status().aliases["latest"] == "v8.0"
 
 
 @bounded(120)
@@ -269,18 +272,21 @@ async def test_alias_resolution(fast_multi_src, root, make_registry):
     assert reg.aliases() == {"stable": "v1.0", "gone": "v8.0"}
     assert reg.resolve("stable") == "v1.0"
     assert (await reg.predict("stable", IMAGE)).version == "v1.0"
-    assert "v1.0" in reg.pinned() and status_of(reg, "v1.0")["pinned"]
-    assert status_of(reg, "v1.0")["aliases"] == ["stable"]
+    assert "v1.0" in reg.pinned() and status_of(reg, "v1.0").pinned
+    assert status_of(reg, "v1.0").aliases == ("stable",)
     with pytest.raises(UnknownVersion, match="gone"):
         reg.resolve("gone")
     with pytest.raises(UnknownVersion, match="nope"):
         await reg.predict("nope", IMAGE)
     # the routing file's aliases override the store's
-    reg.set_alias_overrides({"stable": "v2.0", "canary": "v2.0"})
+    reg.apply_routes(RouteOverlay(aliases={"stable": "v2.0", "canary": "v2.0"}))
     assert reg.resolve("stable") == "v2.0" and reg.resolve("canary") == "v2.0"
     assert (await reg.predict("canary", IMAGE)).version == "v2.0"
-    reg.set_alias_overrides({})
+    assert status_of(reg, "v2.0").aliases == ("canary", "latest", "stable")
+    reg.apply_routes(RouteOverlay())
     assert reg.resolve("stable") == "v1.0"
+    with pytest.raises(UnknownVersion, match="canary"):
+        reg.resolve("canary")
 
 
 BAD_NAMES = ["..", ".", "../v1.0", "v1.0/..", "v1.0/../../etc", "/etc/passwd", "m2fp/v1.0", "", "V1.0",
@@ -318,15 +324,15 @@ async def test_corrupted_bundles_fail_with_a_reason_and_others_keep_working(fast
     publish(fast_multi_src, root, "v2.0", then=lambda s: corrupt(s, "flip-byte"))
     publish(fast_multi_src, root, "v3.0", then=lambda s: corrupt(s, "extra-class"))  # caught only when loaded
     reg = await make_registry(root)
-    st = {s["version"]: s for s in reg.status()}
+    st = {s.version: s for s in reg.status().versions}
     # v3.0 looked like latest until its load failed; then v1.0 was preloaded as latest instead
-    assert {v: s["state"] for v, s in st.items()} == {
+    assert {v: s.state.value for v, s in st.items()} == {
         "v0.9": "failed", "v1.0": "ready", "v2.0": "failed", "v3.0": "failed"}
-    assert "config.json → preprocess → mean" in st["v0.9"]["reason"]
-    assert "model.onnx.data" in st["v2.0"]["reason"] and "SHA-256" in st["v2.0"]["reason"]
-    assert "does not match config.json" in st["v3.0"]["reason"] and "pred_logits" in st["v3.0"]["reason"]
-    assert st["v1.0"]["reason"] is None and st["v1.0"]["aliases"] == ["latest"]
-    assert [v for v, s in st.items() if s["loaded"]] == ["v1.0"]
+    assert "config.json → preprocess → mean" in st["v0.9"].reason
+    assert "model.onnx.data" in st["v2.0"].reason and "SHA-256" in st["v2.0"].reason
+    assert "does not match config.json" in st["v3.0"].reason and "pred_logits" in st["v3.0"].reason
+    assert st["v1.0"].reason is None and st["v1.0"].aliases == ("latest",)
+    assert [v for v, s in st.items() if s.loaded] == ["v1.0"]
     assert reg.events["load_failures"] == 1
 
     for version, fragment in (("v0.9", "preprocess"), ("v2.0", "SHA-256"), ("v3.0", "pred_logits")):
@@ -340,7 +346,7 @@ async def test_corrupted_bundles_fail_with_a_reason_and_others_keep_working(fast
     # a fixed bundle is picked up on the next scan
     replace_bundle(fast_multi_src, root, "v2.0")
     await reg.rescan()
-    assert status_of(reg, "v2.0")["reason"] is None
+    assert status_of(reg, "v2.0").reason is None
     assert (await reg.predict("v2.0", IMAGE)).version == "v2.0"
     assert states(reg)["v3.0"] == "failed"
 
@@ -352,7 +358,7 @@ async def test_idle_versions_unload_but_pinned_ones_stay(fast_multi_src, root, m
     publish(fast_multi_src, root, "v1.0", "v1.5", "v2.0", "v3.0")
     reg = await make_registry(root, idle_ttl=0.5)
     BundleStore(root).set_alias("stable", "v2.0")
-    reg.set_pinned(["v1.5"])
+    reg.apply_routes(RouteOverlay(pinned=frozenset({"v1.5"})))
     for v in ("v1.0", "v1.5", "v2.0", "v3.0"):
         assert (await reg.predict(v, IMAGE)).version == v
         assert reg.is_ready(v)
@@ -362,7 +368,7 @@ async def test_idle_versions_unload_but_pinned_ones_stay(fast_multi_src, root, m
     assert states(reg) == {"v1.0": "unloaded", "v1.5": "ready", "v2.0": "ready", "v3.0": "ready"}
     assert reg.events["unloads"] == 1
     s = status_of(reg, "v1.0")
-    assert not s["loaded"] and s["memory_bytes"] == 0 and s["reason"] is None
+    assert not s.loaded and s.memory_bytes == 0 and s.reason is None
     loads = reg.events["loads"]
     assert (await reg.predict("v1.0", IMAGE)).version == "v1.0"  # lazily loaded again
     assert reg.events["loads"] == loads + 1
@@ -372,10 +378,10 @@ async def test_idle_versions_unload_but_pinned_ones_stay(fast_multi_src, root, m
 async def test_memory_budget_evicts_least_recently_used_unpinned(fast_multi_src, root, make_registry, monkeypatch):
     # each load measures exactly 100 MB (the real RSS delta of a tiny model is noise)
     counter = itertools.count()
-    monkeypatch.setattr(registry_mod, "rss_bytes", lambda: next(counter) * 100 * MB)
+    monkeypatch.setattr(lifecycle_mod, "rss_bytes", lambda: next(counter) * 100 * MB)
     publish(fast_multi_src, root, "v1.0", "v2.0", "v3.0", "v4.0")
     reg = await make_registry(root, memory_budget=350 * MB)
-    assert states(reg)["v4.0"] == "ready" and status_of(reg, "v4.0")["memory_bytes"] == 100 * MB
+    assert states(reg)["v4.0"] == "ready" and status_of(reg, "v4.0").memory_bytes == 100 * MB
     for v in ("v1.0", "v2.0", "v1.0"):  # v1.0 used again after v2.0
         await reg.predict(v, IMAGE)
     assert reg.events["evictions"] == 0
@@ -383,21 +389,21 @@ async def test_memory_budget_evicts_least_recently_used_unpinned(fast_multi_src,
     assert states(reg) == {"v1.0": "ready", "v2.0": "unloaded", "v3.0": "ready", "v4.0": "ready"}
     assert reg.events["evictions"] == 1
 
-    reg.set_pinned(["v1.0", "v3.0"])
+    reg.apply_routes(RouteOverlay(pinned=frozenset({"v1.0", "v3.0"})))
     await reg.predict("v2.0", IMAGE)  # over budget again, but everything else is pinned
     assert states(reg) == {"v1.0": "ready", "v2.0": "ready", "v3.0": "ready", "v4.0": "ready"}
     assert reg.events["evictions"] == 1
 
-    reg.set_pinned([])
+    reg.apply_routes(RouteOverlay())
     await reg.predict("v1.0", IMAGE)  # a hit does not load, so no eviction happens here
     assert reg.events["evictions"] == 1
-    assert sum(s["memory_bytes"] for s in reg.status()) == 400 * MB
+    assert sum(s.memory_bytes for s in reg.status().versions) == 400 * MB
 
 
 @bounded(180)
 async def test_pinned_latest_is_never_evicted(fast_multi_src, root, make_registry, monkeypatch):
     counter = itertools.count()
-    monkeypatch.setattr(registry_mod, "rss_bytes", lambda: next(counter) * 100 * MB)
+    monkeypatch.setattr(lifecycle_mod, "rss_bytes", lambda: next(counter) * 100 * MB)
     publish(fast_multi_src, root, "v1.0", "v2.0", "v3.0")
     reg = await make_registry(root, memory_budget=1)  # everything is over budget
     for v in ("v1.0", "v2.0", "v1.0"):
@@ -435,8 +441,8 @@ async def test_golden_self_test_gates_readiness(fast_multi_src, root, make_regis
         with pytest.raises(VersionUnavailable, match="golden self-test"):
             await reg.predict(v, IMAGE)
         s = status_of(reg, v)
-        assert s["state"] == "failed" and not s["loaded"]
-        assert "golden self-test" in s["reason"] and share in s["reason"], s["reason"]
+        assert s.state is State.FAILED and not s.loaded
+        assert "golden self-test" in s.reason and share in s.reason, s.reason
     assert reg.latest() == "v3.0"  # the newest version that passed its self-test
 
 
@@ -495,11 +501,11 @@ def test_runtime_facade_works_from_plain_threads(fast_multi_src, fast_single_src
         assert errors == []
         assert sorted(set(results)) == [("latest", "v2.0", "single-human"), ("v1.0", "v1.0", "multi-human")]
         assert len(results) == 12
-        assert {s["version"]: s["state"] for s in rt.status()} == {"v1.0": "ready", "v2.0": "ready"}
+        assert rt.status().states() == {"v1.0": State.READY, "v2.0": State.READY}
 
         publish(fast_multi_src, root, "v3.0")
         rt.rescan()
-        assert [s["version"] for s in rt.status()] == ["v1.0", "v2.0", "v3.0"]
+        assert [s.version for s in rt.status().versions] == ["v1.0", "v2.0", "v3.0"]
         assert rt.predict("v3.0", IMAGE).version == "v3.0"
         with pytest.raises(UnknownVersion):
             rt.predict("v7.0", IMAGE)
@@ -513,8 +519,8 @@ def test_runtime_facade_works_from_plain_threads(fast_multi_src, fast_single_src
 @bounded(120)
 async def test_with_trusted_keys_only_correctly_signed_bundles_load(fast_multi_src, root, tmp_path, make_registry):
     """The server-side signature policy: unsigned, foreign-signed and tampered-after-signing bundles fail."""
-    from m2fpkit.runtime.bundle.signature import keygen, sign
-    from m2fpkit.runtime.bundle.manifest import write_manifest
+    from m2fpkit.runtime.bundle.signature import TrustPolicy, keygen, sign
+    from m2fpkit.runtime.bundle.writer import seal
 
     for name in ("ours", "theirs"):
         keygen(tmp_path / f"{name}.key", tmp_path / f"{name}.pub")
@@ -525,16 +531,101 @@ async def test_with_trusted_keys_only_correctly_signed_bundles_load(fast_multi_s
     def tamper(stage: Path) -> None:  # signed, then the notes changed and the manifest rewritten
         sign(stage, tmp_path / "ours.key")
         (stage / "config.json").write_text((stage / "config.json").read_text().replace('"notes": "', '"notes": "x'))
-        write_manifest(stage)
+        seal(stage)
 
     publish(fast_multi_src, root, "v1.3", then=tamper)
-    reg = await make_registry(root, trusted_keys=(tmp_path / "ours.pub",))
+    reg = await make_registry(root, trust=TrustPolicy.from_keys([tmp_path / "ours.pub"]))
     assert (await reg.predict("v1.0", IMAGE)).version == "v1.0"
     for version, reason in (("v1.1", "unsigned: manifest.sig is missing"), ("v1.2", "wrong signature: signed by key"), ("v1.3", "wrong signature")):
         with pytest.raises(VersionUnavailable):
             await reg.predict(version, IMAGE)
-        assert states(reg)[version] == "failed" and reason in status_of(reg, version)["reason"], status_of(reg, version)
+        assert states(reg)[version] == "failed" and reason in status_of(reg, version).reason, status_of(reg, version)
     assert reg.latest() == "v1.0"
     # without a policy every intact bundle loads
     open_reg = await make_registry(root)
     assert (await open_reg.predict("v1.1", IMAGE)).version == "v1.1"
+
+
+# ---------------------------------------------------------------------------- roots and state
+
+async def test_a_missing_bundle_root_is_an_error_naming_it(tmp_path, make_registry):
+    from m2fpkit.runtime.errors import BundleError
+
+    missing = tmp_path / "no-such-root"
+    with pytest.raises(BundleError, match=f"bundle root {missing} does not exist"):
+        await make_registry(missing)
+    with pytest.raises(BundleError, match="does not exist"):
+        Runtime(missing, RegistryOptions(watch=False, idle_ttl=0))
+    assert not missing.exists()
+
+
+@bounded(60)
+async def test_an_empty_root_is_an_empty_store_and_nothing_is_created(tmp_path, make_registry):
+    root = tmp_path / "bundles"
+    root.mkdir()
+    reg = await make_registry(root, state_dir=None)
+    assert reg.versions() == [] and reg.status().versions == () and reg.latest() is None
+    with pytest.raises(VersionUnavailable, match="no versions yet"):
+        reg.resolve("latest")
+    assert reg.status().last_known_good == f"on: {root / 'm2fp'}"
+    await reg.rescan()
+    assert list(root.iterdir()) == []  # no m2fp/, no .lkg.json: the registry never creates them itself
+
+
+@bounded(120)
+async def test_last_known_good_is_recorded_in_the_state_dir_and_served_first(fast_multi_src, root, tmp_path,
+                                                                             make_registry):
+    from m2fpkit.runtime import lkg
+    from m2fpkit.runtime.bundle.reader import identity_of
+
+    publish(fast_multi_src, root, "v1.0")
+    BundleStore(root).set_alias("stable", "v1.0")
+    state = tmp_path / "state"
+    reg = await make_registry(root, state_dir=state)
+    assert reg.status().last_known_good == f"on: {state}"
+    recorded = lkg.load(state)
+    assert recorded is not None and recorded.versions == {"v1.0": identity_of(root / "m2fp" / "v1.0")}
+    assert recorded.aliases == {"stable": "v1.0"}
+    assert not (root / "m2fp" / lkg.LKG).exists()
+    reg.apply_routes(RouteOverlay(aliases={"canary": "v1.0"}, routes={"weights": {"v1.0": 1.0}}))
+    recorded = lkg.load(state)
+    assert recorded.aliases == {"stable": "v1.0", "canary": "v1.0"} and recorded.routes == {"weights": {"v1.0": 1.0}}
+    await reg.close(drain_timeout=5)
+
+    # next boot: a broken newer release was published and promoted; the recorded set still serves
+    publish(fast_multi_src, root, "v2.0", then=lambda s: corrupt(s, "extra-class"))
+    BundleStore(root).set_alias("stable", "v2.0")
+    again = await make_registry(root, state_dir=state)
+    assert again.last_known_good is not None and again.last_known_good.versions == recorded.versions
+    assert again.is_ready("v1.0") and states(again)["v2.0"] == "failed"
+    assert again.latest() == "v1.0"
+    assert again.resolve("stable") == "v1.0"  # the dangling alias falls back to its recorded target
+    with pytest.raises(UnknownVersion):
+        again.resolve("canary")  # a route alias is the routes' to give (the server re-applies them)
+
+
+def test_options_refuse_nonsense_and_keep_one_default_each():
+    assert RegistryOptions().idle_ttl == RegistryOptions.idle_ttl == 600.0
+    assert RegistryOptions(preload=["v1.0"]).preload == ("v1.0",)
+    for bad in ({"idle_ttl": -1}, {"memory_budget": 0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            RegistryOptions(**bad)
+
+
+@bounded(60)
+async def test_the_status_is_a_frozen_snapshot(fast_multi_src, root, make_registry):
+    import dataclasses
+
+    publish(fast_multi_src, root, "v1.0")
+    reg = await make_registry(root)
+    snap = reg.status()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        snap.versions[0].state = State.FAILED  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        snap.aliases["x"] = "v1.0"  # type: ignore[index]
+    rendered = snap.versions[0].to_dict()
+    rendered["weight"] = 5.0  # a renderer adds to its own copy
+    assert "weight" not in snap.versions[0].to_dict() and len(snap.versions[0].to_dict()) == 19
+    assert rendered["state"] == "ready" and rendered["aliases"] == ["latest"]
+    await reg.predict("v1.0", IMAGE)
+    assert snap.versions[0].requests == 0 and reg.status().get("v1.0").requests == 1

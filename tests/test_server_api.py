@@ -165,11 +165,16 @@ async def test_versions_listing(client):
     assert data["latest"] == "v1.2"
     assert data["aliases"] == DEMO_ALIASES
     assert data["routes"]["weights"] == {} and data["routes"]["sticky"]["header"] == "X-Route-Key"
+    assert data["last_known_good"].startswith("on: ")  # the demo store is writable: the record is kept there
     by = {v["version"]: v for v in data["versions"]}
     for name, v in by.items():
         assert v["state"] in STATES
         assert v["channel"] == CHANNELS[name] and v["task"] == TASKS[name]
         assert v["weight"] == 0.0 and v["in_flight"] == 0 and v["reason"] is None
+    assert set(by["v1.0"]) == {  # the registry's 19 fields and the weight the server adds from its routes
+        "version", "state", "reason", "update_error", "channel", "task", "compatible_api", "semver", "created_at",
+        "notes", "aliases", "pinned", "loaded", "in_flight", "requests", "last_used_seconds_ago", "load_seconds",
+        "memory_bytes", "shared_weight_bytes", "weight"}
     # latest and aliased versions are loaded at start, the others on first use
     assert (by["v1.2"]["state"], by["v1.2"]["loaded"], by["v1.2"]["pinned"]) == ("ready", True, True)
     assert (by["v1.0"]["state"], by["v1.0"]["loaded"], by["v1.0"]["pinned"]) == ("ready", True, True)
@@ -232,8 +237,9 @@ async def test_readyz_lists_ready_versions(client):
     r = await client.get("/readyz")
     body = await r.json()
     assert r.status == 200, body
-    assert body["ready"] is True and body["latest"] == "v1.2"
+    assert body["ready"] is True and body["latest"] == "v1.2" and "detail" not in body
     assert {"v1.0", "v1.2"} <= set(body["versions"]) <= set(DEMO_VERSIONS)
+    assert body["last_known_good"].startswith("on: ")
 
 
 async def test_empty_bundle_root_is_alive_but_not_ready(aiohttp_client, empty_root: Path):
@@ -242,12 +248,17 @@ async def test_empty_bundle_root_is_alive_but_not_ready(aiohttp_client, empty_ro
     assert r.status == 200
     r = await client.get("/readyz")
     body = await r.json()
-    assert r.status == 503 and body == {"ready": False, "versions": [], "latest": None}
+    assert r.status == 503 and body == {"ready": False, "versions": [], "latest": None, "detail": "no versions yet",
+                                        "last_known_good": f"on: {empty_root / 'm2fp'}"}
     r = await client.get("/api/versions")
-    assert (await r.json())["versions"] == []
+    assert r.status == 200
+    listing = await r.json()
+    assert listing["versions"] == [] and listing["latest"] is None and listing["aliases"] == {}
+    assert list(empty_root.iterdir()) == []  # nothing created in the bundle root
     r = await client.post("/api/latest/parse", data=png_bytes(), headers={"Content-Type": "image/png"})
     body = await r.json()
     assert r.status == 503 and body["error"] == "version_unavailable" and r.headers["Retry-After"]
+    assert body["detail"] == "no versions yet"
 
 
 async def test_index_and_static_files(client):

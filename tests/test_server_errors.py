@@ -16,6 +16,7 @@ from aiohttp import FormData
 from m2fpkit.runtime import errors as rt
 from m2fpkit.runtime.imageio import decode_image
 from m2fpkit.runtime.predictor import ImageLimits
+from m2fpkit.runtime.registry import RegistryOptions
 from m2fpkit.server.app import make_app
 from m2fpkit.server.config import ServerConfig
 
@@ -161,7 +162,8 @@ async def test_body_over_max_body_bytes(aiohttp_client, latest_only_root: Path):
 
 
 async def test_pixel_limit_and_aspect_ratio(aiohttp_client, latest_only_root: Path):
-    client = await start(aiohttp_client, latest_only_root, limits=ImageLimits(max_pixels=10_000, max_aspect=20.0))
+    client = await start(aiohttp_client, latest_only_root,
+                         runtime=RegistryOptions(limits=ImageLimits(max_pixels=10_000, max_aspect=20.0)))
     r = await client.post("/api/latest/parse", data=png_bytes(160, 120), headers=PNG)  # 19 200 px
     body = await expect_error(r, 413, "image_too_large")
     assert "160x120" in body["detail"]
@@ -268,7 +270,8 @@ async def test_failed_version_is_unavailable_with_its_reason(aiohttp_client, dem
 async def test_overload_gives_503_with_retry_after(aiohttp_client, latest_only_root: Path):
     from m2fpkit.runtime.session import RuntimeSettings
 
-    client = await start(aiohttp_client, latest_only_root, max_queue=0, runtime=RuntimeSettings(concurrent_runs=1))
+    client = await start(aiohttp_client, latest_only_root, max_queue=0,
+                         runtime=RegistryOptions(settings=RuntimeSettings(concurrent_runs=1)))
     image = png_bytes(160, 120)
     responses = await asyncio.gather(*(client.post("/api/latest/parse?visualization=0", data=image, headers=PNG)
                                        for _ in range(5)))

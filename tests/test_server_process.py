@@ -15,8 +15,8 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from m2fpkit.runtime.bundle.manifest import write_manifest
 from m2fpkit.runtime.bundle.store import BundleStore
+from m2fpkit.runtime.bundle.writer import seal
 
 pytest.register_assert_rewrite("server_fixtures")
 pytest_plugins = ["server_fixtures"]
@@ -161,12 +161,14 @@ async def test_hot_swap_under_load_over_http(demo_root: Path, tmp_path: Path):
 
             # 2. replace v1.0 (in use by its stream) with new content, published by an atomic swap
             def republish() -> None:
-                with store.staging("v1.0", force=True) as stage:
-                    shutil.copytree(demo_root / "m2fp" / "v1.0", stage, dirs_exist_ok=True)
+                with store.scratch("v1.0") as tmp:
+                    stage = tmp / "v1.0"
+                    shutil.copytree(demo_root / "m2fp" / "v1.0", stage)
                     cfg = json.loads((stage / "config.json").read_text())
                     cfg["notes"] = "replaced under load"
                     (stage / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-                    write_manifest(stage)
+                    seal(stage)
+                    store.publish(stage, "v1.0", force=True)
 
             t_republish = time.monotonic()
             await asyncio.to_thread(republish)

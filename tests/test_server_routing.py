@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from m2fpkit.runtime.registry import RegistryOptions
 from m2fpkit.server.app import make_app
 from m2fpkit.server.config import ServerConfig
 from m2fpkit.server.routing import BUCKETS, Routes, RoutesError, Shadow, bucket, load_routes, parse_routes, pick
@@ -301,7 +302,7 @@ async def test_admin_auth_weights_rollback_and_reload(aiohttp_client, demo_root:
     routes = tmp_path / "routes.toml"
     write_routes(routes, {"v1.0": 70, "v1.2": 30})
     client = await aiohttp_client(make_app(ServerConfig(bundles=demo_root, routes_file=routes, admin_token="s3cret",
-                                                        watch=False)))
+                                                        runtime=RegistryOptions(watch=False))))
     good = {"Authorization": "Bearer s3cret"}
 
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"},

@@ -1,6 +1,7 @@
 """``m2fp-bundle``: pack, sign, verify, install, pull, list, promote and remove bundle versions.
 
-Every command works on ``<bundles>/m2fp/`` (``--bundles``, env ``M2FP_BUNDLES``, default ``./bundles``).
+Every command works on ``<bundles>/m2fp/`` (``--bundles``, env ``M2FP_BUNDLES``, default ``./bundles``),
+which must exist, except for ``install`` and ``pull``, which create it.
 A public key (``--public-key``, repeatable, env ``M2FP_PUBLIC_KEY``: paths separated by ``:``) makes
 signatures mandatory for verify, install, pull and promote. Failures print one line on stderr and
 exit 1; ``verify`` prints its report and exits 0 when every check passed, else 1.
@@ -16,9 +17,12 @@ from pathlib import Path
 import click
 
 from ..errors import BundleError, M2FPError
+from ..roots import bundles_option
 
-BUNDLES = click.option("--bundles", type=click.Path(file_okay=False, path_type=Path), envvar="M2FP_BUNDLES",
-                       default="bundles", show_default=True, help="Bundle root (holds m2fp/<version>/). Env M2FP_BUNDLES.")
+#: the bundle root rule of every CLI (``..roots``); commands that only read the store need it to exist
+BUNDLES = bundles_option()
+#: install and pull create the root (and ``m2fp/``) when it does not exist yet
+BUNDLES_CREATED = bundles_option(creates=True)
 PUBLIC_KEY = click.option("--public-key", "public_key", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
                           envvar="M2FP_PUBLIC_KEY",
                           help="Trusted Ed25519 public key (PEM); repeatable. Makes a valid signature mandatory. "
@@ -98,7 +102,7 @@ def verify(target: Path, public_key: tuple[Path, ...], as_json: bool) -> None:
 
 @main.command()
 @click.argument("source", type=click.Path(path_type=Path))
-@BUNDLES
+@BUNDLES_CREATED
 @click.option("--force", is_flag=True, help="Replace the version if it is installed (atomic swap).")
 @PUBLIC_KEY
 def install(source: Path, bundles: Path, force: bool, public_key: tuple[Path, ...]) -> None:
@@ -199,20 +203,28 @@ def sign(version: str, private_key: Path, bundles: Path) -> None:
 @main.command()
 @click.argument("url")
 @click.argument("version")
-@BUNDLES
+@BUNDLES_CREATED
 @click.option("--token", envvar="M2FP_DISTRIBUTION_TOKEN", help="Bearer token of the central server's "
               "distribution endpoints. Env M2FP_DISTRIBUTION_TOKEN.")
 @PUBLIC_KEY
 @click.option("--force", is_flag=True, help="Replace the version if it is installed.")
 @click.option("--timeout", default=60.0, show_default=True, help="Seconds without progress before giving up.")
+@click.option("--deadline", type=click.FloatRange(min=0, min_open=True),
+              help="Seconds for the whole download (default: one hour); past it the pull stops, run it again "
+                   "to resume.")
 def pull(url: str, version: str, bundles: Path, token: str | None, public_key: tuple[Path, ...], force: bool,
-         timeout: float) -> None:
-    """Download VERSION from the server at URL (resumable), verify and install it."""
+         timeout: float, deadline: float | None) -> None:
+    """Download VERSION from the server at URL (resumable), verify and install it.
+
+    Redirects are followed only within URL's scheme, host and port (the token goes nowhere else); the
+    archive must hold VERSION and may not be larger than the server announced.
+    """
     from ..errors import VerificationFailed
     from .pull import pull as do_pull
 
     try:
-        done = do_pull(url, version, bundles, token=token, trust=_trust(public_key), force=force, timeout=timeout)
+        done = do_pull(url, version, bundles, token=token, trust=_trust(public_key), force=force, timeout=timeout,
+                       **({"deadline": deadline} if deadline is not None else {}))
     except VerificationFailed as exc:
         if exc.report is not None:
             click.echo(exc.report.render(), err=True)

@@ -12,12 +12,14 @@ version scans and the server's watcher ignore it), verifies there, then publishe
 succeeds, the other fails with :class:`VersionExists` and removes its staging copy. A failure at
 any point — a bad archive, a failed check, a full disk — removes the staging directory, so nothing
 partial is ever visible under a version name. ``force`` replaces an installed version by swapping
-the two directories atomically (``BundleStore``'s exchange).
+the two directories atomically (``BundleStore``'s exchange). With public keys configured, an
+archive's signature is checked on the archive's own ``manifest.json`` before any other file is
+unpacked (``bundle.archive.unpack``), and again on the staged copy; ``expect_version`` (what ``pull``
+asked for) refuses an archive of another version before anything is unpacked or replaced.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import tomllib
@@ -88,7 +90,10 @@ def _check_graph(bundle_dir: Path, trust: TrustPolicy, report: Report) -> None:
 
 
 def verify(path: str | os.PathLike, trust: TrustPolicy = NO_KEYS, *, graph: bool = True) -> Report:
-    """Verify a bundle directory or a packed archive (unpacked into a temporary directory)."""
+    """Verify a bundle directory or a packed archive (unpacked into a temporary directory).
+
+    With keys in ``trust`` an archive whose own manifest is not validly signed is not unpacked at all.
+    """
     path = Path(path)
     if path.is_dir():
         return verify_dir(path, trust, graph=graph)
@@ -97,7 +102,13 @@ def verify(path: str | os.PathLike, trust: TrustPolicy = NO_KEYS, *, graph: bool
         raise ArchiveError(f"{path}: no such file or directory")
     with tempfile.TemporaryDirectory(prefix="m2fp-verify-") as tmp:
         try:
-            bundle = unpack(path, tmp)
+            bundle = unpack(path, tmp, trust=trust)
+        except SignatureError as exc:
+            report.add("archive", SKIP, f"not unpacked: the signature over its {MANIFEST} was refused")
+            report.fail("signature", exc)
+            for name in ("manifest", "config", "weights", "graph"):
+                report.add(name, SKIP, "not checked: the signature was refused")
+            return report
         except ArchiveError as exc:
             report.fail("archive", exc)
             for name in ("manifest", "signature", "config", "weights", "graph"):
@@ -112,9 +123,12 @@ def verify(path: str | os.PathLike, trust: TrustPolicy = NO_KEYS, *, graph: bool
 # ----------------------------------------------------------------------------------------- install
 def install(source: str | os.PathLike, bundles: str | os.PathLike, *, force: bool = False,
             trust: TrustPolicy = NO_KEYS, model: str = MODEL,
-            expect_identity: str | None = None) -> Installed:
+            expect_identity: str | None = None, expect_version: str | None = None) -> Installed:
     """Install a packed archive (or a bundle directory) as ``<bundles>/<model>/<version>``.
 
+    ``expect_version``: the version the caller asked for; a source holding another one is refused
+    before anything is unpacked or replaced (ArchiveError, BundleError for a directory). With keys in
+    ``trust`` an archive's signature is checked on its own manifest before its files are extracted.
     Raises VersionExists (already installed, or installed concurrently), ArchiveError, OSError
     (e.g. ENOSPC) or VerificationFailed (``.report`` holds the checks); in every case nothing is left.
     """
@@ -128,6 +142,9 @@ def install(source: str | os.PathLike, bundles: str | os.PathLike, *, force: boo
         version = peek_version(source)
     else:
         raise ArchiveError(f"{source}: no such file or directory")
+    if expect_version is not None and version != expect_version:
+        error = BundleError if source.is_dir() else ArchiveError
+        raise error(f"{source}: holds version {version}, not the requested {expect_version}; nothing installed")
     final = store.path(version)
     if final.exists() and not force:
         raise VersionExists(f"{model}/{version} is already installed; versions are immutable (use --force to replace)")
@@ -137,8 +154,14 @@ def install(source: str | os.PathLike, bundles: str | os.PathLike, *, force: boo
             bundle = _copy_bundle(source, stage)
             report.add("copy", OK, f"copied into {stage.name}/")
         else:
-            bundle = unpack(source, stage)
-            report.add("archive", OK, f"unpacked into {stage.name}/, no unsafe entries")
+            try:
+                bundle = unpack(source, stage, trust=trust)
+            except SignatureError as exc:
+                report.add("archive", SKIP, f"not unpacked: the signature over its {MANIFEST} was refused")
+                report.fail("signature", exc)
+                raise VerificationFailed(f"{version} not installed: signature: {exc}", report) from None
+            report.add("archive", OK, f"unpacked into {stage.name}/, no unsafe entries"
+                       + (", signature checked before extraction" if trust.required else ""))
         verify_dir(bundle, trust, report=report)
         if expect_identity is not None and report.bundle is not None:
             got = report.bundle.identity
@@ -198,13 +221,21 @@ def promote(bundles: str | os.PathLike, version: str, alias: str, *, trust: Trus
 
 def load_routes_refs(routes_file: str | os.PathLike) -> dict[str, list[str]]:
     """Version → the places a routes file (TOML, or JSON by suffix) names it: weights, aliases, shadow."""
+    from ..bundle import jsonfile  # the one bounded JSON reader (a deep or huge file is refused, not a crash)
+
     path = Path(routes_file)
     try:
-        text = path.read_text(encoding="utf-8")
-        raw = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+        with open(path, "rb") as f:
+            data = f.read(jsonfile.MAX_BYTES + 1)
+        if path.suffix == ".json":
+            raw = jsonfile.loads(data, path.name)
+        elif len(data) > jsonfile.MAX_BYTES:
+            raise BundleError(f"more than the {jsonfile.MAX_BYTES}-byte limit")
+        else:
+            raw = tomllib.loads(data.decode("utf-8"))
     except FileNotFoundError:
         raise BundleError(f"routes file {path}: not found") from None
-    except (OSError, ValueError) as exc:  # TOMLDecodeError is a ValueError
+    except (OSError, ValueError, RecursionError, BundleError) as exc:  # MalformedFile, TOMLDecodeError, not UTF-8
         raise BundleError(f"routes file {path}: unreadable ({exc}); cannot tell which versions it uses") from None
     refs: dict[str, list[str]] = {}
     if not isinstance(raw, dict):

@@ -1,0 +1,69 @@
+"""Bringing the slot table in line with the store on disk.
+
+Invariants: only published versions count (``BundleStore.versions``: no dot-directories, links or
+other names), and a store directory that does not exist is an empty store; every bundle is verified
+(``reader.inspect`` with the trust policy) before it is listed, and is read again only when its files
+changed (stat fingerprint); new content of a version that serves is loaded aside and swapped in only if
+it loads (a refusal is an ``update_error``, the working load keeps serving); a version gone from disk
+is removed (it drains first). Scans run one at a time and never create anything on disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from ..bundle import reader
+from ..bundle.signature import TrustPolicy
+from ..bundle.store import BundleStore
+from ..errors import BundleError
+from .lifecycle import Lifecycle
+
+log = logging.getLogger(__name__)
+
+
+class Scanner:
+    def __init__(self, store: BundleStore, lifecycle: Lifecycle, trust: TrustPolicy) -> None:
+        self.store, self.lifecycle, self.trust = store, lifecycle, trust
+        self._lock = asyncio.Lock()
+
+    async def _inspect(self, version: str) -> reader.BundleInfo:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.lifecycle.executor, reader.inspect, self.store.dir / version,
+                                          self.trust)
+
+    async def adopt(self, version: str) -> str | None:
+        """List one version (discovered, not loaded) after verifying it; None if done, else why not."""
+        async with self._lock:
+            path = self.store.dir / version
+            fingerprint = reader.stat_fingerprint(path)
+            try:
+                info = await self._inspect(version)
+            except BundleError as exc:
+                return str(exc)
+            self.lifecycle.offer(self.lifecycle.add(version, path, fingerprint), info)
+            return None
+
+    async def scan(self) -> None:
+        """New, changed and removed versions on disk → slots (see the module docstring)."""
+        async with self._lock:
+            slots = self.lifecycle.slots
+            on_disk = self.store.versions()
+            for name, slot in list(slots.items()):
+                if name not in on_disk and not slot.removed:
+                    self.lifecycle.remove(slot)
+            for name in on_disk:
+                path = self.store.dir / name
+                slot = slots.get(name)
+                fingerprint = reader.stat_fingerprint(path)
+                if slot is not None and not slot.removed and slot.fingerprint == fingerprint:
+                    continue
+                if slot is None or slot.removed:
+                    slot = self.lifecycle.add(name, path)
+                slot.fingerprint = fingerprint
+                try:
+                    info = await self._inspect(name)
+                except BundleError as exc:
+                    self.lifecycle.refuse(slot, str(exc))
+                    continue
+                self.lifecycle.offer(slot, info)
