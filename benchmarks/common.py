@@ -1,6 +1,9 @@
-"""Shared by the benchmarks: mode parameters, statistics, test images, process measurements, subprocesses.
+"""Shared by the benchmarks: mode parameters, statistics, test images, process measurements, subprocesses,
+and bundles of another graph (built through the bundle writer, never sessions by hand).
 
-Every benchmark module has ``run(mode, out_dir) -> dict`` (called by :mod:`benchmarks.run`) and
+Our side always runs through :class:`~m2fpkit.runtime.predictor.Predictor` (``Predictor.load`` and its
+stages decode → prepare → run → postprocess → render, or ``predict``); the benchmarks never rebuild
+that pipeline. Every benchmark module has ``run(mode, out_dir) -> dict`` (called by :mod:`benchmarks.run`) and
 most also a ``child`` entry point run as ``python -m benchmarks.<module> --child ...`` so that a
 measured system lives in a fresh process (clean peak RSS, its own thread settings).
 """
@@ -17,8 +20,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
 from m2fpkit.runtime.memory import smaps_rollup  # noqa: F401  (re-exported for the benchmarks)
+
+if TYPE_CHECKING:
+    from m2fpkit.runtime.bundle.reader import BundleContent
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -30,8 +37,9 @@ class Mode:
     sizes: tuple[tuple[int, int], ...] = ((512, 512), (640, 853), (1080, 1920))
     e2e_repeats: int = 3
     warmup: int = 1
-    #: forward benchmark input tensors (height, width), multiples of 32
-    forward_sizes: tuple[tuple[int, int], ...] = ((512, 512), (864, 640))
+    #: forward benchmark images (width, height); the bundle's own preprocessing makes the input tensor
+    #: (full: 640×640 and 864×640 for the multi-human r101 bundle)
+    forward_images: tuple[tuple[int, int], ...] = ((512, 512), (640, 853))
     forward_repeats: int = 3
     options_repeats: int = 3
     calibration_images: int = 3
@@ -56,7 +64,7 @@ class Mode:
 MODES = {
     "quick": Mode(
         "quick", sizes=((192, 256), (240, 320), (360, 640)), e2e_repeats=2, warmup=0,
-        forward_sizes=((256, 256), (448, 320)), forward_repeats=2, options_repeats=1, calibration_images=2,
+        forward_images=((256, 256), (256, 448)), forward_repeats=2, options_repeats=1, calibration_images=2,
         server_min_requests=1, server_per_client=1, direct_repeats=2, overload_seconds=2.0,
         memory_fresh_each=False, leak_cycles=5, swaps=3, steady_seconds=1.0, swap_clients=2),
     "full": Mode("full"),
@@ -150,6 +158,41 @@ def jpeg_bytes(rgb, quality: int = 90) -> bytes:
 
 def test_jpeg(width: int, height: int, seed: int = 0) -> bytes:
     return jpeg_bytes(person_image(width, height, seed))
+
+
+# ------------------------------------------------------------------------ bundles of another graph
+
+def graph_bundle(root: Path, base: "BundleContent", what: str, write_graph: Callable[[Path], None]) -> Path:
+    """``base``'s bundle around another graph, published by the bundle writer under ``root``; its directory.
+
+    ``write_graph(path)`` saves the graph at ``path`` (the config's model file), with at most one
+    external data file beside it; the writer indexes those tensors, hashes, verifies and publishes.
+    The version keeps ``base``'s name (the graph's metadata must match config.json) in a store of its
+    own. A bundle already there is reused while it verifies and was built from the same ``base`` content.
+    """
+    import dataclasses
+
+    from m2fpkit.export.weights_index import external_tensors
+    from m2fpkit.runtime.bundle import reader, writer
+    from m2fpkit.runtime.bundle.store import BundleStore
+    from m2fpkit.runtime.errors import BundleError
+
+    cfg = base.config
+    store = BundleStore(root)
+    source = {"kind": "benchmark-graph", "uri": f"{cfg.version}:{what}", "base_identity": base.info.identity}
+    try:
+        if reader.inspect(store.path(cfg.version)).config.source == source:
+            return store.path(cfg.version)
+    except BundleError:
+        pass  # missing, stale or damaged: build it
+    config = dataclasses.replace(cfg, weights_index=None, golden=None, parity={}, source=source,
+                                 notes=f"benchmarks: {cfg.version} with its graph replaced ({what})")
+    with writer.stage(store, cfg.version, force=True) as staged:
+        model = staged.dir / cfg.model_file
+        write_graph(model)
+        data_file, tensors = external_tensors(model)
+        staged.finish(config, tensors=tensors or None, data_file=data_file)
+    return store.path(cfg.version)
 
 
 # ------------------------------------------------------------------------------ process readings

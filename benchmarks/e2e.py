@@ -15,7 +15,8 @@ agreement, instance labels and scores) to show that the two systems computed the
 Random-init weights give (almost) no multi-human instance above ModelScope's thresholds, which
 flatters our select-before-upsample postprocessing. So the multi-human postprocess alone is also
 timed on *trained-like* outputs (3 people, 15 parts: peaked class scores, blob-shaped masks) fed to
-both postprocessors.
+both postprocessors (ours: the ``Predictor.postprocess`` stage, on the geometry ``Predictor.prepare``
+gives the image).
 """
 
 from __future__ import annotations
@@ -79,15 +80,14 @@ def trained_like_outputs(num_queries: int, num_classes: int, human: int, hw4: tu
 def _ours(task: str, bundle_dir: Path, images: list[Path], repeats: int, warmup: int) -> dict:
     import numpy as np
 
-    from m2fpkit.runtime.postprocess import postprocess
     from m2fpkit.runtime.predictor import Predictor
-    from m2fpkit.runtime.preprocess import prepare
     from m2fpkit.runtime.session import SessionFactory
 
+    factory = SessionFactory()
     with Timer() as t:
-        pred = Predictor.load(bundle_dir, SessionFactory())
+        pred = Predictor.load(bundle_dir, factory)
     out: dict = {"load_seconds": t.wall, "rss_after_load": proc_status()["VmRSS"],
-                 "settings": str(SessionFactory().settings), "sizes": {}}
+                 "settings": str(factory.settings), "sizes": {}}
     cfg = pred.config
     for path in images:
         data = path.read_bytes()
@@ -108,25 +108,19 @@ def _ours(task: str, bundle_dir: Path, images: list[Path], repeats: int, warmup:
                  "instances": len(res.instances), "labels": [i.class_name for i in res.instances],
                  "scores": [float(i.score) for i in res.instances]}
         np.save(path.with_name(f"labels_ours_{task}_{path.stem}.npy"), res.label_map)
-        if task == "multi":
-            rgb = _decode(data)
-            prepared = prepare(rgb, cfg.preprocess)
+        if task == "multi":  # the postprocess stage alone, on trained-like outputs for this image's geometry
+            prepared = pred.prepare(pred.decode(data))
             hp, wp = prepared.padded_hw
-            lg, mk = trained_like_outputs(cfg.num_queries, cfg.num_classes, cfg.human_class, (hp // 4, wp // 4))
+            outputs = trained_like_outputs(cfg.num_queries, cfg.num_classes, cfg.human_class, (hp // 4, wp // 4))
             post = []
             for _ in range(repeats):
                 with Timer() as t:
-                    r = postprocess(lg, mk, prepared, cfg)
+                    r = pred.postprocess(outputs, prepared)
                 post.append(t.wall)
             entry["post_trained_like"] = {"latency": summary(post), "instances": len(r.instances)}
         out["sizes"][path.stem] = entry
         log(f"ours {task} {path.stem}: p50 {entry['latency']['p50']:.3f} s")
     return out
-
-
-def _decode(data: bytes):
-    from m2fpkit.runtime.imageio import decode_image
-    return decode_image(data)
 
 
 def _modelscope(task: str, ms_dir: Path, images: list[Path], repeats: int, warmup: int,

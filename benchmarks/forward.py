@@ -1,14 +1,17 @@
 """Forward only: PyTorch eager vs onnxruntime on the same graph and input, against the box's SGEMM rate.
 
 One subprocess holds both: the PyTorch M2FP (built from the bundle's own source, so the weights are
-the bundle's: the state-dict hash is checked) and the bundle's onnxruntime session with the
-runtime's default settings. Runs alternate (torch, ort, torch, ort, …) so both see the same load.
+the bundle's: the state-dict hash is checked) and the bundle loaded with ``Predictor.load`` and the
+runtime's default settings. The input tensor of each size is what the bundle's own
+``Predictor.prepare`` makes of a synthetic person image (``Mode.forward_images``); onnxruntime runs
+through ``Predictor.run``. Runs alternate (torch, ort, torch, ort, …) so both see the same load.
 
-- MACs: ``torch.utils.flop_counter.FlopCounterMode`` over one forward (convolutions, matmuls,
-  bmm/einsum; GridSample and elementwise ops are not counted), split by module.
+- MACs: a small ``TorchDispatchMode`` counter over one forward (convolutions, matmuls, bmm/einsum,
+  attention; GridSample and elementwise ops are not counted), split by module.
 - Achieved GFLOP/s = 2 × MACs / p50 seconds, as % of the SGEMM GFLOP/s measured in the same process
   just before (best of numpy / onnxruntime / torch, all cores).
-- onnxruntime per-node profile (``SessionOptions.enable_profiling``) of one run at the first size,
+- onnxruntime per-node profile of one run at the first size, from a second predictor on the same
+  verified bundle content whose factory also turns on ``SessionOptions.enable_profiling``,
   aggregated by op type and by model part: the "where the time goes" table, with each op type's
   achieved GFLOP/s where its MACs are known (Conv; MatMul/Gemm/Einsum).
 """
@@ -21,6 +24,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import bundles
 from .common import Mode, Timer, log, run_child, summary, write_json
@@ -31,18 +35,35 @@ MATMUL_OPS = ("MatMul", "Gemm", "FusedMatMul", "Einsum", "MatMulNBits", "FusedGe
               "MatMulInteger", "DynamicQuantizeMatMul")
 CONV_OPS = ("Conv", "FusedConv", "QLinearConv", "ConvInteger", "NchwcConv")
 
-
-def input_tensor(h: int, w: int, seed: int = 0):
+if TYPE_CHECKING:
     import numpy as np
 
-    from m2fpkit.runtime.bundle.config import Preprocess
-    from m2fpkit.runtime.preprocess import prepare
+    from m2fpkit.runtime.predictor import Predictor
+    from m2fpkit.runtime.session import RuntimeSettings, SessionFactory
+
+
+def input_tensor(pred: "Predictor", width: int, height: int, seed: int = 0) -> "np.ndarray":
+    """The graph input ``pred.prepare`` makes of a ``width``×``height`` synthetic person image."""
+    import numpy as np
 
     from .common import person_image
-    pre = Preprocess(resize="shortest-edge", short_edge=min(h, w), max_size=max(h, w))
-    t = prepare(person_image(w, h, seed), pre).tensor
-    assert t.shape[2:] == (h, w), t.shape
-    return np.ascontiguousarray(t)
+    return np.ascontiguousarray(pred.prepare(person_image(width, height, seed)).tensor)
+
+
+def profiling_factory(settings: "RuntimeSettings", prefix: str) -> "SessionFactory":
+    """A :class:`SessionFactory` with ``settings`` whose sessions also record onnxruntime's profile."""
+    import onnxruntime as ort
+
+    from m2fpkit.runtime.session import SessionFactory
+
+    class ProfilingFactory(SessionFactory):
+        def options(self) -> ort.SessionOptions:
+            o = super().options()
+            o.enable_profiling = True
+            o.profile_file_prefix = prefix
+            return o
+
+    return ProfilingFactory(settings)
 
 
 def count_macs(model, x) -> dict:
@@ -119,11 +140,11 @@ def count_macs(model, x) -> dict:
     return {"total": sum(counts.values()), "by_aten_op": counts, "by_part": parts}
 
 
-def node_parts(onnx_path: Path) -> dict[str, str]:
-    """ONNX node name → model part, from the exporter's name scopes."""
+def node_parts(model_bytes: bytes) -> dict[str, str]:
+    """ONNX node name → model part, from the exporter's name scopes (graph only, no weights)."""
     import onnx
 
-    m = onnx.load(str(onnx_path), load_external_data=False)
+    m = onnx.load_model_from_string(model_bytes)
     out = {}
     for n in m.graph.node:
         scopes = next((p.value for p in n.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "")
@@ -131,29 +152,25 @@ def node_parts(onnx_path: Path) -> dict[str, str]:
     return out
 
 
-def profile(bundle_dir: Path, x, settings) -> dict:
-    """Per-node times of the last of two profiled runs, aggregated by op type and by model part."""
-    import onnxruntime as ort
+def profile(pred: "Predictor", x: "np.ndarray", settings: "RuntimeSettings") -> dict:
+    """Per-node times of the last of two profiled runs, aggregated by op type and by model part.
 
-    from m2fpkit.runtime.bundle.config import BundleConfig
-    from m2fpkit.runtime.session import SessionFactory
+    The profiled predictor is built from ``pred``'s verified content with the same ``settings``.
+    """
+    from m2fpkit.runtime.predictor import Predictor
 
-    cfg = BundleConfig.read(bundle_dir)
-    factory = SessionFactory(settings)
-    opts = factory.options()
-    opts.enable_profiling = True
-    opts.profile_file_prefix = str(Path(os.environ.get("TMPDIR", "/tmp")) / f"m2fp_profile_{os.getpid()}")
-    sess = ort.InferenceSession(str(bundle_dir / cfg.model_file), opts, providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
+    prefix = str(Path(os.environ.get("TMPDIR", "/tmp")) / f"m2fp_profile_{os.getpid()}")
+    profiled = Predictor.from_content(pred.content, profiling_factory(settings, prefix))
     for _ in range(2):
-        sess.run(None, {name: x})
-    path = sess.end_profiling()
+        profiled.run(x)
+    path = profiled.session.end_profiling()
+    profiled.close()
     events = json.loads(Path(path).read_text())
     Path(path).unlink(missing_ok=True)
     runs = [e for e in events if e.get("name") == "model_run"]
     last = runs[-1]
     t0, t1 = last["ts"], last["ts"] + last["dur"]
-    parts = node_parts(bundle_dir / cfg.model_file)
+    parts = node_parts(pred.content.model_bytes())
     by_op: dict[str, float] = {}
     by_part: dict[str, float] = {}
     count: dict[str, int] = {}
@@ -180,12 +197,11 @@ def profile(bundle_dir: Path, x, settings) -> dict:
     }
 
 
-def child(bundle_dir: Path, sizes: list[tuple[int, int]], repeats: int, sgemm_n: int) -> dict:
+def child(bundle_dir: Path, images: list[tuple[int, int]], repeats: int, sgemm_n: int) -> dict:
     import numpy as np
     import torch
 
     from m2fpkit.export import sources
-    from m2fpkit.runtime.bundle.config import BundleConfig
     from m2fpkit.runtime.predictor import Predictor
     from m2fpkit.runtime.session import SessionFactory, cpu_count
 
@@ -193,18 +209,19 @@ def child(bundle_dir: Path, sizes: list[tuple[int, int]], repeats: int, sgemm_n:
 
     threads = cpu_count()
     torch.set_num_threads(1 if os.environ.get("M2FP_BENCH_QUICK") else threads)  # quick: see e2e
-    cfg = BundleConfig.read(bundle_dir)
+    factory = SessionFactory()
+    pred = Predictor.load(bundle_dir, factory)
+    cfg = pred.config
     ck = sources.resolve(cfg.source["uri"])
     model = ck.build_model()
     if ck.sha256 != cfg.source.get("sha256"):
         raise RuntimeError("PyTorch weights are not the bundle's")
-    factory = SessionFactory()
-    pred = Predictor.load(bundle_dir, factory)
     peak = sgemm(sgemm_n, 5 if sgemm_n >= 1024 else 2)
     out: dict = {"threads": threads, "settings": str(factory.settings), "sgemm_gflops": peak,
                  "parameters": sum(p.numel() for p in model.parameters()), "sizes": {}}
-    for i, (h, w) in enumerate(sizes):
-        x = input_tensor(h, w, seed=i)
+    for i, (iw, ih) in enumerate(images):
+        x = input_tensor(pred, iw, ih, seed=i)
+        h, w = x.shape[2:]
         macs = count_macs(model, x)
         xt = torch.from_numpy(x)
         with torch.inference_mode():
@@ -239,7 +256,7 @@ def child(bundle_dir: Path, sizes: list[tuple[int, int]], repeats: int, sgemm_n:
             "max_abs_diff": {n: float(np.abs(r - g).max()) for n, r, g in zip(("pred_logits", "pred_masks"), ref, got)},
         }
         if i == 0:
-            prof = profile(bundle_dir, x, factory.settings)
+            prof = profile(pred, x, factory.settings)
             conv_keys = ("aten.convolution", "aten.conv2d")
             conv_macs = sum(v for k, v in macs["by_aten_op"].items() if k in conv_keys)
             mm_macs = sum(v for k, v in macs["by_aten_op"].items() if k not in conv_keys)
@@ -253,6 +270,7 @@ def child(bundle_dir: Path, sizes: list[tuple[int, int]], repeats: int, sgemm_n:
             # the profiled run's wall time vs the unprofiled p50: how much the profile itself is skewed
             prof["family_note"] = "family GFLOP/s = 2·MACs of the op family / its kernel seconds (wall)"
             entry["profile"] = prof
+        entry["image_wh"] = [iw, ih]
         out["sizes"][f"{h}x{w}"] = entry
         log(f"forward {h}x{w}: {macs['total'] / 1e9:.1f} GMAC; torch {st['p50']:.3f} s, ort {so['p50']:.3f} s "
             f"({entry['onnxruntime']['pct_of_sgemm']:.0f}% of SGEMM {peak['peak']} GFLOP/s)")
@@ -262,8 +280,8 @@ def child(bundle_dir: Path, sizes: list[tuple[int, int]], repeats: int, sgemm_n:
 def run(mode: Mode, out_dir: Path) -> dict:
     res = {}
     for role in ("multi",):
-        sizes = ",".join(f"{h}x{w}" for h, w in mode.forward_sizes)
-        res[role] = run_child("forward", ["--bundle", bundles.bundle_dir(mode.name, role), "--sizes", sizes,
+        images = ",".join(f"{w}x{h}" for w, h in mode.forward_images)
+        res[role] = run_child("forward", ["--bundle", bundles.bundle_dir(mode.name, role), "--images", images,
                                           "--repeats", mode.forward_repeats,
                                           "--sgemm-n", 768 if mode.name == "quick" else 2048],
                               out_dir / "tmp" / mode.name, label=f"forward_{role}")
@@ -275,14 +293,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--child", action="store_true", required=True)
     ap.add_argument("--bundle", type=Path, required=True)
-    ap.add_argument("--sizes", required=True, help="HxW,HxW (multiples of 32)")
+    ap.add_argument("--images", required=True, help="WxH,WxH: images the bundle prepares into the inputs")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--sgemm-n", type=int, default=2048)
     ap.add_argument("--json", type=Path, required=True)
     a = ap.parse_args(argv)
-    sizes = [tuple(int(v) for v in s.split("x")) for s in a.sizes.split(",")]
+    images = [tuple(int(v) for v in s.split("x")) for s in a.images.split(",")]
     t0 = time.perf_counter()
-    out = child(a.bundle, sizes, a.repeats, a.sgemm_n)  # type: ignore[arg-type]
+    out = child(a.bundle, images, a.repeats, a.sgemm_n)  # type: ignore[arg-type]
     out["seconds"] = time.perf_counter() - t0
     write_json(a.json, out)
     return 0

@@ -1,19 +1,25 @@
 """Memory with 1, 2, 3 versions loaded, default vs tuned settings, and after 20 load/unload cycles.
 
 Each measurement is a fresh subprocess (quick mode: one process per kind and setting, loading the
-versions one after another) that loads the versions with ``Predictor.load`` and runs each once on
-the same 384×512 input (the arena grows on the first run), then reads ``/proc/self/smaps_rollup``
-(Rss, Pss, Pss_Anon, Pss_File) and VmHWM. Kinds:
+versions one after another) that loads the versions with ``Predictor.load`` and runs each once
+(``Predictor.run``) on the same 384×512 input tensor (the arena grows on the first run), then reads
+``/proc/self/smaps_rollup`` (Rss, Pss, Pss_Anon, Pss_File) and VmHWM. Kinds:
 
 - ``same-backbone``: ``multi`` + two versions whose transformer decoder/heads differ (backbone and
   pixel decoder weights byte-identical) — what the seed's "shared backbone cache" hoped to share;
 - ``different``: ``multi`` + two versions with every weight different.
 
-Settings: ``default`` = ``RuntimeSettings()`` (identical tensors mapped once, runtime/weights.py);
-``unshared`` = the default without that (every session maps its own weights, onnxruntime's own
-behaviour); ``tuned`` (``m2fp-serve --lean-memory``) = default + shared arena + ``disable_prepacking``
-+ BASIC optimisation. The seed's "sum of versions" is n × (one version's footprint) on top of the
-empty process. The leak check loads, runs and closes one version 20 times and reads RSS after each.
+Weights live in private memory: loading a version reads its data file once (hashing it against the
+manifest) and copies every tensor into a private buffer (``runtime/weights.py``); nothing is mapped
+from the bundle's files, so weights count as anonymous memory (Pss_Anon, not Pss_File) and the
+kernel cannot evict them as it could clean pages of a file mapping — what RSS shows stays resident.
+
+Settings: ``default`` = ``RuntimeSettings()`` (a tensor identical across loaded versions is held
+once, ``share_weights``); ``unshared`` = the default without that (every session gets its own copy
+of its weights, onnxruntime's own behaviour); ``tuned`` (``m2fp-serve --lean-memory``) = default +
+shared arena + ``disable_prepacking`` + BASIC optimisation. The seed's "sum of versions" is
+n × (one version's footprint) on top of the empty process. The leak check loads, runs and closes
+one version 20 times and reads RSS after each.
 """
 
 from __future__ import annotations

@@ -1,8 +1,11 @@
 """onnxruntime options, each with its speed and label-map agreement against the fp32 default.
 
-Each option runs in its own subprocess next to a baseline session with the runtime's defaults
+Each option runs in its own subprocess next to a baseline predictor with the runtime's defaults
 (``RuntimeSettings()``: extended optimisation, per-session pool of all cores, spinning off); runs
-alternate baseline/option on the same input, so the ratio sees the same machine load. The option's
+alternate baseline/option on the same input, so the ratio sees the same machine load. Both sides are
+:class:`~m2fpkit.runtime.predictor.Predictor` s from ``Predictor.load`` (a settings option is the same
+bundle with other ``RuntimeSettings``); inputs come from ``Predictor.decode`` → ``Predictor.prepare``,
+the forward pass is ``Predictor.run`` and label maps are ``Predictor.postprocess``. The option's
 outputs are compared with the baseline's on every test image:
 
 - *semantic agreement*: per-pixel argmax of Σ_q softmax(cls)·sigmoid(mask) at mask resolution over
@@ -13,9 +16,16 @@ An option agreeing on fewer than 99.5 % of pixels (the golden self-test's bar) i
 losing agreement. Options run on the single-human bundle (fixed 512×384 canvas: the cheapest
 full-size input), except ``fixed-canvas``, which only makes sense for multi-human's variable sizes.
 
-int8 models are built once into the cache: static QDQ on the convolutions (``quant_pre_process``,
-``quantize_static`` per-channel, ``reduce_range`` when the CPU lacks VNNI, MinMax calibration on
-a few synthetic person images) and MatMul-only dynamic quantization (``quantize_dynamic``).
+Options that run another graph are built once as bundles of their own, through the bundle writer
+(:func:`benchmarks.common.graph_bundle`, cached under ``.cache/<mode>/option-bundles/<option>/``,
+rebuilt when the source bundle changes) and loaded with ``Predictor.load``:
+
+- ``pre-optimized``: the graph onnxruntime saves while a ``SessionFactory`` builds the default
+  session (``optimized_model_filepath``), loaded with optimisation disabled;
+- ``int8-static-conv``: static QDQ on the convolutions (``quant_pre_process``, ``quantize_static``
+  per-channel, ``reduce_range`` when the CPU lacks VNNI, MinMax calibration on a few synthetic person
+  images prepared by the bundle's ``Predictor.prepare``);
+- ``int8-dynamic-matmul``: MatMul-only dynamic quantization (``quantize_dynamic``).
 """
 
 from __future__ import annotations
@@ -23,11 +33,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import bundles
-from .common import Mode, Timer, jpeg_bytes, log, person_image, run_all, run_child, summary, write_json
+from .common import Mode, Timer, graph_bundle, jpeg_bytes, log, person_image, run_all, run_child, summary, write_json
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from m2fpkit.runtime.predictor import Predictor
+    from m2fpkit.runtime.preprocess import Prepared
+    from m2fpkit.runtime.session import RuntimeSettings, SessionFactory
 
 AGREEMENT_BAR = 0.995
 
@@ -45,11 +64,12 @@ OPTIONS: dict[str, tuple[str, str]] = {
 }
 
 
-def quant_dir(mode: str) -> Path:
-    return bundles.CACHE / mode / "quant"
+def option_root(mode: str, option: str) -> Path:
+    """Bundle root holding ``option``'s graph as a bundle (same version name as its source)."""
+    return bundles.CACHE / mode / "option-bundles" / option
 
 
-# ------------------------------------------------------------------------------- quantised models
+# ------------------------------------------------------------------------- bundles of other graphs
 
 def _has_vnni() -> bool:
     try:
@@ -59,57 +79,76 @@ def _has_vnni() -> bool:
     return "avx512_vnni" in flags or "avx_vnni" in flags
 
 
-def build_quantized(mode: str, role: str, kind: str, n_calib: int) -> Path:
-    """The int8 model of ``role``'s bundle (cached); ``kind`` is static-conv or dynamic-matmul."""
-    from m2fpkit.runtime.bundle.config import BundleConfig
-    from m2fpkit.runtime.imageio import decode_image
-    from m2fpkit.runtime.preprocess import prepare
+def build_quantized(mode: str, base: "Predictor", kind: str, n_calib: int) -> Path:
+    """The bundle of ``base``'s int8 graph (cached); ``kind`` is static-conv or dynamic-matmul."""
     from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quant_pre_process,
                                           quantize_dynamic, quantize_static)
 
-    bdir = bundles.bundle_dir(mode, role)
-    cfg = BundleConfig.read(bdir)
-    out_dir = quant_dir(mode) / cfg.version
-    out = out_dir / f"{kind}.onnx"
-    if out.exists():
-        return out
-    out_dir.mkdir(parents=True, exist_ok=True)
-    src = bdir / cfg.model_file
-    t0 = time.perf_counter()
-    if kind == "dynamic-matmul":
-        quantize_dynamic(src, out, op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
-                         use_external_data_format=True)
-    else:
-        pre = out_dir / "preprocessed.onnx"
-        if not pre.exists():
-            try:
-                quant_pre_process(src, pre, save_as_external_data=True, all_tensors_to_one_file=True,
-                                  external_data_location="preprocessed.onnx.data")
-            except Exception as exc:  # symbolic shape inference can fail on dynamic graphs
-                log(f"quant_pre_process with symbolic shapes failed ({type(exc).__name__}: {exc}); retrying without")
-                quant_pre_process(src, pre, skip_symbolic_shape=True, save_as_external_data=True,
-                                  all_tensors_to_one_file=True, external_data_location="preprocessed.onnx.data")
+    cfg = base.config
+    src = base.content.info.path / cfg.model_file  # the verified bundle's graph: the quantiser's input
+    input_name = cfg.inputs[0].name
 
-        class Reader(CalibrationDataReader):
-            def __init__(self) -> None:
-                self.items = iter([
-                    {cfg.inputs[0].name: prepare(decode_image(jpeg_bytes(person_image(w, h, seed=100 + i))),
-                                                 cfg.preprocess).tensor}
-                    for i, (w, h) in enumerate([(384, 512), (480, 640), (360, 640), (512, 512)][:n_calib])])
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            sizes = [(384, 512), (480, 640), (360, 640), (512, 512)][:n_calib]
+            self.items = iter([{input_name: base.prepare(base.decode(jpeg_bytes(person_image(w, h, seed=100 + i)))).tensor}
+                               for i, (w, h) in enumerate(sizes)])
 
-            def get_next(self):
-                return next(self.items, None)
+        def get_next(self) -> dict | None:
+            return next(self.items, None)
 
-        quantize_static(pre, out, Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv"],
-                        per_channel=True, reduce_range=not _has_vnni(), activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8, use_external_data_format=True)
-    log(f"quantised {cfg.version} ({kind}) in {time.perf_counter() - t0:.0f} s")
-    return out
+    def write_graph(model: Path) -> None:
+        t0 = time.perf_counter()
+        if kind == "dynamic-matmul":
+            quantize_dynamic(src, model, op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
+                             use_external_data_format=True)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                pre = Path(tmp) / "preprocessed.onnx"
+                try:
+                    quant_pre_process(src, pre, save_as_external_data=True, all_tensors_to_one_file=True,
+                                      external_data_location="preprocessed.onnx.data")
+                except Exception as exc:  # symbolic shape inference can fail on dynamic graphs
+                    log(f"quant_pre_process with symbolic shapes failed ({type(exc).__name__}: {exc}); retrying without")
+                    quant_pre_process(src, pre, skip_symbolic_shape=True, save_as_external_data=True,
+                                      all_tensors_to_one_file=True, external_data_location="preprocessed.onnx.data")
+                quantize_static(pre, model, Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv"],
+                                per_channel=True, reduce_range=not _has_vnni(), activation_type=QuantType.QUInt8,
+                                weight_type=QuantType.QInt8, use_external_data_format=True)
+        log(f"quantised {cfg.version} ({kind}) in {time.perf_counter() - t0:.0f} s")
+
+    return graph_bundle(option_root(mode, f"int8-{kind}"), base.content, f"int8 {kind}", write_graph)
+
+
+def saving_factory(settings: "RuntimeSettings", target: Path) -> "SessionFactory":
+    """A :class:`SessionFactory` whose sessions also have onnxruntime save the optimised graph to ``target``."""
+    import onnxruntime as ort
+
+    from m2fpkit.runtime.session import SessionFactory
+
+    class SavingFactory(SessionFactory):
+        def options(self) -> ort.SessionOptions:
+            o = super().options()
+            o.optimized_model_filepath = str(target)
+            o.add_session_config_entry("session.optimized_model_external_initializers_file_name", target.name + ".data")
+            o.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+            return o
+
+    return SavingFactory(settings)
+
+
+def build_preoptimized(mode: str, base: "Predictor", settings: "RuntimeSettings") -> Path:
+    """The bundle of the graph onnxruntime optimises from ``base``'s content with ``settings`` (cached)."""
+    def write_graph(model: Path) -> None:
+        saving_factory(settings, model).create(base.content)  # the session itself is not kept
+
+    return graph_bundle(option_root(mode, "pre-optimized"), base.content,
+                        f"saved by onnxruntime after {settings.optimization} optimisation", write_graph)
 
 
 # ------------------------------------------------------------------------------------------ child
 
-def _semantic(logits, masks, prepared):
+def _semantic(logits: "np.ndarray", masks: "np.ndarray", prepared: "Prepared") -> "np.ndarray":
     import numpy as np
 
     x0, y0, x1, y1 = prepared.content_box
@@ -120,75 +159,58 @@ def _semantic(logits, masks, prepared):
     return np.einsum("qc,qhw->chw", p, sig).argmax(0)
 
 
+def _load(bundle_dir: Path, settings: "RuntimeSettings") -> tuple["Predictor", float]:
+    """``Predictor.load`` with a factory of ``settings``, and its wall seconds."""
+    from m2fpkit.runtime.predictor import Predictor
+    from m2fpkit.runtime.session import SessionFactory
+
+    with Timer() as t:
+        pred = Predictor.load(bundle_dir, SessionFactory(settings))
+    return pred, t.wall
+
+
 def child(option: str, mode: str, images: list[Path], repeats: int, n_calib: int) -> dict:
     import numpy as np
-    import onnxruntime as ort
 
-    from m2fpkit.runtime.bundle.config import BundleConfig
-    from m2fpkit.runtime.imageio import decode_image
-    from m2fpkit.runtime.postprocess import postprocess
-    from m2fpkit.runtime.preprocess import Prepared, prepare
-    from m2fpkit.runtime.session import RuntimeSettings, SessionFactory
+    from m2fpkit.runtime.session import RuntimeSettings
 
     role = OPTIONS.get(option, ("single",))[0]
     bdir = bundles.bundle_dir(mode, role)
-    cfg = BundleConfig.read(bdir)
-    model = bdir / cfg.model_file
-    base_settings = RuntimeSettings()
-
-    def make(settings: RuntimeSettings, path: Path = model, level: str | None = None, save_to: Path | None = None):
-        f = SessionFactory(settings)
-        o = f.options()
-        if level == "disable":
-            o.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        if save_to is not None:
-            o.optimized_model_filepath = str(save_to)
-            o.add_session_config_entry("session.optimized_model_external_initializers_file_name",
-                                       save_to.name + ".data")
-            o.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-        with Timer() as t:
-            s = ort.InferenceSession(str(path), o, providers=["CPUExecutionProvider"])
-        return s, t.wall
-
-    extra: dict = {}
     if option in ("global-pool", "baseline"):
         # with a global pool every session of the process must use it: no default session beside it
-        return _alone(option, cfg, bdir, images, repeats)
-    base, base_load = make(base_settings)
-    opt_settings = base_settings
+        return _alone(option, bdir, images, repeats)
+    settings = RuntimeSettings()
+    base, base_load = _load(bdir, settings)
+    extra: dict = {}
     if option.startswith("level="):
-        opt, load = make(dataclasses.replace(base_settings, optimization=option.split("=")[1]))
+        opt, load = _load(bdir, dataclasses.replace(settings, optimization=option.split("=")[1]))
     elif option == "pre-optimized":
-        path = quant_dir(mode) / cfg.version / "extended.opt.onnx"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if not path.exists():
-            _, save_load = make(base_settings, save_to=path)
-            extra["save_seconds"] = save_load
-        opt, load = make(base_settings, path=path, level="disable")
+        with Timer() as t:
+            path = build_preoptimized(mode, base, settings)
+        extra["build_seconds"] = t.wall
+        opt, load = _load(path, dataclasses.replace(settings, optimization="disable"))
     elif option == "spinning=on":
-        opt, load = make(dataclasses.replace(base_settings, allow_spinning=True))
+        opt, load = _load(bdir, dataclasses.replace(settings, allow_spinning=True))
     elif option == "memory-tuned":
-        opt, load = make(dataclasses.replace(base_settings, shared_arena=True, disable_prepacking=True,
-                                             optimization="basic"))
+        opt, load = _load(bdir, dataclasses.replace(settings, shared_arena=True, disable_prepacking=True,
+                                                    optimization="basic"))
     elif option.startswith("int8-"):
-        t0 = time.perf_counter()
-        qpath = build_quantized(mode, role, option[len("int8-"):], n_calib)
-        extra["build_seconds"] = time.perf_counter() - t0
-        opt, load = make(base_settings, path=qpath)
+        with Timer() as t:
+            path = build_quantized(mode, base, option[len("int8-"):], n_calib)
+        extra["build_seconds"] = t.wall
+        opt, load = _load(path, settings)
     elif option == "fixed-canvas":
-        opt, load = make(base_settings)  # same settings: this session only ever sees the canvas
+        opt, load = _load(bdir, settings)  # same settings: this predictor only ever sees the canvas
     else:
         raise SystemExit(f"unknown option {option}")
-    del opt_settings
-    name = cfg.inputs[0].name
-    outs = [o.name for o in cfg.outputs]
-    prepared = [prepare(decode_image(p.read_bytes()), cfg.preprocess) for p in images]
+    prepared = [base.prepare(base.decode(p.read_bytes())) for p in images]
     canvas = None
     if option == "fixed-canvas":
         canvas = (max(p.padded_hw[0] for p in prepared), max(p.padded_hw[1] for p in prepared))
         extra["canvas_hw"] = list(canvas)
 
-    def opt_input(p: Prepared) -> Prepared:
+    def opt_input(p: "Prepared") -> "Prepared":
+        """The option's input: the prepared tensor, padded further to the fixed canvas if there is one."""
         if canvas is None:
             return p
         t = np.zeros((1, 3, *canvas), np.float32)
@@ -200,30 +222,29 @@ def child(option: str, mode: str, images: list[Path], repeats: int, n_calib: int
     tb, to = [], []
     for i in range(1 + repeats):
         with Timer() as t:
-            base.run(outs, {name: main.tensor})
+            base.run(main.tensor)
         b = t.wall
         with Timer() as t:
-            opt.run(outs, {name: main_opt.tensor})
+            opt.run(main_opt.tensor)
         if i:  # first round is the warm-up
             tb.append(b)
             to.append(t.wall)
     agreement = []
     for p in prepared:
         q = opt_input(p)
-        lb, mb_ = base.run(outs, {name: p.tensor})
-        lo, mo = opt.run(outs, {name: q.tensor})
+        lb, mb_ = base.run(p.tensor)
+        lo, mo = opt.run(q.tensor)
         h4, w4 = mb_.shape[2:]
-        mo_c = mo[:, :, :h4, :w4]
-        sb_, so_ = _semantic(lb, mb_, p), _semantic(lo, mo_c, p)
-        rb = postprocess(lb, mb_, p, cfg).label_map
-        ro = postprocess(lo, mo, q, cfg).label_map
+        sb_, so_ = _semantic(lb, mb_, p), _semantic(lo, mo[:, :, :h4, :w4], p)
+        rb = base.postprocess((lb, mb_), p).label_map
+        ro = opt.postprocess((lo, mo), q).label_map
         agreement.append({"image": f"{p.original_hw[1]}x{p.original_hw[0]}", "semantic": float((sb_ == so_).mean()),
                           "semantic_classes": int(len(np.unique(sb_))), "label_map_classes": int(len(np.unique(rb))),
                           "label_map": float((rb == ro).mean()),
                           "max_abs_logits": float(np.abs(lb - lo).max())})
     sb, so = summary(tb), summary(to)
     worst = min(min(a["semantic"], a["label_map"]) for a in agreement)
-    return {"option": option, "bundle": cfg.version, "what": OPTIONS[option][1],
+    return {"option": option, "bundle": base.version, "what": OPTIONS[option][1],
             "input_hw": list(main.padded_hw), "option_input_hw": list(main_opt.padded_hw),
             "baseline": {"latency": sb, "load_seconds": base_load},
             "option_run": {"latency": so, "load_seconds": load},
@@ -231,38 +252,31 @@ def child(option: str, mode: str, images: list[Path], repeats: int, n_calib: int
             "agreement": agreement, "worst_agreement": worst, "loses_agreement": worst < AGREEMENT_BAR, **extra}
 
 
-def _alone(option: str, cfg, bdir: Path, images: list[Path], repeats: int) -> dict:
-    """One session (default settings, or on the global pool); outputs saved for the parent to compare."""
+def _alone(option: str, bdir: Path, images: list[Path], repeats: int) -> dict:
+    """One predictor (default settings, or on the global pool); outputs saved for the parent to compare."""
     import numpy as np
 
-    from m2fpkit.runtime.imageio import decode_image
-    from m2fpkit.runtime.postprocess import postprocess
-    from m2fpkit.runtime.preprocess import prepare
-    from m2fpkit.runtime.session import RuntimeSettings, SessionFactory
+    from m2fpkit.runtime.session import RuntimeSettings
 
-    settings = RuntimeSettings(thread_pool="global" if option == "global-pool" else "per-session")
-    factory = SessionFactory(settings)
-    with Timer() as t:
-        sess = factory.create(bdir / cfg.model_file, cfg.weights_index)
-    name, outs = cfg.inputs[0].name, [o.name for o in cfg.outputs]
-    prepared = [prepare(decode_image(p.read_bytes()), cfg.preprocess) for p in images]
+    pred, load = _load(bdir, RuntimeSettings(thread_pool="global" if option == "global-pool" else "per-session"))
+    prepared = [pred.prepare(pred.decode(p.read_bytes())) for p in images]
     main = prepared[min(1, len(prepared) - 1)]
     times = []
     for i in range(1 + repeats):
         with Timer() as tt:
-            sess.run(outs, {name: main.tensor})
+            pred.run(main.tensor)
         if i:
             times.append(tt.wall)
     saved = {}
     for k, p in enumerate(prepared):
-        lg, mk = sess.run(outs, {name: p.tensor})
-        saved[f"sem{k}"] = _semantic(lg, mk, p)
-        saved[f"labels{k}"] = postprocess(lg, mk, p, cfg).label_map
-        saved[f"logits{k}"] = lg
+        outputs = pred.run(p.tensor)
+        saved[f"sem{k}"] = _semantic(*outputs, p)
+        saved[f"labels{k}"] = pred.postprocess(outputs, p).label_map
+        saved[f"logits{k}"] = outputs[0]
     npz = images[0].parent / f"outputs_{option}.npz"
     np.savez(npz, **saved)
-    return {"option": option, "bundle": cfg.version, "input_hw": list(main.padded_hw),
-            "latency": summary(times), "load_seconds": t.wall, "outputs": str(npz), "n_images": len(prepared)}
+    return {"option": option, "bundle": pred.version, "input_hw": list(main.padded_hw),
+            "latency": summary(times), "load_seconds": load, "outputs": str(npz), "n_images": len(prepared)}
 
 
 def _combine(option: str, base: dict, opt: dict) -> dict:
