@@ -60,35 +60,33 @@ class WeightPool:
     def tensors(self, content: BundleContent, *, share: bool = True) -> list[tuple[str, SharedTensor]]:
         """``(initializer name, tensor)`` for every indexed tensor of a verified bundle.
 
-        Raises IntegrityError if the data file no longer matches the manifest (nothing is kept then).
+        Raises IntegrityError if the data file no longer matches the manifest, or if this bundle's index
+        mislabels a tensor (nothing is kept then).
         """
-        out = []
+        out, differing = [], []
         with self._lock:
-            for entry, raw in content.tensors():
+            for entry, raw in content.tensors():  # the data file's hash is checked when this loop ends
                 tensor = self._live.get(entry.key) if share else None
-                if tensor is not None and not _same_bytes(tensor, raw, entry):
-                    tensor = None
-                if tensor is None:
+                if tensor is not None and not np.array_equal(raw, tensor.array.reshape(-1).view(np.uint8)):
+                    differing.append((entry, raw))
+                    tensor = SharedTensor(entry, raw)  # never shared: one of two indexes mislabels it
+                elif tensor is None:
                     tensor = SharedTensor(entry, raw)
                     if share:
                         self._live.setdefault(entry.key, tensor)
                 out.append((entry.name, tensor))
+        for entry, raw in differing:
+            if hashlib.sha256(raw).hexdigest() != entry.sha256:
+                raise IntegrityError(f"weights.json: tensor {entry.name!r} does not match its sha256 "
+                                     "(the index mislabels it)")
+            log.error("weights: a loaded bundle's index mislabels tensor sha256 %s…; %s keeps its own copy",
+                      entry.sha256[:12], entry.name)
         return out
 
     def stats(self) -> dict[str, int]:
         with self._lock:
             tensors = list(self._live.values())
         return {"tensors": len(tensors), "bytes": sum(t.nbytes for t in tensors)}
-
-
-def _same_bytes(tensor: SharedTensor, raw: np.ndarray, e: IndexEntry) -> bool:
-    """Confirm a key match by content; a mismatch means one of two indexes mislabels a tensor."""
-    if np.array_equal(raw, tensor.array.reshape(-1).view(np.uint8)):
-        return True
-    if hashlib.sha256(raw).hexdigest() != e.sha256:
-        raise IntegrityError(f"weights.json: tensor {e.name!r} does not match its sha256 (index mislabels it)")
-    log.error("weights: a loaded bundle's index mislabels tensor sha256 %s…; %s keeps its own copy", e.sha256[:12], e.name)
-    return False
 
 
 #: The pool every ``SessionFactory`` in this process uses.

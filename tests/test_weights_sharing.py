@@ -1,4 +1,4 @@
-"""Identical tensors across loaded versions are mapped once (runtime/weights.py), safely.
+"""Identical tensors across loaded versions are held once (runtime/weights.py), safely.
 
 Versions here are clones of the exported multi-human bundle; ``v3.0`` has one decoder tensor
 changed (bytes and index entry), like a retrained head over the same backbone.
@@ -14,11 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from m2fpkit.runtime.errors import BundleError
-from m2fpkit.runtime.bundle.manifest import write_manifest
+from m2fpkit.runtime.bundle import weights_index
+from m2fpkit.runtime.bundle.writer import seal as write_manifest
+from m2fpkit.runtime.errors import BundleError, MalformedFile
 from m2fpkit.runtime.predictor import Predictor
 from m2fpkit.runtime.session import RuntimeSettings, SessionFactory
-from m2fpkit.runtime.weights import WeightPool, read_index
+from m2fpkit.runtime.weights import WeightPool
 from reference.bundles import clone_bundle
 
 FAST = {"short_edge": 160}
@@ -67,9 +68,9 @@ def run(p: Predictor) -> tuple[np.ndarray, np.ndarray]:
 def test_export_writes_an_index_of_every_external_tensor(ms_multi):
     config = ms_multi.config
     assert config.weights_index == "weights.json"
-    index = read_index(ms_multi.bundle_dir, config.weights_index)
+    data = (ms_multi.bundle_dir / "model.onnx.data").read_bytes()
+    index = weights_index.parse((ms_multi.bundle_dir / config.weights_index).read_bytes(), "weights.json", len(data))
     assert len(index.tensors) > 50 and len({t.name for t in index.tensors}) == len(index.tensors)
-    data = (ms_multi.bundle_dir / index.data_file).read_bytes()
     for t in index.tensors:
         assert hashlib.sha256(data[t.offset:t.offset + t.length]).hexdigest() == t.sha256, t.name
     assert sum(t.length for t in index.tensors) <= len(data)
@@ -88,9 +89,10 @@ def test_versions_share_identical_tensors_and_keep_their_own_results(versions):
         assert loaded["v1.0"].session.shared_bytes == one
 
         for v, p in versions.items():  # results equal those of a session with its own weights
-            alone = load(p, WeightPool(), share_weights=False)
+            own = WeightPool()
+            alone = load(p, own, share_weights=False)
             try:
-                assert alone.session.shared_weights == []
+                assert own.stats()["tensors"] == 0, "unshared tensors are not pooled"
                 for got, want in zip(run(loaded[v]), run(alone)):
                     np.testing.assert_array_equal(got, want)
             finally:
@@ -135,21 +137,22 @@ def test_an_index_that_mislabels_a_tensor_cannot_borrow_another_versions_weights
 
 def test_settings_can_turn_sharing_off(versions):
     pool = WeightPool()
-    p = load(versions["v1.0"], pool, share_weights=False)
+    p, q = (load(versions[v], pool, share_weights=False) for v in ("v1.0", "v2.0"))
     try:
-        assert p.session.shared_weights == [] and pool.stats()["tensors"] == 0
+        assert pool.stats()["tensors"] == 0
+        a, b = tensors(p), tensors(q)
+        assert a.keys() == b.keys() and all(a[n] is not b[n] for n in a), "each session holds its own copy"
     finally:
         p.close()
-
-
-def _index(tmp_path: Path, tensors: list[dict], data: bytes = b"\0" * 64, **extra) -> Path:
-    (tmp_path / "model.onnx.data").write_bytes(data)
-    (tmp_path / "weights.json").write_text(json.dumps({"format": 1, "data_file": "model.onnx.data",
-                                                       "tensors": tensors, **extra}))
-    return tmp_path
+        q.close()
 
 
 GOOD = {"name": "w", "offset": 0, "length": 16, "dtype": "float32", "shape": [2, 2], "sha256": "0" * 64}
+
+
+def _parse(tensors: list[dict], **extra) -> weights_index.WeightsIndex:
+    raw = json.dumps({"format": 1, "data_file": "model.onnx.data", "tensors": tensors, **extra}).encode()
+    return weights_index.parse(raw, "weights.json", 64)
 
 
 @pytest.mark.parametrize("tensors, extra, fragment", [
@@ -157,20 +160,20 @@ GOOD = {"name": "w", "offset": 0, "length": 16, "dtype": "float32", "shape": [2,
     ([GOOD | {"length": 12}], {}, "tensors[0] → length: 12 bytes does not fit float32 [2, 2]"),
     ([GOOD, GOOD], {}, "tensors[1] → name: 'w' is listed twice"),
     ([GOOD | {"dtype": "complex64"}], {}, "tensors[0] → dtype: 'complex64' is not one of"),
-    ([GOOD | {"shape": [2, -2]}], {}, "tensors[0] → shape: expected a list of non-negative integers"),
+    ([GOOD | {"shape": [2, -2]}], {}, "tensors[0] → shape: expected at most 8 non-negative integers"),
     ([GOOD | {"offset": -1}], {}, "offset and length must be non-negative integers"),
-    ([GOOD | {"sha256": "abc"}], {}, "tensors[0] → sha256: expected 64 hex digits"),
+    ([GOOD | {"sha256": "abc"}], {}, "tensors[0] → sha256: expected 64 lower-case hex digits"),
+    ([GOOD, GOOD | {"name": "v", "offset": 8}], {}, "tensors 'w' and 'v' overlap in model.onnx.data"),
     ([GOOD], {"format": 2}, "weights.json → format: this runtime reads weights index format 1"),
-    ([GOOD], {"data_file": "../model.onnx.data"}, "weights.json → data_file: expected a file name inside the bundle"),
-    ([GOOD], {"data_file": "other.data"}, "weights.json → data_file: other.data is missing"),
+    ([GOOD], {"data_file": "../model.onnx.data"}, "weights.json → data_file: '../model.onnx.data' is not a plain path"),
+    ([GOOD], {"data_file": "manifest.json"}, "weights.json → data_file: manifest.json describes the manifest"),
 ])
-def test_a_malformed_index_is_refused_with_its_key_path(tmp_path, tensors, extra, fragment):
-    with pytest.raises(BundleError) as info:
-        read_index(_index(tmp_path, tensors, **extra), "weights.json")
+def test_a_malformed_index_is_refused_with_its_key_path(tensors, extra, fragment):
+    with pytest.raises(MalformedFile) as info:
+        _parse(tensors, **extra)
     assert fragment in str(info.value)
 
 
-def test_an_index_that_is_not_json_is_refused(tmp_path):
-    (tmp_path / "weights.json").write_text("{")
-    with pytest.raises(BundleError, match="weights.json is unreadable"):
-        read_index(tmp_path, "weights.json")
+def test_an_index_that_is_not_json_is_refused():
+    with pytest.raises(MalformedFile, match="weights.json: not valid JSON"):
+        weights_index.parse(b"{", "weights.json")

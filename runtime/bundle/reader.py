@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,9 +157,7 @@ def _open_listed(bundle_dir: Path, rel: str) -> int:
     fd = -1
     try:
         fd = os.open(bundle_dir / rel, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
-        import stat as _stat
-
-        if not _stat.S_ISREG(os.fstat(fd).st_mode):
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise IntegrityError(f"{rel}: listed in {MANIFEST} but not a regular file")
         return fd
     except FileNotFoundError:
