@@ -6,7 +6,7 @@ Invariants: the place is decided once, at start — ``RegistryOptions.state_dir`
 missing: it is not the bundle root), else the store directory ``<root>/m2fp`` when it is writable (or,
 while it does not exist yet, when the root is) — and nothing is created in the bundle root to find out.
 When there is no writable place the feature is *off* with its reason: logged once at start and shown
-in the status (``"off: <reason>"``), never a warning per load. A write that fails later turns it off
+in the status (``"off: <reason>"``, without paths: the log names them), never a warning per load. A write that fails later turns it off
 the same way, once.
 """
 
@@ -36,18 +36,18 @@ def place(store: BundleStore, state_dir: Path | None) -> tuple[Path | None, str 
         try:
             state_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            return None, f"state directory {state_dir} cannot be created ({exc.strerror or exc})"
+            return None, f"the state directory cannot be created ({exc.strerror or type(exc).__name__})"
         if not _writable(state_dir):
-            return None, f"state directory {state_dir} is not writable"
+            return None, "the state directory is not writable"
         return state_dir, None
     hint = f"give a writable --state-dir (env {ENV_STATE_DIR})"
     if store.dir.is_dir():
         if _writable(store.dir):
             return store.dir, None
-        return None, f"the bundle store {store.dir} is read-only; {hint}"
+        return None, f"the bundle store is read-only; {hint}"
     if store.root.is_dir() and _writable(store.root):
         return store.dir, None  # created by the first publish, never by the registry
-    return None, f"the bundle root {store.root} is read-only; {hint}"
+    return None, f"the bundle root is read-only; {hint}"
 
 
 class LastKnownGoodKeeper:
@@ -65,7 +65,8 @@ class LastKnownGoodKeeper:
         """Decide the place (logged once) and read the record there, if any."""
         self.dir, self.off_reason = place(self.store, self.requested)
         if self.dir is None:
-            log.warning("last-known-good off: %s", self.off_reason)
+            log.warning("last-known-good off (store %s, state dir %s): %s", self.store.dir, self.requested,
+                        self.off_reason)
             return None
         log.info("last-known-good record: %s", self.dir / lkg.LKG)
         self.state = lkg.load(self.dir)
@@ -77,8 +78,8 @@ class LastKnownGoodKeeper:
 
     @property
     def status(self) -> str:
-        """``"on: <directory>"`` or ``"off: <reason>"``."""
-        return f"on: {self.dir}" if self.dir is not None else f"off: {self.off_reason}"
+        """``"on"`` or ``"off: <reason>"`` — public (no paths: the log names the directories)."""
+        return "on" if self.dir is not None else f"off: {self.off_reason}"
 
     def aliases(self) -> Mapping[str, str]:
         return self.state.aliases if self.state is not None else {}
@@ -95,8 +96,8 @@ class LastKnownGoodKeeper:
         try:
             lkg.record(self.dir, versions, aliases, routes)
         except OSError as exc:
-            self.dir, self.off_reason = None, f"cannot write {self.dir / lkg.LKG} ({exc.strerror or exc})"
-            log.warning("last-known-good off: %s", self.off_reason)
+            log.warning("last-known-good off: cannot write %s (%s)", self.dir / lkg.LKG, exc)
+            self.dir, self.off_reason = None, f"the record cannot be written ({exc.strerror or type(exc).__name__})"
             return
         except ValueError as exc:  # malformed input is a bug here; say so, keep the previous record
             log.error("last-known-good not recorded: %s", exc)

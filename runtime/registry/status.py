@@ -57,7 +57,7 @@ class RegistrySnapshot:
     versions: tuple[VersionStatus, ...]
     latest: str | None
     aliases: Mapping[str, str]
-    #: ``"on: <state directory>"`` or ``"off: <reason>"``
+    #: ``"on"`` or ``"off: <reason>"`` (no paths)
     last_known_good: str
 
     def get(self, version: str) -> VersionStatus | None:
