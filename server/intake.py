@@ -1,0 +1,207 @@
+"""Request intake: the one way a parse request's image enters the server, at bounded cost.
+
+Invariant: no byte of a body is read before the request holds an upload slot (:class:`Admission`:
+at most ``max_uploads`` bodies are received at once; a request that gets none within ``upload_wait``
+s, or arrives while the parse queue is full, is refused with 503 + ``Retry-After`` unread). Holding
+the slot, the body is read within ``body_timeout`` s (else 408, connection closed) and up to
+``max_body_bytes`` (else 413: at once from ``Content-Length``, or as soon as the bytes read pass it).
+So bodies in reception hold at most ``max_uploads × max_body_bytes``, whatever the number of
+connections, and no connection keeps a slot longer than ``body_timeout``.
+
+Accepted: ``multipart/form-data`` with exactly one file field ``image`` (other flat fields are read
+and dropped), or a raw ``image/*`` / ``application/octet-stream`` body. A nested multipart, a second
+``image``, ``image`` as a plain field, an encoded part or any malformed body is a 400 whose reason
+names the problem; aiohttp's own exception text goes to the log only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import warnings
+
+from aiohttp import MultipartReader, StreamReader, hdrs, web
+from aiohttp.helpers import parse_mimetype
+from aiohttp.http_exceptions import BadHttpMessage
+
+from . import keys
+from .errors import HTTPProblem
+
+log = logging.getLogger(__name__)
+
+IMAGE_TYPES = ("image/", "application/octet-stream")
+#: parts a multipart body may hold (the image and a few form fields)
+MAX_PARTS = 16
+#: multipart boundaries longer than this are refused (RFC 2046)
+MAX_BOUNDARY = 70
+_CHUNK = 2**16
+_PLAIN_TRANSFER = (None, "binary", "8bit", "7bit")
+_PLAIN_ENCODING = (None, "identity")
+#: what aiohttp's multipart reader raises on a malformed body
+_MALFORMED = (ValueError, RuntimeError, LookupError, BadHttpMessage)
+
+
+def malformed(detail: str) -> HTTPProblem:
+    return HTTPProblem(400, "malformed_body", detail)
+
+
+class _CappedStream:
+    """The request's body stream, refusing (413) once more than ``cap`` bytes were taken from it.
+
+    Offers what :class:`aiohttp.MultipartReader` uses of a :class:`aiohttp.StreamReader`."""
+
+    def __init__(self, stream: StreamReader, cap: int) -> None:
+        self._stream, self.cap, self.taken = stream, cap, 0
+
+    def _count(self, data: bytes) -> bytes:
+        self.taken += len(data)
+        if self.taken > self.cap:
+            raise too_large(self.cap)
+        return data
+
+    async def read(self, n: int = -1) -> bytes:
+        return self._count(await self._stream.read(n))
+
+    async def readline(self, *, max_line_length: int | None = None) -> bytes:
+        return self._count(await self._stream.readline(max_line_length=max_line_length))
+
+    def at_eof(self) -> bool:
+        return self._stream.at_eof()
+
+    def unread_data(self, data: bytes) -> None:
+        self.taken -= len(data)
+        self._stream.unread_data(data)
+
+
+def too_large(cap: int) -> HTTPProblem:
+    return HTTPProblem(413, "body_too_large", f"the request body is larger than the limit of {cap} bytes "
+                                              f"({cap / 2**20:g} MB)")
+
+
+def body_kind(request: web.Request) -> str:
+    """``"multipart"`` or ``"raw"`` from the Content-Type, refused (415/400) before anything is read."""
+    ctype = request.content_type
+    if ctype == "multipart/form-data":
+        mime = parse_mimetype(request.headers.get(hdrs.CONTENT_TYPE, ""))
+        boundary = mime.parameters.get("boundary", "")
+        if (mime.type, mime.subtype) != ("multipart", "form-data") or not boundary:
+            raise malformed("multipart/form-data needs a boundary parameter in Content-Type")
+        if len(boundary) > MAX_BOUNDARY:
+            raise malformed(f"multipart boundary longer than {MAX_BOUNDARY} characters")
+        return "multipart"
+    if ctype.startswith(IMAGE_TYPES):
+        return "raw"
+    raise HTTPProblem(415, "unsupported_media_type",
+                      f"send multipart/form-data with an 'image' file or a raw image body, not {ctype!r}")
+
+
+async def read_image(request: web.Request) -> bytes:
+    """The image bytes of a parse request, read under the invariant above (slot, deadline, size cap)."""
+    cfg, admission = request.app[keys.CONFIG], request.app[keys.ADMISSION]
+    kind = body_kind(request)
+    cap = cfg.max_body_bytes
+    if request.content_length is not None and request.content_length > cap:
+        raise too_large(cap)
+    if admission.full():  # the parse would be refused anyway: do not take in its body
+        raise admission.overloaded()
+    async with admission.upload(cfg.upload_wait, cfg.body_timeout) as admitted:
+        if not admitted:
+            retry = max(1, math.ceil(admission.next_upload_free()))
+            raise HTTPProblem(503, "overloaded", f"server busy: {admission.receiving} uploads being received "
+                                                 f"(limit {admission.uploads}); retry in {retry} s",
+                              {"Retry-After": str(retry)})
+        stream = _CappedStream(request.content, cap)
+        deadline = asyncio.timeout(cfg.body_timeout)
+        try:
+            async with deadline:
+                return await (read_multipart(request, stream) if kind == "multipart" else read_raw(stream))
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            close_after_response(request)
+            raise HTTPProblem(408, "body_timeout", f"the request body did not arrive within {cfg.body_timeout:g} s "
+                                                   f"({stream.taken} bytes received)",
+                              {"Connection": "close"}) from None
+        except ConnectionError:
+            raise malformed("the connection closed before the body was complete") from None
+
+
+def close_after_response(request: web.Request) -> None:
+    """Close the connection once the response is sent: a client too slow for the deadline is cut, not
+    left to aiohttp's lingering read of the rest of its body."""
+    task, transport = asyncio.current_task(), request.transport
+    if task is not None and transport is not None:
+        task.add_done_callback(lambda _task: transport.close())
+
+
+async def read_raw(stream: _CappedStream) -> bytes:
+    chunks: list[bytes] = []  # joined once at the end: a body in reception holds what arrived, no spare
+    try:
+        while chunk := await stream.read(_CHUNK):
+            chunks.append(chunk)
+    except BadHttpMessage as exc:
+        log.info("raw body refused: %r", exc)
+        raise malformed("the request body is malformed (bad chunked encoding, content encoding or length)") from None
+    return b"".join(chunks)
+
+
+async def read_multipart(request: web.Request, stream: _CappedStream) -> bytes:
+    """The one file field ``image`` of a multipart/form-data body (read to its closing boundary)."""
+    reader = MultipartReader(request.headers, stream)  # type: ignore[arg-type]  # what it uses of a StreamReader
+    image: bytes | None = None
+    for n in range(1, MAX_PARTS + 2):
+        try:
+            part = await reader.next()
+        except _MALFORMED as exc:
+            log.info("multipart body refused at part %d: %r", n, exc)
+            if isinstance(exc, BadHttpMessage):
+                raise malformed(f"multipart body: the headers of part {n} are malformed") from None
+            if isinstance(exc, (RuntimeError, LookupError)):
+                raise malformed("multipart body: the '_charset_' field is not a charset name") from None
+            if n == 1:
+                raise malformed("multipart body: part 1 is malformed or does not start with the boundary declared "
+                                "in Content-Type") from None
+            raise malformed(f"multipart body: part {n - 1} is not followed by a boundary "
+                            "(truncated or malformed body)") from None
+        if part is None:
+            break
+        if n > MAX_PARTS:
+            raise malformed(f"multipart body has more than {MAX_PARTS} parts")
+        if isinstance(part, MultipartReader):
+            raise malformed(f"multipart body: part {n} is itself multipart; send the image as one file field 'image'")
+        try:
+            with warnings.catch_warnings():  # aiohttp warns on odd dispositions; the checks below refuse them
+                warnings.simplefilter("ignore", RuntimeWarning)
+                name, filename = part.name, part.filename
+        except ValueError:
+            raise malformed(f"multipart body: part {n} has an undecodable Content-Disposition") from None
+        if name is None:
+            raise malformed(f"multipart body: part {n} has no Content-Disposition name")
+        if name == "image":
+            if image is not None:
+                raise malformed("multipart body has more than one field named 'image'")
+            if filename is None:
+                raise HTTPProblem(400, "missing_image", "field 'image' must be a file upload (a part with a filename)")
+            transfer = (part.headers.get(hdrs.CONTENT_TRANSFER_ENCODING) or "").lower() or None
+            encoding = (part.headers.get(hdrs.CONTENT_ENCODING) or "").lower() or None
+            if transfer not in _PLAIN_TRANSFER:
+                raise malformed(f"multipart body: Content-Transfer-Encoding {transfer[:40]!r} on the 'image' part; "
+                                "send the file's bytes as they are")
+            if encoding not in _PLAIN_ENCODING:
+                raise malformed(f"multipart body: Content-Encoding {encoding[:40]!r} on the 'image' part; "
+                                "send the file's bytes as they are")
+        chunks: list[bytes] = []
+        try:
+            while not part.at_eof():
+                chunk = await part.read_chunk(_CHUNK)
+                if name == "image":
+                    chunks.append(chunk)
+        except _MALFORMED as exc:
+            log.info("multipart part %d (%r) refused: %r", n, name[:40], exc)
+            raise malformed(f"multipart body: part {n} (field {name[:40]!r}) ends before its closing boundary") from None
+        if name == "image":
+            image = b"".join(chunks)
+    if image is None:
+        raise HTTPProblem(400, "missing_image", "multipart body has no field named 'image'")
+    return image
