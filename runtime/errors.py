@@ -27,7 +27,7 @@ status in one place (``server/errors.py``), the CLIs print one line for any of t
     │   ├── EmptyImage
     │   ├── UndecodableImage
     │   ├── UnsupportedImageFormat                                                       -> 415
-    │   ├── ImageTooLarge          pixel count over the limit, checked before decode     -> 413
+    │   ├── ImageTooLarge          pixel count over the limit (header, decoder, result)  -> 413
     │   └── BadAspectRatio                                                               -> 422
     └── Overloaded                 no capacity to queue the request                      -> 503
 """

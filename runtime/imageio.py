@@ -3,15 +3,64 @@
 The decoded pixels are what ModelScope's pipeline gets from Pillow (``exif_transpose`` then
 ``convert("RGB")``): EXIF orientation applied, grey replicated to three channels, alpha dropped
 without compositing. 16-bit images keep their high byte. Decoding is OpenCV's ``imdecode``.
+
+**The pixel limit holds for every accepted format, in three lines.**
+
+1. The header pre-check (:func:`probe` + :func:`check_size`, per call, ``ImageLimits.max_pixels``) refuses
+   what the header admits is too large, before any decode. It reads the header the way the decoder
+   does, and where a header is ambiguous it takes the worst case: a TIFF IFD that repeats ImageWidth /
+   ImageLength (libtiff keeps the *first* entry, the old pre-check kept the last: a 285 KB file read as
+   100x100 decoded to 10000x10000) is sized by its largest value.
+2. **OpenCV's decoders enforce a pixel cap themselves** (``validateInputImageSize`` in
+   ``imgcodecs/src/loadsave.cpp``, called with the size the decoder's own header parse found, before the
+   output is allocated; an excess raises ``cv2.error`` → :class:`ImageTooLarge`). Found on
+   opencv-python-headless 5.0.0 (and the same code in 4.x): the cap is ``OPENCV_IO_MAX_IMAGE_PIXELS``
+   (OpenCV's default 2^30), read **once, when the cv2 extension is loaded** (a namespace-scope
+   ``static const`` initialised from ``getConfigurationParameterSizeT``). Setting it after ``import cv2``
+   has no effect, even before the first decode (tested), so it cannot follow a per-call limit. This
+   module therefore sets it, unless the environment already does, to :data:`DEFAULT_MAX_PIXELS` before its
+   ``import cv2`` (in ``m2fp-serve`` and the library this module is the first to import cv2, through
+   ``predictor``). The server calls :func:`limit_decoder_pixels` with ``--max-pixels`` at start; cv2 is
+   loaded by then (importing the CLI loads it), so it can only check the cap and say so — a cap above
+   the limit still bounds a lying header (the decoded image is then refused by line 3), a cap below it
+   refuses (413) images the limit admits, and the warning names the variable to set (an operator sets
+   ``OPENCV_IO_MAX_IMAGE_PIXELS`` in the service's environment to move the cap with ``--max-pixels``).
+   :func:`decoder_pixel_cap` is the cap in force.
+3. After the decode, the image is measured again: more pixels than the limit → :class:`ImageTooLarge`;
+   another size than the header said → :class:`UndecodableImage`.
+
+**Time bounds for pathological encodings** (rules; ``tests/test_decode_guards.py`` proves each):
+
+- JPEG: libjpeg walks every block once per scan, so empty scans cost time without bytes (2,000 empty
+  scans of 11 bytes take 1.6 s on a 16 Mpx image, growing linearly). The marker walk before decoding
+  counts scans and refuses more than :data:`MAX_JPEG_SCANS` (a baseline JPEG has 1-4, libjpeg's
+  progressive script 10, mozjpeg's ≤ ~20) and more than :data:`MAX_JPEG_SEGMENTS` marker segments.
+- Multi-page TIFF: the first page only (what Pillow's ``Image.open`` gives); OpenCV's ``imdecode`` never
+  reads the later IFDs, so their size and number cost nothing.
+- Animated PNG (APNG) and animated WebP: the first frame only (again Pillow's ``Image.open``); OpenCV 5
+  decodes those frames alone, in a time that does not grow with the number of frames, and the canvas
+  is what the pre-check and the decoder cap measure. GIF stays unsupported.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import re
 import struct
+import sys
 from dataclasses import dataclass
 
-import cv2
+#: the default pixel limit (``ImageLimits.max_pixels``, ``m2fp-serve --max-pixels``)
+DEFAULT_MAX_PIXELS = 40_000_000
+#: the variable OpenCV reads, once at load, for the pixel cap its decoders enforce
+DECODER_CAP_ENV = "OPENCV_IO_MAX_IMAGE_PIXELS"
+_OPENCV_DEFAULT_CAP = 1 << 30
+_CV2_LOADED_BEFORE = "cv2" in sys.modules
+if not _CV2_LOADED_BEFORE:
+    os.environ.setdefault(DECODER_CAP_ENV, str(DEFAULT_MAX_PIXELS))
+
+import cv2  # after the cap is in the environment
 import numpy as np
 
 from .errors import BadAspectRatio, EmptyImage, ImageTooLarge, UndecodableImage, UnsupportedImageFormat
@@ -19,8 +68,51 @@ from .errors import BadAspectRatio, EmptyImage, ImageTooLarge, UndecodableImage,
 log = logging.getLogger(__name__)
 
 SUPPORTED = ("JPEG", "PNG", "WebP", "BMP", "TIFF")
+#: most scans (SOS markers) a JPEG may have; more is refused before decoding (time bound)
+MAX_JPEG_SCANS = 100
+#: most marker segments a JPEG may have (keeps the marker walk itself short)
+MAX_JPEG_SEGMENTS = 10_000
 _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-_JPEG_NO_LENGTH = {0x01, *range(0xD0, 0xD9)}
+#: a marker that starts a segment with a length: 0xFF (fill bytes) then anything but a stuffed zero, TEM,
+#: RSTn or SOI (those stand alone; inside entropy-coded data only stuffed zeros and RSTn follow 0xFF)
+_JPEG_SEGMENT = re.compile(rb"\xff+([^\x00\x01\xd0-\xd8\xff])")
+
+
+def _env_cap() -> int:
+    """The cap ``OPENCV_IO_MAX_IMAGE_PIXELS`` sets (OpenCV's default when unset or not a plain number)."""
+    value = os.environ.get(DECODER_CAP_ENV, "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else _OPENCV_DEFAULT_CAP
+
+
+_DECODER_CAP = _env_cap()
+
+
+def decoder_pixel_cap() -> int:
+    """The pixel cap OpenCV's decoders enforce in this process (fixed when cv2 was loaded).
+
+    Exact when this module loaded cv2; if something imported cv2 before it, this is the environment's
+    value at this module's import (what OpenCV read, unless the environment changed in between).
+    """
+    return _DECODER_CAP
+
+
+def limit_decoder_pixels(max_pixels: int) -> int:
+    """Check OpenCV's decoder cap against the pixel limit ``max_pixels``; return the cap in force.
+
+    Called by ``m2fp-serve`` at start with ``--max-pixels``. The cap was fixed when cv2 was loaded (see the
+    module docstring), so a mismatch can only be reported: a higher cap still bounds a lying header (the
+    result is refused after the decode); a lower one refuses (413) images the limit admits until
+    ``OPENCV_IO_MAX_IMAGE_PIXELS`` is set in the environment of the process.
+    """
+    cap = _DECODER_CAP
+    if cap < max_pixels:
+        log.warning("the image decoder refuses images over %s Mpx (%s=%d, read when OpenCV loaded), below the "
+                    "pixel limit of %s Mpx: set %s=%d in the environment to admit them",
+                    _mpx(cap), DECODER_CAP_ENV, cap, _mpx(max_pixels), DECODER_CAP_ENV, max_pixels)
+    elif cap > max_pixels:
+        log.info("the image decoder's own cap is %s Mpx (%s, read when OpenCV loaded); the %s Mpx limit is "
+                 "checked on the header and again after decoding", _mpx(cap), DECODER_CAP_ENV, _mpx(max_pixels))
+    return cap
 
 
 @dataclass(frozen=True)
@@ -40,36 +132,54 @@ def _truncated(fmt: str) -> UndecodableImage:
     return UndecodableImage(f"{fmt} header is truncated or corrupt")
 
 
-def _jpeg_markers(data: bytes) -> tuple[tuple[int, int] | None, int | None]:
-    """``((width, height) of the first frame header, offset of the first scan)`` of a JPEG stream."""
+@dataclass(frozen=True)
+class _JpegLayout:
+    """What the marker walk found: the first frame's size, the first scan's offset, scans, end of image."""
+
+    size: tuple[int, int] | None
+    first_scan: int | None
+    scans: int
+    complete: bool
+
+
+def _jpeg_markers(data: bytes) -> _JpegLayout:
+    """Walk a JPEG's marker segments as libjpeg does (first SOF wins), skipping entropy-coded data.
+
+    Refuses more than :data:`MAX_JPEG_SCANS` scans or :data:`MAX_JPEG_SEGMENTS` segments (time bounds).
+    """
     size: tuple[int, int] | None = None
+    first_scan: int | None = None
+    scans = segments = 0
     pos, n = 2, len(data)
-    while pos < n:
-        pos = data.find(b"\xff", pos)  # stray bytes between segments: libjpeg skips them too
-        if pos < 0:
+    while True:
+        # stray bytes between segments and entropy-coded data: libjpeg skips them too
+        match = _JPEG_SEGMENT.search(data, pos)
+        if match is None:
             break
-        while pos < n and data[pos] == 0xFF:  # fill bytes
-            pos += 1
-        if pos >= n:
-            break
-        marker = data[pos]
-        pos += 1
-        if marker in _JPEG_NO_LENGTH:
-            continue
-        if marker == 0xD9 or pos + 2 > n:
+        marker, pos = match.group(1)[0], match.end()
+        if marker == 0xD9:
+            return _JpegLayout(size, first_scan, scans, True)
+        if pos + 2 > n:
             break
         (length,) = struct.unpack_from(">H", data, pos)
+        if length < 2:
+            raise _truncated("JPEG")
+        segments += 1
+        if segments > MAX_JPEG_SEGMENTS:
+            raise UndecodableImage(f"JPEG has more than {MAX_JPEG_SEGMENTS} marker segments")
         if marker == 0xDA:
-            return size, pos
-        if marker in _JPEG_SOF and size is None:
+            scans += 1
+            if scans > MAX_JPEG_SCANS:
+                raise UndecodableImage(f"JPEG has more than {MAX_JPEG_SCANS} scans (a decoding-time bomb)")
+            if first_scan is None:
+                first_scan = pos
+        elif marker in _JPEG_SOF and size is None:
             if pos + 7 > n:
                 break
             height, width = struct.unpack_from(">HH", data, pos + 3)
             size = (width, height)
-        if length < 2:
-            raise _truncated("JPEG")
         pos += length
-    return size, None
+    return _JpegLayout(size, first_scan, scans, False)
 
 
 def _webp_size(data: bytes) -> tuple[int, int]:
@@ -88,9 +198,14 @@ def _webp_size(data: bytes) -> tuple[int, int]:
 
 
 def _tiff_size(data: bytes) -> tuple[int, int]:
+    """Width and height of the first IFD; a repeated tag counts with its largest value (worst case).
+
+    libtiff keeps the first of repeated entries; whichever a decoder keeps, the size checked is never
+    smaller than the size decoded. Only single SHORT/LONG values (LONG8 in BigTIFF) are read.
+    """
     bo = "<" if data[:2] == b"II" else ">"
-    big = struct.unpack_from(bo + "H", data, 2)[0] == 43
     try:
+        big = struct.unpack_from(bo + "H", data, 2)[0] == 43
         if big:
             (ifd,) = struct.unpack_from(bo + "Q", data, 8)
             (count,) = struct.unpack_from(bo + "Q", data, ifd)
@@ -99,18 +214,18 @@ def _tiff_size(data: bytes) -> tuple[int, int]:
             (ifd,) = struct.unpack_from(bo + "I", data, 4)
             (count,) = struct.unpack_from(bo + "H", data, ifd)
             start, step, fmt = ifd + 2, 12, bo + "HHI"
-        found: dict[int, int] = {}
+        types = {3: "H", 4: "I", **({16: "Q"} if big else {})}
+        found: dict[int, list[int]] = {}
         for i in range(min(count, 4096)):
             off = start + i * step
-            tag, typ, _ = struct.unpack_from(fmt, data, off)
+            tag, typ, n = struct.unpack_from(fmt, data, off)
             if tag in (256, 257):
-                value_off = off + struct.calcsize(fmt)
-                code = {3: "H", 4: "I", 16: "Q"}.get(typ)
-                if code is None:
+                code = types.get(typ)
+                if code is None or n != 1:
                     raise _truncated("TIFF")
-                found[tag] = struct.unpack_from(bo + code, data, value_off)[0]
-        return found[256], found[257]
-    except (struct.error, KeyError):
+                found.setdefault(tag, []).append(struct.unpack_from(bo + code, data, off + struct.calcsize(fmt))[0])
+        return max(found[256]), max(found[257])
+    except (struct.error, KeyError, OverflowError):  # offsets past the end (or past any buffer)
         raise _truncated("TIFF") from None
 
 
@@ -146,13 +261,14 @@ def probe(data: bytes) -> ImageInfo:
     return _probe(bytes(data))[0]
 
 
-def _probe(data: bytes) -> tuple[ImageInfo, int | None]:
-    """:func:`probe`, plus the offset of the first scan of a JPEG."""
+def _probe(data: bytes) -> tuple[ImageInfo, _JpegLayout | None]:
+    """:func:`probe`, plus the marker layout of a JPEG."""
     if len(data) == 0:
         raise EmptyImage("the image is empty (0 bytes)")
-    scan = None
+    layout = None
     if data[:3] == b"\xff\xd8\xff":
-        size, scan = _jpeg_markers(data)
+        layout = _jpeg_markers(data)
+        size = layout.size
         if size is None:
             raise UndecodableImage("JPEG has no frame header (truncated or corrupt)")
         fmt = "JPEG"
@@ -181,7 +297,7 @@ def _probe(data: bytes) -> tuple[ImageInfo, int | None]:
     width, height = int(size[0]), int(size[1])
     if width <= 0 or height <= 0:
         raise UndecodableImage(f"{fmt} header gives an empty size {width}x{height}")
-    return ImageInfo(fmt, width, height), scan
+    return ImageInfo(fmt, width, height), layout
 
 
 def _mpx(pixels: int) -> str:
@@ -200,23 +316,46 @@ def check_size(info: ImageInfo, max_pixels: int, max_aspect: float) -> None:
                              f"limit is {max_aspect:g}:1")
 
 
-def decode_image(data: bytes, *, max_pixels: int = 40_000_000, max_aspect: float = 20.0) -> np.ndarray:
-    """Decode JPEG/PNG/WebP/BMP/TIFF bytes into an HxWx3 uint8 RGB array (EXIF orientation applied)."""
+def _decoder_refusal(exc: cv2.error, info: ImageInfo, max_pixels: int) -> ImageTooLarge | None:
+    """The :class:`ImageTooLarge` for OpenCV's own size assertion (``validateInputImageSize``), else None."""
+    text = str(exc)
+    if not any(name in text for name in ("CV_IO_MAX_IMAGE_PIXELS", "CV_IO_MAX_IMAGE_WIDTH", "CV_IO_MAX_IMAGE_HEIGHT")):
+        return None
+    cap = _mpx(_DECODER_CAP)
+    if info.pixels > _DECODER_CAP:  # an honest header over a cap below the configured limit
+        return ImageTooLarge(f"image is {info.width}x{info.height} = {_mpx(info.pixels)} Mpx, over the image "
+                             f"decoder's {cap} Mpx cap ({DECODER_CAP_ENV})")
+    return ImageTooLarge(f"{info.format} data is larger than its header says ({info.width}x{info.height}): "
+                         f"the decoder refused it over its {cap} Mpx cap, limit is {_mpx(min(max_pixels, _DECODER_CAP))} Mpx")
+
+
+def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_aspect: float = 20.0) -> np.ndarray:
+    """Decode JPEG/PNG/WebP/BMP/TIFF bytes into an HxWx3 uint8 RGB array (EXIF orientation applied).
+
+    Never more than ``max_pixels`` come back, and the decoder never allocates more than
+    :func:`decoder_pixel_cap`; anything unusable raises an :class:`~.errors.InputError`.
+    """
     data = bytes(data)
-    info, scan = _probe(data)
+    info, layout = _probe(data)
     check_size(info, max_pixels, max_aspect)
-    if info.format == "JPEG":
-        if scan is None or data.find(b"\xff\xd9", scan) < 0:
-            raise UndecodableImage("JPEG data is truncated (no end-of-image marker after the scan)")
+    if layout is not None and (layout.first_scan is None or not layout.complete):
+        raise UndecodableImage("JPEG data is truncated (no end-of-image marker after the scan)")
     buf = np.frombuffer(data, dtype=np.uint8)
     rgb_flag = getattr(cv2, "IMREAD_COLOR_RGB", None)
     try:
         img = cv2.imdecode(buf, cv2.IMREAD_COLOR if rgb_flag is None else rgb_flag)
     except cv2.error as exc:
+        refusal = _decoder_refusal(exc, info, max_pixels)
+        if refusal is not None:
+            raise refusal from None
         log.debug("imdecode failed: %s", exc)
         img = None
     if img is None or img.size == 0:
         raise UndecodableImage(f"{info.format} data could not be decoded (truncated or corrupt)")
+    height, width = img.shape[:2]
+    if width * height > max_pixels:
+        raise ImageTooLarge(f"{info.format} data decodes to {width}x{height} = {_mpx(width * height)} Mpx "
+                            f"(its header says {info.width}x{info.height}), limit is {_mpx(max_pixels)} Mpx")
     if rgb_flag is None:
         img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
     if img.shape[:2] not in ((info.height, info.width), (info.width, info.height)):

@@ -19,7 +19,7 @@ from .bundle import reader
 from .bundle.config import BundleConfig
 from .bundle.signature import NO_KEYS, TrustPolicy
 from .errors import BundleError
-from .imageio import decode_image
+from .imageio import DEFAULT_MAX_PIXELS, decode_image
 from .postprocess import postprocess
 from .preprocess import Prepared, prepare
 from .result import ParseResult
@@ -30,9 +30,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ImageLimits:
-    """Guards applied before a full decode."""
+    """Image guards: the header is checked before decoding, the decoded size after (see ``imageio``).
 
-    max_pixels: int = 40_000_000
+    OpenCV's decoders also enforce a process-wide pixel cap of their own (``imageio.decoder_pixel_cap``).
+    """
+
+    max_pixels: int = DEFAULT_MAX_PIXELS
     max_aspect: float = 20.0
 
 
@@ -77,7 +80,7 @@ class Predictor:
     # ------------------------------------------------------------------------------------ stages
     @staticmethod
     def decode(data: bytes, limits: ImageLimits = ImageLimits()) -> np.ndarray:
-        """Encoded image → RGB uint8 (H, W, 3), refusing oversized or absurd images before decoding."""
+        """Encoded image → RGB uint8 (H, W, 3) of at most ``limits.max_pixels``; refusals are InputErrors."""
         return decode_image(data, max_pixels=limits.max_pixels, max_aspect=limits.max_aspect)
 
     def prepare(self, rgb: np.ndarray) -> Prepared:
