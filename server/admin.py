@@ -1,4 +1,9 @@
-"""Admin endpoints (reload routes, set weights, roll back). Disabled without a bearer token."""
+"""Admin endpoints (reload routes, set weights, roll back). Disabled without a bearer token.
+
+Invariant: a change is validated like a routes file (server/routing.py) before it applies; a refused one
+is a 4xx naming the key (400 not JSON, 404 unknown version, 422 invalid value), counted in
+``m2fp_routes_refused_total{source="admin"}``, and leaves the routes in force untouched — never a 500.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +18,10 @@ from m2fpkit.runtime.errors import MalformedFile
 from . import keys
 from .auth import require_bearer
 from .errors import HTTPProblem
-from .routing import RoutesError
+from .routing import RoutesError, brief_key
+
+#: a weights body is one small JSON object
+MAX_WEIGHTS_BODY = 64 << 10
 
 Change = Callable[[web.Request], Awaitable[None]]
 
@@ -54,19 +62,27 @@ async def reload_routes(request: web.Request) -> None:
     await request.app[keys.REGISTRY].rescan()
 
 
+def _refused(request: web.Request, status: int, code: str, detail: str) -> HTTPProblem:
+    """The refusal of an admin change, logged and counted with the routes' other refusals."""
+    request.app[keys.ROUTES].refuse("admin", detail)
+    return HTTPProblem(status, code, detail)
+
+
 @_change(422, "bad_weights")
 async def set_weights(request: web.Request) -> None:
     try:
-        weights = jsonfile.loads(await request.read(), "request body", max_bytes=64 << 10)
+        weights = jsonfile.loads(await request.read(), "request body", max_bytes=MAX_WEIGHTS_BODY)
     except MalformedFile as exc:
-        raise HTTPProblem(400, "bad_json", f"body must be JSON like {{\"v1.2\": 10}}: {exc.reason}") from None
+        raise _refused(request, 400, "bad_json", f"body must be JSON like {{\"v1.2\": 10}}: {exc.reason}") from None
     if not isinstance(weights, dict):
-        raise HTTPProblem(400, "bad_json", "body must be a JSON object of version → weight")
+        raise _refused(request, 400, "bad_json", "body must be a JSON object of version → weight")
     registry = request.app[keys.REGISTRY]
-    missing = [v for v in weights if v not in registry.versions()]
+    known = set(registry.versions())
+    missing = [v for v in weights if v not in known]
     if missing:
-        raise HTTPProblem(404, "unknown_version", f"no such version(s): {', '.join(missing)}")
-    request.app[keys.ROUTES].set_weights(weights)
+        names = ", ".join(brief_key(v) for v in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise _refused(request, 404, "unknown_version", f"no such version(s): {names}")
+    request.app[keys.ROUTES].set_weights(weights)  # RoutesError (counted there) → 422 naming the key
     await registry.rescan()
 
 

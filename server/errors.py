@@ -1,8 +1,17 @@
-"""Errors → HTTP, in one place. Every error body is ``{"error", "detail", "request_id"}``."""
+"""Errors → HTTP, in one place. Every error body is ``{"error", "detail", "request_id"}``.
+
+Invariant: what a client reads is a *public* reason (:func:`public_reason`): it names the problem and
+the bundle file concerned, never the server's internals — no absolute filesystem path (only its last
+part: ``model.onnx.data``), no library exception text (onnxruntime's ``[ONNXRuntimeError] …``, a Python
+exception's class and message). Every error body passes through :func:`error_response`, which logs the
+full detail under the request id whenever the public reason differs; ``/api/versions`` shows the
+versions' reasons through the same function (their full text was logged when the version failed).
+"""
 
 from __future__ import annotations
 
 import logging
+import re
 
 from aiohttp import web
 
@@ -37,9 +46,44 @@ _STATUS: list[tuple[type[Exception], int, str]] = [
 ]
 
 
+#: where the full text is, said instead of what was removed
+_SEE_LOG = "details in the server log"
+#: an absolute POSIX path of two or more parts (not glued to a word: ``image/png`` is no path)
+_ABS_PATH = re.compile(r"(?<![\w.~/<>{}\[\]@+-])(?:/[^\s'\"`()<>{}\[\],;:|*?/]+){2,}/?")
+#: the server's own URL space: quoted in messages on purpose, not a file
+_URL_PREFIXES = ("/api/", "/admin/", "/static/")
+#: onnxruntime's exception text: "[ONNXRuntimeError] : 7 : INVALID_PROTOBUF : …" to the end of the line
+_ORT_TEXT = re.compile(r"\s*:?\s*\[ONNXRuntimeError\][^\n]*")
+#: a Python exception rendered as "SomeError: text" (the registry's reason for an unexpected failure)
+_EXCEPTION_TEXT = re.compile(r"\b(?:[A-Za-z_]\w*\.)*[A-Z]\w*(?:Error|Exception)\b(?::[^\n]*)?")
+_ERRNO = re.compile(r"\[Errno \d+\]\s*")
+MAX_REASON = 500
+
+
+def _last_part(match: re.Match[str]) -> str:
+    path = match.group(0)
+    if path.startswith(_URL_PREFIXES):
+        return path
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def public_reason(detail: str) -> str:
+    """``detail`` as a client may read it: no absolute path, no library exception text, bounded length."""
+    text = _ORT_TEXT.sub(f" ({_SEE_LOG})", detail)
+    text = _EXCEPTION_TEXT.sub(f"an internal error ({_SEE_LOG})", text)
+    text = _ABS_PATH.sub(_last_part, _ERRNO.sub("", text))
+    return text if len(text) <= MAX_REASON else text[:MAX_REASON - 1] + "…"
+
+
 def error_response(request: web.Request, status: int, error: str, detail: str,
                    headers: dict[str, str] | None = None) -> web.Response:
-    body = {"success": False, "error": error, "detail": detail, "request_id": request.get(keys.REQUEST_ID, "")}
+    """The JSON error body with the public reason; the full detail is logged under the request id."""
+    request_id = request.get(keys.REQUEST_ID, "")
+    public = public_reason(detail)
+    if public != detail:
+        log.warning("request %s: %d %s: %s", request_id, status, error, detail,
+                    extra={"request_id": request_id, "status": status})
+    body = {"success": False, "error": error, "detail": public, "request_id": request_id}
     return web.json_response(body, status=status, headers=headers)
 
 

@@ -2,9 +2,28 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64)
+
+
+class RoutesRefusals(Collector):
+    """``m2fp_routes_refused_total{source}``: refused routes changes, read from the live routes state's
+    counts at every scrape (the counts are owned by ``RoutesState``; this only exposes them)."""
+
+    def __init__(self) -> None:
+        self.counts: Mapping[str, int] = {}
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily("m2fp_routes_refused", "Routes changes refused (file, admin API, "
+                                     "last-known-good record); the routes in force stayed", labels=["source"])
+        for source, n in sorted(self.counts.items()):
+            family.add_metric([source], n)
+        yield family
 
 
 class Metrics:
@@ -31,3 +50,5 @@ class Metrics:
         self.shadow_agreement = Histogram("m2fp_shadow_label_agreement", "Label-map pixel agreement of shadow runs",
                                           ["primary", "candidate"],
                                           buckets=(0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 1.0), registry=r)
+        self.routes_refused = RoutesRefusals()
+        r.register(self.routes_refused)

@@ -2,7 +2,10 @@
 
 Invariant: every change goes through :meth:`RoutesState.apply`, which hands the registry one
 :class:`~m2fpkit.runtime.registry.RouteOverlay` (alias overrides, pinned versions, the table for the
-last-known-good record); a refused change leaves the routes in force untouched.
+last-known-good record); a refused change leaves the routes in force untouched, is logged with its
+reason and counted by source in :attr:`RoutesState.refusals` (``m2fp_routes_refused_total``). Nothing a
+routes file holds can stop the watcher: any failure to read or apply it is a refusal, and the next
+edit is read again.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from .routing import Routes, RoutesError, load_routes, parse_routes
 
 log = logging.getLogger(__name__)
 HISTORY = 20
+#: where refused routes came from (the label values of ``m2fp_routes_refused_total``)
+SOURCES = ("file", "admin", "last-known-good")
 
 
 class RoutesState:
@@ -25,22 +30,39 @@ class RoutesState:
         self.registry, self.path = registry, path
         self.current = Routes()
         self._history: list[Routes] = []
+        #: refused routes by source, since start
+        self.refusals: dict[str, int] = dict.fromkeys(SOURCES, 0)
 
     def apply(self, routes: Routes, *, remember: bool = True) -> Routes:
-        if remember and routes != self.current:
-            self._history = (self._history + [self.current])[-HISTORY:]
-        self.current = routes
+        """Make ``routes`` the routes in force (the registry first: if it refuses, nothing changed here)."""
         pinned = routes.weighted_versions() | ({routes.shadow.version} if routes.shadow else set())
         self.registry.apply_routes(RouteOverlay(aliases=routes.aliases, pinned=frozenset(pinned),
                                                 routes=routes.to_dict()))
+        if remember and routes != self.current:
+            self._history = (self._history + [self.current])[-HISTORY:]
+        self.current = routes
         log.info("routes: %s", routes.to_dict())
         return routes
 
+    def refuse(self, source: str, reason: str) -> None:
+        """Record a refused change of the routes from ``source``: logged with its reason, counted."""
+        self.refusals[source] = self.refusals.get(source, 0) + 1
+        log.error("routes refused (%s), the routes in force stay: %s", source, reason)
+
     def reload(self) -> Routes:
-        """Re-read the routes file; a broken file raises and leaves the current routes in place."""
+        """Re-read the routes file; a broken file raises RoutesError and leaves the current routes in place."""
         if self.path is None:
             raise RoutesError("no routes file configured (start with --routes FILE)")
-        return self.apply(load_routes(self.path))
+        try:
+            routes = load_routes(self.path)
+        except RoutesError as exc:
+            self.refuse("file", str(exc))
+            raise
+        except Exception as exc:  # whatever the file holds, it is a refusal, never a crash of the caller
+            log.exception("reading the routes file %s failed", self.path)
+            self.refuse("file", f"{self.path}: unreadable ({type(exc).__name__})")
+            raise RoutesError(f"{self.path}: could not be read as routes") from exc
+        return self.apply(routes)
 
     def restore_last_known_good(self) -> bool:
         """Apply the routes recorded in the last-known-good state, if any and valid; True if applied."""
@@ -51,16 +73,22 @@ class RoutesState:
         try:
             routes = parse_routes(raw, "last-known-good")
         except RoutesError as exc:
-            log.error("last-known-good routes refused: %s", exc)
+            self.refuse("last-known-good", str(exc))
             return False
         self.apply(dataclasses.replace(routes, source="last-known-good"))
         return True
 
-    def set_weights(self, weights: dict[str, float]) -> Routes:
+    def set_weights(self, weights: dict[str, object]) -> Routes:
+        """The routes in force with new weights (validated like a routes file); RoutesError naming the key."""
         raw = self.current.to_dict()
         raw["weights"] = weights
         raw.pop("source", None)
-        return self.apply(dataclasses.replace(parse_routes(raw, "admin weights"), source="admin"))
+        try:
+            routes = parse_routes(raw, "admin weights")
+        except RoutesError as exc:
+            self.refuse("admin", str(exc))
+            raise
+        return self.apply(dataclasses.replace(routes, source="admin"))
 
     def rollback(self) -> Routes:
         if not self._history:
@@ -69,7 +97,10 @@ class RoutesState:
         return self.apply(previous, remember=False)
 
     async def watch(self, stop: asyncio.Event) -> None:
-        """Reload when the routes file changes; keep the old routes if the new file is broken."""
+        """Reload when the routes file changes; keep the old routes if the new file is broken.
+
+        Every failure of a reload is caught here (and the watch loop catches anything else), so a later
+        valid edit always applies."""
         if self.path is None:
             return
         from m2fpkit.runtime.watcher import watch
@@ -79,8 +110,11 @@ class RoutesState:
         async def changed() -> None:
             try:
                 self.reload()
-            except RoutesError as exc:
-                log.error("routes file change ignored: %s", exc)
+            except RoutesError:  # logged and counted by reload
+                return
+            except Exception as exc:  # applying valid routes failed (the registry refused): keep watching
+                log.exception("routes file change could not be applied")
+                self.refuse("file", f"could not be applied ({type(exc).__name__})")
                 return
             await self.registry.rescan()
 

@@ -6,6 +6,11 @@ raising a canary's weight only moves the buckets next to its range to it; users 
 canary stay there. Versions that are not ready are skipped: their buckets are re-spread over the
 ready versions in proportion to their weights (users of healthy versions stay where they are), so a
 not-ready version never causes a failed request.
+
+Routes are validated as data, whatever their source (file, admin API, last-known-good record): a
+weight is a finite number in [0, :data:`MAX_WEIGHT`] (booleans, strings, NaN, infinities and numbers
+beyond the range are refused with :class:`RoutesError` naming the source and the key), so the total
+of the weights is always finite and every version owns the share its weight says.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from m2fpkit.runtime.versions import is_alias_name, is_version_name
 
 BUCKETS = 10_000
 MAX_ROUTES_BYTES = 1 << 20
+#: the largest routing weight; weights are relative, so [0, 1e6] allows any ratio down to one in a million
+MAX_WEIGHT = 1_000_000.0
 #: an HTTP token (RFC 9110): what a header or cookie name may be
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")
 
@@ -65,66 +72,73 @@ def parse_routes(raw: Any, source: str = "routes") -> Routes:
         raise RoutesError(f"{source}: expected an object/table")
     unknown = set(raw) - {"weights", "aliases", "sticky", "shadow", "source"}
     if unknown:
-        raise RoutesError(f"{source}: unknown key(s) {_name(', '.join(sorted(map(str, unknown))))}")
+        raise RoutesError(f"{source}: unknown key(s) {brief_key(', '.join(sorted(map(str, unknown))))}")
     weights = raw.get("weights", {})
     if not isinstance(weights, dict):
         raise RoutesError(f"{source} → weights: expected a table of version = weight")
     parsed = []
     for v, w in weights.items():
         if not isinstance(v, str) or not is_version_name(v):
-            raise RoutesError(f"{source} → weights → {_name(str(v))}: not a version name like v1.2")
+            raise RoutesError(f"{source} → weights → {brief_key(str(v))}: not a version name like v1.2")
         weight = _weight(w)
         if weight is None:
-            raise RoutesError(f"{source} → weights → {v}: expected a finite number ≥ 0, got {jsonfile.brief(w)}")
+            raise RoutesError(f"{source} → weights → {v}: expected a finite number in [0, {MAX_WEIGHT:.0f}], "
+                              f"got {_quote(w)}")
         parsed.append((v, weight))
     aliases = raw.get("aliases", {})
     if not isinstance(aliases, dict):
         raise RoutesError(f"{source} → aliases: expected a table of alias = version")
     for a, v in aliases.items():
         if not isinstance(a, str) or not is_alias_name(a) or a == "auto":
-            raise RoutesError(f"{source} → aliases → {_name(str(a))}: not a valid alias name "
+            raise RoutesError(f"{source} → aliases → {brief_key(str(a))}: not a valid alias name "
                               "(lower-case word, not 'auto')")
         if not isinstance(v, str) or not is_version_name(v):
-            raise RoutesError(f"{source} → aliases → {a}: expected a version name, got {jsonfile.brief(v)}")
+            raise RoutesError(f"{source} → aliases → {a}: expected a version name, got {_quote(v)}")
     sticky = raw.get("sticky", {})
     if not isinstance(sticky, dict):
         raise RoutesError(f"{source} → sticky: expected a table")
     unknown = set(sticky) - {"header", "cookie"}
     if unknown:
-        raise RoutesError(f"{source} → sticky: unknown key(s) {_name(', '.join(sorted(map(str, unknown))))}")
+        raise RoutesError(f"{source} → sticky: unknown key(s) {brief_key(', '.join(sorted(map(str, unknown))))}")
     header, cookie = sticky.get("header", "X-Route-Key"), sticky.get("cookie", "m2fp_route")
     for key, name in (("header", header), ("cookie", cookie)):
         if not isinstance(name, str) or not _TOKEN.fullmatch(name):
             raise RoutesError(f"{source} → sticky → {key}: expected a {key} name (1-64 token characters), "
-                              f"got {jsonfile.brief(name)}")
+                              f"got {_quote(name)}")
     shadow = raw.get("shadow")
     sh = None
     if shadow is not None:
         version = shadow.get("version") if isinstance(shadow, dict) else None
         if not isinstance(version, str) or not is_version_name(version):
             raise RoutesError(f"{source} → shadow: expected {{version = \"vX.Y\", fraction = 0.1}}")
-        frac = _weight(shadow.get("fraction", 0.1))
-        if frac is None or frac > 1:
+        frac = _weight(shadow.get("fraction", 0.1), 1.0)
+        if frac is None:
             raise RoutesError(f"{source} → shadow → fraction: expected a number in [0, 1]")
         sh = Shadow(version, frac)
     return Routes(weights=tuple(parsed), aliases=dict(aliases), key_header=header, key_cookie=cookie, shadow=sh,
                   source=source)
 
 
-def _name(key: str, limit: int = 64) -> str:
+def brief_key(key: str, limit: int = 64) -> str:
     """A key of the file as it is quoted in an error: cut to ``limit`` characters."""
     return key if len(key) <= limit else key[:limit - 1] + "…"
 
 
-def _weight(w: Any) -> float | None:
-    """``w`` as a finite float ≥ 0, or None (booleans, strings, NaN, infinities, integers beyond a double)."""
+def _quote(value: Any) -> str:
+    """An untrusted value as quoted in an error: short, and never failing (huge integers by their size)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
+        return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
+    return jsonfile.brief(value)
+
+
+def _weight(w: Any, limit: float = MAX_WEIGHT) -> float | None:
+    """``w`` as a finite float in [0, ``limit``], or None (booleans, strings, NaN, infinities, out of range)."""
     if isinstance(w, bool) or not isinstance(w, (int, float)):
         return None
-    try:
-        value = float(w)
-    except OverflowError:
+    if isinstance(w, int) and w.bit_length() > 64:  # far beyond any limit; float() of it may overflow
         return None
-    return value if math.isfinite(value) and value >= 0 else None
+    value = float(w)
+    return value + 0.0 if math.isfinite(value) and 0 <= value <= limit else None  # + 0.0: -0.0 becomes 0.0
 
 
 def loads_routes(data: bytes | str, fmt: str, source: str = "routes") -> Routes:
