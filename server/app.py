@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -16,7 +17,7 @@ from m2fpkit.runtime.registry import Registry
 from . import admin, distribution, handlers, keys
 from .admission import Admission
 from .config import ServerConfig
-from .errors import classify, error_response
+from .errors import HTTPProblem, classify, error_response
 from .metrics import Metrics
 from .routes_state import RoutesState
 from .routing import RoutesError
@@ -25,16 +26,31 @@ log = logging.getLogger(__name__)
 access_log = logging.getLogger("m2fpkit.access")
 
 
+#: a client's ``X-Request-ID``: 1-64 visible ASCII characters (it is echoed in a header and logged)
+REQUEST_ID = re.compile(r"[\x21-\x7e]{1,64}")
+
+
+def request_id(request: web.Request) -> tuple[str, bool]:
+    """(the request's id, whether the client's ``X-Request-ID`` is acceptable); empty or absent → generated."""
+    given = request.headers.get("X-Request-ID", "")
+    if given and REQUEST_ID.fullmatch(given):
+        return given, True
+    return uuid.uuid4().hex[:16], not given
+
+
 @web.middleware
 async def request_context(request: web.Request, handler) -> web.StreamResponse:
     """Request id, JSON errors for everything, metrics and one access-log line per request."""
-    request[keys.REQUEST_ID] = request.headers.get("X-Request-ID", "")[:64] or uuid.uuid4().hex[:16]
+    request[keys.REQUEST_ID], id_ok = request_id(request)
     t0 = time.perf_counter()
     metrics = request.app[keys.METRICS]
     is_parse = request.path.endswith("/parse")
     if is_parse:
         metrics.in_flight.inc()
     try:
+        if not id_ok:
+            raise HTTPProblem(400, "bad_request_id", "X-Request-ID: expected 1-64 visible ASCII characters "
+                                                     "(no spaces or control characters)")
         response = await handler(request)
     except Exception as exc:  # every failure becomes a JSON error; unknown ones are logged, never echoed
         status, code, detail, headers = classify(exc)
@@ -45,7 +61,8 @@ async def request_context(request: web.Request, handler) -> web.StreamResponse:
     finally:
         if is_parse:
             metrics.in_flight.dec()
-    response.headers["X-Request-ID"] = request[keys.REQUEST_ID]
+    if not response.prepared:
+        response.headers["X-Request-ID"] = request[keys.REQUEST_ID]
     version, rule = request.get(keys.VERSION, "-"), request.get(keys.RULE, "-")
     if is_parse:
         metrics.requests.labels(version, rule, str(response.status)).inc()
@@ -56,13 +73,19 @@ async def request_context(request: web.Request, handler) -> web.StreamResponse:
     return response
 
 
+async def stamp_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """Every response carries ``X-Request-ID``, streamed ones too (their headers leave before the middleware ends)."""
+    if keys.REQUEST_ID in request and "X-Request-ID" not in response.headers:
+        response.headers["X-Request-ID"] = request[keys.REQUEST_ID]
+
+
 async def runtime_context(app: web.Application) -> AsyncIterator[None]:
     cfg = app[keys.CONFIG]
     registry = Registry(cfg.bundles, cfg.runtime)
     routes = RoutesState(registry, cfg.routes_file)
     app[keys.REGISTRY] = registry
     app[keys.ROUTES] = routes
-    app[keys.ADMISSION] = Admission(cfg.runtime.settings.concurrent_runs, cfg.max_queue)
+    app[keys.ADMISSION] = Admission(cfg.runtime.settings.concurrent_runs, cfg.max_queue, cfg.max_uploads)
     app[keys.BACKGROUND] = set()
     try:
         await registry.start()  # serves the last-known-good set first when one is recorded
@@ -103,8 +126,9 @@ def make_app(config: ServerConfig | None = None) -> web.Application:
     app[keys.CONFIG] = cfg
     app[keys.METRICS] = Metrics()
     app.cleanup_ctx.append(runtime_context)
+    app.on_response_prepare.append(stamp_request_id)
     app.router.add_get("/", handlers.index)
-    app.router.add_static("/static/", handlers.STATIC, show_index=False, follow_symlinks=False)
+    app.router.add_get("/static/{filename:.+}", handlers.static)
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
     app.router.add_get("/metrics", handlers.metrics)

@@ -63,6 +63,11 @@ _RUNTIME = RegistryOptions()
                    "(env M2FP_DISTRIBUTION_TOKEN; must differ from the admin token).")
 @click.option("--max-body-mb", default=ServerConfig.max_body_bytes / 2**20, show_default=True,
               help="Largest request body (413 above).")
+@click.option("--body-timeout", default=ServerConfig.body_timeout, show_default=True, type=click.FloatRange(min=0.001),
+              help="Seconds a request body may take to arrive (408 and the connection closed after).")
+@click.option("--max-uploads", default=ServerConfig.max_uploads, show_default=True, type=click.IntRange(min=1),
+              help="Request bodies received at once (more wait briefly, then 503 + Retry-After); bodies in "
+                   "reception hold at most this × --max-body-mb.")
 @click.option("--max-pixels", default=_RUNTIME.limits.max_pixels, show_default=True,
               help="Largest image, checked before decoding.")
 @click.option("--max-queue", default=ServerConfig.max_queue, show_default=True,
@@ -87,7 +92,8 @@ _RUNTIME = RegistryOptions()
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="info", show_default=True)
 def main(bundles: Path, state_dir: Path | None, host: str, port: int, routes_file: Path | None,
-         admin_token: str | None, distribution_token: str | None, max_body_mb: float, max_pixels: int,
+         admin_token: str | None, distribution_token: str | None, max_body_mb: float, body_timeout: float,
+         max_uploads: int, max_pixels: int,
          max_queue: int, concurrency: int, request_timeout: float, idle_ttl: float, memory_budget_mb: int | None,
          preload: tuple[str, ...], lean_memory: bool, public_keys: tuple[Path, ...], drain_timeout: float,
          log_format: str, log_level: str) -> None:
@@ -99,6 +105,7 @@ def main(bundles: Path, state_dir: Path | None, host: str, port: int, routes_fil
 
     from m2fpkit.runtime.bundle.signature import TrustPolicy
     from m2fpkit.runtime.errors import BundleError
+    from m2fpkit.runtime.imageio import limit_decoder_pixels
     from m2fpkit.runtime.session import cap_library_threads
 
     from .app import make_app
@@ -118,8 +125,10 @@ def main(bundles: Path, state_dir: Path | None, host: str, port: int, routes_fil
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     cap_library_threads(1)
+    limit_decoder_pixels(max_pixels)
     cfg = ServerConfig(bundles=bundles, runtime=runtime, routes_file=routes_file, admin_token=admin_token,
                        distribution_token=distribution_token, max_body_bytes=int(max_body_mb * 2**20),
+                       body_timeout=body_timeout, max_uploads=max_uploads,
                        max_queue=max_queue, request_timeout=request_timeout, drain_timeout=drain_timeout)
     web.run_app(make_app(cfg), host=host, port=port, access_log=None, shutdown_timeout=drain_timeout,
                 print=lambda msg: logging.getLogger("m2fpkit.server").info(msg.strip()))

@@ -27,6 +27,12 @@ class ServerConfig:
     #: bearer token enabling the read-only bundle downloads (/bundles); disabled when None
     distribution_token: str | None = None
     max_body_bytes: int = 20 * 2**20
+    #: seconds a request body may take to arrive once it may be read (408 and the connection closed after)
+    body_timeout: float = 30.0
+    #: request bodies received at once (bodies in reception hold at most this × max_body_bytes)
+    max_uploads: int = 4
+    #: seconds a request waits for an upload slot before 503 + Retry-After
+    upload_wait: float = 1.0
     #: parses allowed to wait for a worker before new ones get 503 + Retry-After
     max_queue: int = 8
     request_timeout: float = 60.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import re
 import time
 from pathlib import Path
 
@@ -12,17 +13,18 @@ import numpy as np
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from m2fpkit.runtime.bundle.jsonfile import brief
 from m2fpkit.runtime.errors import UnknownVersion, VersionUnavailable
 from m2fpkit.runtime.registry import RegistrySnapshot
 from m2fpkit.runtime.versions import check_name, is_version_name
 
 from . import keys, render
-from .errors import HTTPProblem
+from .errors import HTTPProblem, public_reason
+from .intake import read_image
 from .routing import Routes, bucket, pick
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).with_name("static")
-IMAGE_TYPES = ("image/", "application/octet-stream")
 
 
 # ------------------------------------------------------------------------------------- choosing
@@ -32,8 +34,21 @@ def route_key(request: web.Request) -> str:
             or request.headers.get("X-Forwarded-For", "").split(",")[0].strip() or request.remote or "")
 
 
+#: an API version as clients send it (``X-API-Version`` / ``api``): digits "." digits, e.g. 1.0, 2.0
+API_VERSION = re.compile(r"[0-9]{1,4}\.[0-9]{1,4}")
+
+
 def client_api(request: web.Request) -> str | None:
-    return request.headers.get("X-API-Version") or request.query.get("api") or request.app[keys.CONFIG].default_api
+    """The API version the client speaks (header, else query, else the server's default), well-formed.
+
+    A malformed value is 400 ``bad_api_version``; a well-formed one no version declares is the
+    registry's 409 ``incompatible_api``."""
+    given = [v for v in (request.headers.get("X-API-Version"), request.query.get("api")) if v]
+    for where, value in (("X-API-Version", request.headers.get("X-API-Version")), ("api", request.query.get("api"))):
+        if value and not API_VERSION.fullmatch(value):  # every value given must be well-formed, used or not
+            raise HTTPProblem(400, "bad_api_version", f"{where}: expected an API version like 1.0 or 2.0 "
+                                                      f"(digits.digits), got {brief(value, 40)}")
+    return given[0] if given else request.app[keys.CONFIG].default_api
 
 
 def choose_version(request: web.Request, name: str) -> tuple[str, str]:
@@ -53,22 +68,6 @@ def choose_version(request: web.Request, name: str) -> tuple[str, str]:
 
 
 # ------------------------------------------------------------------------------------- parsing
-async def read_image(request: web.Request) -> bytes:
-    ctype = request.content_type
-    if ctype == "multipart/form-data":
-        form = await request.post()
-        field = form.get("image")
-        if field is None:
-            raise HTTPProblem(400, "missing_image", "multipart body has no field named 'image'")
-        if isinstance(field, str):
-            raise HTTPProblem(400, "missing_image", "field 'image' must be a file upload")
-        return field.file.read()
-    if ctype.startswith(IMAGE_TYPES):
-        return await request.read()
-    raise HTTPProblem(415, "unsupported_media_type",
-                      f"send multipart/form-data with an 'image' file or a raw image body, not {ctype!r}")
-
-
 def render_options(request: web.Request) -> render.RenderOptions:
     include = frozenset(p for p in request.query.get("include", "").split(",") if p)
     unknown = include - render.INCLUDES
@@ -88,7 +87,7 @@ async def parse(request: web.Request) -> web.Response:
     opts = render_options(request)
     name = request.match_info["version"]
     request[keys.VERSION], request[keys.RULE] = choose_version(request, name)  # fail fast on bad names
-    data = await read_image(request)
+    data = await read_image(request)  # bounded: upload slot, body deadline, size cap (server/intake.py)
     t_start = time.perf_counter()
     state = {"started": False}
 
@@ -158,10 +157,16 @@ def maybe_shadow(request: web.Request, primary: str, data: bytes) -> None:
 
 # ------------------------------------------------------------------------------- introspection
 def versions_body(snapshot: RegistrySnapshot, routes: Routes) -> dict:
-    """``/api/versions``: the registry's snapshot with each version's routing weight, and the routes."""
+    """``/api/versions``: the registry's snapshot with each version's routing weight, and the routes.
+
+    Unauthenticated: a version's ``reason`` / ``update_error`` are shown as public reasons (no paths, no
+    library text; the full text was logged when the version failed)."""
     weights = dict(routes.weights)
     body = snapshot.to_dict()
-    body["versions"] = [{**s.to_dict(), "weight": weights.get(s.version, 0.0)} for s in snapshot.versions]
+    body["versions"] = [{**s.to_dict(), "weight": weights.get(s.version, 0.0),
+                         "reason": None if s.reason is None else public_reason(s.reason),
+                         "update_error": None if s.update_error is None else public_reason(s.update_error)}
+                        for s in snapshot.versions]
     body["routes"] = routes.to_dict()
     return body
 
@@ -214,14 +219,46 @@ async def metrics(request: web.Request) -> web.Response:
     for s in registry.status().versions:
         m.loaded.labels(s.version, s.state.value).set(1 if s.loaded else 0)
     m.queue_depth.set(app[keys.ADMISSION].waiting)
+    m.routes_refused.counts = app[keys.ROUTES].refusals
     for kind, n in registry.weight_bytes().items():
         m.weights.labels(kind).set(n)
     return web.Response(body=generate_latest(m.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-async def index(request: web.Request) -> web.FileResponse:
-    return web.FileResponse(STATIC / "index.html")
+#: content types of the static files by extension (fixed, not the host's mime.types); others are octet-stream
+STATIC_TYPES = {".html": "text/html", ".json": "application/json", ".png": "image/png", ".jpg": "image/jpeg",
+                ".jpeg": "image/jpeg", ".js": "text/javascript", ".css": "text/css", ".txt": "text/plain"}
 
 
-async def openapi(request: web.Request) -> web.FileResponse:
-    return web.FileResponse(STATIC / "openapi.json")
+async def _file(path: Path) -> web.Response:
+    """A small packaged file, whole (no ranges, no conditional requests: the OpenAPI document lists 200 only)."""
+    body = await asyncio.get_running_loop().run_in_executor(None, path.read_bytes)
+    return web.Response(body=body, content_type=STATIC_TYPES.get(path.suffix.lower(), "application/octet-stream"))
+
+
+def static_file(name: str) -> Path | None:
+    """The regular file ``name`` names under :data:`STATIC`, or None (outside it, hidden, missing, a directory)."""
+    if not name or "\0" in name or any(part.startswith(".") for part in name.split("/")):
+        return None
+    root = STATIC.resolve()
+    try:
+        path = (root / name).resolve(strict=True)
+    except (OSError, RuntimeError, ValueError):
+        return None
+    return path if path.is_relative_to(root) and path.is_file() else None
+
+
+async def static(request: web.Request) -> web.Response:
+    """``/static/{filename}``: the WebUI's files; anything else is a JSON 404 like every other error."""
+    path = static_file(request.match_info["filename"])
+    if path is None:
+        raise HTTPProblem(404, "not_found", "no such static file")
+    return await _file(path)
+
+
+async def index(request: web.Request) -> web.Response:
+    return await _file(STATIC / "index.html")
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return await _file(STATIC / "openapi.json")
