@@ -14,7 +14,9 @@ BUNDLES ?= bundles
 serve: bundles  ## build the demo bundles if missing, then run the server (the main job)
 	$(VENV)/bin/m2fp-serve --bundles $(BUNDLES) --host $(HOST) --port $(PORT)
 
-test: $(VENV)/.stamp-test /usr/bin/chromium /usr/sbin/nginx  ## run the whole test suite
+test: $(VENV)/.stamp-test /usr/bin/chromium /usr/sbin/nginx  ## lint, type-check, then the whole test suite
+	$(VENV)/bin/ruff check m2fpkit/__init__.py runtime server export
+	$(VENV)/bin/mypy m2fpkit
 	$(VENV)/bin/pytest -q
 
 bundles: $(VENV)/.stamp-base  ## export the demo versions (tiny random-init models) into bundles/

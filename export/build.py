@@ -41,10 +41,13 @@ def _pad(n: int) -> int:
 
 def preprocess_for(cfg: M2FPConfig, overrides: dict) -> Preprocess:
     if cfg.single_human:
-        base = Preprocess(resize="center-canvas", canvas=tuple(cfg.single_human_size), canvas_fill=128)
+        w, h = cfg.single_human_size
+        base = Preprocess(resize="center-canvas", canvas=(int(w), int(h)), canvas_fill=128)
     else:
         base = Preprocess(resize="shortest-edge", short_edge=640, max_size=1333)
-    base = dataclasses.replace(base, mean=tuple(PIXEL_MEAN), std=tuple(PIXEL_STD), size_divisibility=SIZE_DIVISIBILITY)
+    mean = (float(PIXEL_MEAN[0]), float(PIXEL_MEAN[1]), float(PIXEL_MEAN[2]))
+    std = (float(PIXEL_STD[0]), float(PIXEL_STD[1]), float(PIXEL_STD[2]))
+    base = dataclasses.replace(base, mean=mean, std=std, size_divisibility=SIZE_DIVISIBILITY)
     allowed = {"short_edge", "max_size"}
     unknown = set(overrides) - allowed
     if unknown:
@@ -95,7 +98,7 @@ def export_version(spec: VersionSpec, bundles: Path, *, force: bool = False,
     """
     store = BundleStore(bundles, MODEL)
     progress = Progress(7, f"{spec.version}:")
-    created_at = dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    created_at = dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
     with writer.stage(store, spec.version, force=force) as staged:
         stage = staged.dir
         with progress(f"load source {spec.source}"):

@@ -28,11 +28,15 @@ def _setup_logging(verbose: int) -> None:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("versions", nargs=-1)
-@click.option("--all", "build_all", is_flag=True, help="Build every spec marked build_by_default that is not built yet.")
+@click.option("--all", "build_all", is_flag=True,
+              help="Build every spec marked build_by_default that is not built yet.")
 @click.option("--list", "list_specs", is_flag=True, help="List the version specs and exit.")
-@click.option("--source", help="Override the spec's source: a ModelScope dir, modelscope:ID[@REV] or random:PRESET[?seed=N].")
-@click.option("--task", type=click.Choice(["multi-human", "single-human"]), help="Task for --source (default: the checkpoint's).")
-@click.option("--channel", type=click.Choice(["stable", "recommended", "experimental"]), help="Channel for a version without a spec.")
+@click.option("--source",
+              help="Override the spec's source: a ModelScope dir, modelscope:ID[@REV] or random:PRESET[?seed=N].")
+@click.option("--task", type=click.Choice(["multi-human", "single-human"]),
+              help="Task for --source (default: the checkpoint's).")
+@click.option("--channel", type=click.Choice(["stable", "recommended", "experimental"]),
+              help="Channel for a version without a spec.")
 @bundles_option(creates=True)
 @click.option("--specs", "specs_path", type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="Version spec file (default: the packaged versions.toml).")
@@ -80,6 +84,7 @@ def main(versions: tuple[str, ...], build_all: bool, list_specs: bool, source: s
             raise click.ClickException(str(specs_mod.SpecError(
                 f"no spec for {version!r} (known: {', '.join(specfile.versions)}); pass --source to export it anyway")))
         if spec is None:
+            assert source is not None  # checked above: no spec needs --source
             spec = specs_mod.VersionSpec(version=version, source=source, task=task, channel=channel or "experimental",
                                          notes=f"exported from {source}")
         elif source:
@@ -101,7 +106,7 @@ def main(versions: tuple[str, ...], build_all: bool, list_specs: bool, source: s
 def _list(specfile, bundles: Path) -> None:
     from m2fpkit.runtime.bundle.store import BundleStore
     present = set(BundleStore(bundles).versions())
-    aliases = {}
+    aliases: dict[str, list[str]] = {}
     for a, v in specfile.aliases.items():
         aliases.setdefault(v, []).append(a)
     click.echo(f"{'VERSION':<12} {'TASK':<13} {'CHANNEL':<13} {'API':<10} {'BUILT':<6} {'ALIASES':<14} SOURCE")

@@ -112,7 +112,8 @@ def check(model: M2FP, onnx_path: Path, sizes: list[tuple[int, int]], *, enforce
             agree = float((semantic_labels(*ref) == semantic_labels(*got)).mean())
             entry["label_agreement"] = agree
             if agree < MIN_LABEL_AGREEMENT:
-                failures.append(f"label map at {h}x{w}: {100 * agree:.3f}% pixels agree (need {100 * MIN_LABEL_AGREEMENT}%)")
+                failures.append(f"label map at {h}x{w}: {100 * agree:.3f}% pixels agree "
+                                f"(need {100 * MIN_LABEL_AGREEMENT}%)")
         log.info("parity %dx%d: %s", h, w, {k: v for k, v in entry.items() if k not in ("height", "width")})
         results.append(entry)
     report = {"passed": not failures, "runtime": f"onnxruntime {ort.__version__}", "inputs": results,

@@ -65,7 +65,8 @@ def check_keys(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) 
     missing, unexpected = sorted(want - have), sorted(have - want)
     problems = []
     if missing:
-        problems.append(f"{len(missing)} missing key(s): {', '.join(missing[:20])}" + (" …" if len(missing) > 20 else ""))
+        more = " …" if len(missing) > 20 else ""
+        problems.append(f"{len(missing)} missing key(s): {', '.join(missing[:20])}{more}")
     if unexpected:
         problems.append(f"{len(unexpected)} unexpected key(s): {', '.join(unexpected[:20])}"
                         + (" …" if len(unexpected) > 20 else ""))

@@ -80,7 +80,7 @@ def load(path: Path = DEFAULT_SPECS) -> SpecFile:
         channel = merged.get("channel", "stable")
         _check(channel in CHANNELS, f"{p}.channel", f"expected one of {', '.join(CHANNELS)}")
         api = merged.get("compatible_api", ["1.0"])
-        _check(isinstance(api, list) and api and all(isinstance(a, str) for a in api),
+        _check(isinstance(api, list) and bool(api) and all(isinstance(a, str) for a in api),
                f"{p}.compatible_api", "expected a list of strings like [\"1.0\"]")
         opset = merged.get("opset", 18)
         _check(isinstance(opset, int) and opset >= 18, f"{p}.opset", "expected an integer ≥ 18")

@@ -66,7 +66,7 @@ class Runtime:
             self._thread.join(timeout=10)
             self._loop.close()
 
-    def __enter__(self) -> "Runtime":
+    def __enter__(self) -> Runtime:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -60,10 +60,16 @@ _CV2_LOADED_BEFORE = "cv2" in sys.modules
 if not _CV2_LOADED_BEFORE:
     os.environ.setdefault(DECODER_CAP_ENV, str(DEFAULT_MAX_PIXELS))
 
-import cv2  # after the cap is in the environment
-import numpy as np
+import cv2  # noqa: E402 - after the cap is in the environment
+import numpy as np  # noqa: E402
 
-from .errors import BadAspectRatio, EmptyImage, ImageTooLarge, UndecodableImage, UnsupportedImageFormat
+from .errors import (  # noqa: E402
+    BadAspectRatio,
+    EmptyImage,
+    ImageTooLarge,
+    UndecodableImage,
+    UnsupportedImageFormat,
+)
 
 log = logging.getLogger(__name__)
 
@@ -326,7 +332,8 @@ def _decoder_refusal(exc: cv2.error, info: ImageInfo, max_pixels: int) -> ImageT
         return ImageTooLarge(f"image is {info.width}x{info.height} = {_mpx(info.pixels)} Mpx, over the image "
                              f"decoder's {cap} Mpx cap ({DECODER_CAP_ENV})")
     return ImageTooLarge(f"{info.format} data is larger than its header says ({info.width}x{info.height}): "
-                         f"the decoder refused it over its {cap} Mpx cap, limit is {_mpx(min(max_pixels, _DECODER_CAP))} Mpx")
+                         f"the decoder refused it over its {cap} Mpx cap, "
+                         f"limit is {_mpx(min(max_pixels, _DECODER_CAP))} Mpx")
 
 
 def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_aspect: float = 20.0) -> np.ndarray:

@@ -10,10 +10,11 @@ watchers and version scans ignore it::
      "aliases": {"latest": "v1.2", "stable": "v1.0"},
      "routes": {"weights": {"v1.2": 90, "v1.0": 10}, …}}
 
-A version is identified by its content key (``bundle.reader.identity``: the manifest's SHA-256, plus
-the signature's when signed): the manifest pins the hash of every other file, so an unchanged key
-plus a passing verification means the very bundle that was recorded. :meth:`LastKnownGood.intact` tells which recorded versions are still on disk
-unchanged (cheap: one small file per version; the registry still verifies before loading).
+A version is identified by its content key (``bundle.reader.identity``: the manifest's SHA-256, plus the
+signature's when signed): the manifest pins the hash of every other file, so an unchanged key plus a
+passing verification means the very bundle that was recorded. :meth:`LastKnownGood.intact` tells which
+recorded versions are still on disk unchanged (cheap: one small file per version; the registry still
+verifies before loading).
 
 The file is written atomically (temporary file, fsync, rename, fsync of the directory), so a crash
 leaves the previous record or the new one, never half of either. :func:`load` never raises for a
@@ -93,7 +94,7 @@ def record(state_dir: str | os.PathLike, versions: dict[str, str], aliases: dict
     _check(versions, aliases, routes)
     store = Path(state_dir)
     store.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
     state = LastKnownGood(dict(versions), dict(aliases), json.loads(json.dumps(routes)), now)
     write_atomic(store / LKG, jsonfile.dumps(state.to_dict()))
 
@@ -118,4 +119,4 @@ def load(state_dir: str | os.PathLike) -> LastKnownGood | None:
     except ValueError as exc:
         log.warning("%s ignored: %s", path, exc)
         return None
-    return LastKnownGood(dict(versions), dict(aliases), routes, str(raw.get("recorded_at", "")))
+    return LastKnownGood(dict(versions or {}), dict(aliases), routes, str(raw.get("recorded_at", "")))

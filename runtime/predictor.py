@@ -58,12 +58,12 @@ class Predictor:
 
     @classmethod
     def load(cls, bundle_dir: str | Path, factory: SessionFactory | None = None,
-             trust: TrustPolicy = NO_KEYS) -> "Predictor":
+             trust: TrustPolicy = NO_KEYS) -> Predictor:
         """Verify the bundle into memory, build the session from those bytes, check graph ⇄ config."""
         return cls.from_content(reader.load(bundle_dir, trust), factory)
 
     @classmethod
-    def from_content(cls, content: reader.BundleContent, factory: SessionFactory | None = None) -> "Predictor":
+    def from_content(cls, content: reader.BundleContent, factory: SessionFactory | None = None) -> Predictor:
         session = (factory or SessionFactory()).create(content)
         reader.check_graph(content.config, session)
         return cls(content, session)

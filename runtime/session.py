@@ -57,7 +57,7 @@ class RuntimeSettings:
             return self.intra_op_threads
         return max(1, cpu_count() // max(1, self.concurrent_runs))
 
-    def validate(self) -> "RuntimeSettings":
+    def validate(self) -> RuntimeSettings:
         if self.concurrent_runs < 1:
             raise ValueError("concurrent_runs must be ≥ 1")
         if self.thread_pool not in ("per-session", "global"):
@@ -116,7 +116,7 @@ class SessionFactory:
             o.add_session_config_entry("session.disable_prepacking", "1")
         return o
 
-    def create(self, content: BundleContent) -> "Session":
+    def create(self, content: BundleContent) -> Session:
         """A CPU session built only from the verified bytes in ``content`` (never from the files).
 
         Indexed external weights come from the pool (shared across versions when ``share_weights``).

@@ -37,7 +37,7 @@ class SemVer:
         self.major, self.minor, self.patch, self.pre = major, minor, patch, pre
 
     @classmethod
-    def parse(cls, name: str) -> "SemVer":
+    def parse(cls, name: str) -> SemVer:
         m = _VERSION.fullmatch(name)
         if not m:
             raise InvalidVersionName(f"{name!r} is not a version name (like v1.2 or v2.0-beta)")
@@ -56,7 +56,7 @@ class SemVer:
     def __eq__(self, other: object) -> bool:
         return isinstance(other, SemVer) and self._key() == other._key()
 
-    def __lt__(self, other: "SemVer") -> bool:
+    def __lt__(self, other: SemVer) -> bool:
         return self._key() < other._key()
 
     def __hash__(self) -> int:

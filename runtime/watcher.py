@@ -3,11 +3,11 @@
 Invariants: a callback runs after every settled change the filter accepts, one at a time; the loop ends
 only when ``stop`` is set or its task is cancelled. A failing callback (any exception, a stray
 cancellation included) is logged and never stops the loop; a failure of watchfiles itself is logged and
-the watch restarts after a short back-off, with one callback run for what it may have missed. The store watcher watches the bundle *root*, not
-``<root>/m2fp``, so a store directory that does not exist yet is noticed when it appears; it accepts
-only paths under ``<root>/m2fp/`` without a dot-part (staging and removed directories, ``.lkg.json``,
-temporary alias files, caches): publishing and removing are renames, so the version's own name or
-``aliases.json`` always shows up in the change set.
+the watch restarts after a short back-off, with one callback run for what it may have missed. The store
+watcher watches the bundle *root*, not ``<root>/m2fp``, so a store directory that does not exist yet is
+noticed when it appears; it accepts only paths under ``<root>/m2fp/`` without a dot-part (staging and
+removed directories, ``.lkg.json``, temporary alias files, caches): publishing and removing are renames,
+so the version's own name or ``aliases.json`` always shows up in the change set.
 """
 
 from __future__ import annotations

@@ -76,7 +76,7 @@ class WeightPool:
                         self._live.setdefault(entry.key, tensor)
                 out.append((entry.name, tensor))
         for entry, raw in differing:
-            if hashlib.sha256(raw).hexdigest() != entry.sha256:
+            if hashlib.sha256(raw.data).hexdigest() != entry.sha256:
                 raise IntegrityError(f"weights.json: tensor {entry.name!r} does not match its sha256 "
                                      "(the index mislabels it)")
             log.error("weights: a loaded bundle's index mislabels tensor sha256 %s…; %s keeps its own copy",

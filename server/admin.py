@@ -80,7 +80,8 @@ async def set_weights(request: web.Request) -> None:
     known = set(registry.versions())
     missing = [v for v in weights if v not in known]
     if missing:
-        names = ", ".join(brief_key(v) for v in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        names = ", ".join(brief_key(v) for v in missing[:5]) + more
         raise _refused(request, 404, "unknown_version", f"no such version(s): {names}")
     request.app[keys.ROUTES].set_weights(weights)  # RoutesError (counted there) → 422 naming the key
     await registry.rescan()

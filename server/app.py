@@ -115,7 +115,8 @@ async def runtime_context(app: web.Application) -> AsyncIterator[None]:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await watcher
-        for t in list(app[keys.BACKGROUND]):
+        background: set[asyncio.Future] = app[keys.BACKGROUND]
+        for t in list(background):
             t.cancel()
         await registry.close(drain_timeout=cfg.drain_timeout)
 

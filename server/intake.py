@@ -199,7 +199,8 @@ async def read_multipart(request: web.Request, stream: _CappedStream) -> bytes:
                     chunks.append(chunk)
         except _MALFORMED as exc:
             log.info("multipart part %d (%r) refused: %r", n, name[:40], exc)
-            raise malformed(f"multipart body: part {n} (field {name[:40]!r}) ends before its closing boundary") from None
+            raise malformed(f"multipart body: part {n} (field {name[:40]!r}) ends before its closing boundary") \
+                from None
         if name == "image":
             image = b"".join(chunks)
     if image is None:

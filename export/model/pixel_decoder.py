@@ -159,8 +159,9 @@ class PixelDecoder(nn.Module):
             for f in self.transformer_in_features[::-1]
         )
         for proj in self.input_proj:
-            nn.init.xavier_uniform_(proj[0].weight, gain=1)
-            nn.init.zeros_(proj[0].bias)
+            conv = proj[0]  # type: ignore[index]  # each projection is a Sequential(conv, norm)
+            nn.init.xavier_uniform_(conv.weight, gain=1)
+            nn.init.zeros_(conv.bias)
         n_levels = len(self.transformer_in_features)
         self.transformer = DeformableEncoder(d, cfg.transformer_nheads, cfg.transformer_enc_layers,
                                              cfg.transformer_dim_feedforward, n_levels)

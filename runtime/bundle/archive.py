@@ -365,7 +365,7 @@ def _plan(tf: tarfile.TarFile, archive: Path, max_total: int, trust: TrustPolicy
     if MANIFEST not in files:
         raise ArchiveError(f"{archive}: no {MANIFEST} inside; not a bundle archive")
     declared = sum(m.size for m in files.values())
-    if declared > os.fstat(tf.fileobj.fileno()).st_size:  # type: ignore[union-attr]
+    if declared > os.fstat(tf.fileobj.fileno()).st_size:  # type: ignore[union-attr,attr-defined]
         raise ArchiveError(f"{archive}: members declare {declared} bytes, more than the archive holds; "
                            "truncated or corrupt")
     manifest_raw = _read_member(tf, files[MANIFEST], MAX_MANIFEST_BYTES, "a manifest")

@@ -117,15 +117,15 @@ class BundleConfig:
         return jsonfile.dumps(self.to_dict()).decode()
 
     @classmethod
-    def from_dict(cls, raw: Any) -> "BundleConfig":
+    def from_dict(cls, raw: Any) -> BundleConfig:
         return _parse_config(raw)
 
     @classmethod
-    def from_bytes(cls, raw: bytes) -> "BundleConfig":
+    def from_bytes(cls, raw: bytes) -> BundleConfig:
         return _parse_config(jsonfile.loads(raw, CONFIG))
 
     @classmethod
-    def read(cls, bundle_dir: Path) -> "BundleConfig":
+    def read(cls, bundle_dir: Path) -> BundleConfig:
         """Parse ``config.json`` of a directory (unverified: :mod:`.reader` checks it against the manifest)."""
         try:
             return cls.from_dict(jsonfile.read(Path(bundle_dir) / CONFIG))
@@ -337,7 +337,7 @@ def _parse_config(raw: Any) -> BundleConfig:
     )
 
 
-def _file_name(name: str, path: str) -> str:
+def _file_name(name: object, path: str) -> str:
     return check_rel_path(name, f"{CONFIG} → {path}")
 
 

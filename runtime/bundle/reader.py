@@ -39,8 +39,7 @@ import numpy as np
 
 from ..errors import BundleError, IntegrityError, MalformedFile
 from . import manifest as manifest_mod
-from . import signature
-from . import weights_index
+from . import signature, weights_index
 from .config import CONFIG, BundleConfig
 from .manifest import MANIFEST, SIDE_FILES, Manifest
 from .signature import NO_KEYS, TrustPolicy
@@ -69,7 +68,7 @@ class Report:
     version: str | None = None
     checks: list[Check] = field(default_factory=list)
     #: set when the file checks passed
-    bundle: "BundleInfo | None" = None
+    bundle: BundleInfo | None = None
 
     @property
     def ok(self) -> bool:
@@ -370,10 +369,10 @@ class BundleContent:
                     _hash_range(fd, h, pos, t.offset - pos, index.data_file)
                 buf = np.empty(t.length, dtype=np.uint8)
                 if t.length:
-                    got = os.preadv(fd, [buf], t.offset)
+                    got = os.preadv(fd, [buf.data], t.offset)
                     if got != t.length:
                         raise IntegrityError(f"{index.data_file}: truncated while loading")
-                h.update(buf)
+                h.update(buf.data)
                 pos = t.offset + t.length
                 yield t, buf
             if entry.size > pos:

@@ -18,8 +18,8 @@ import base64
 import binascii
 import hashlib
 import os
-from dataclasses import dataclass
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -43,7 +43,7 @@ class TrustPolicy:
     keys: tuple[Ed25519PublicKey, ...] = ()
 
     @classmethod
-    def from_keys(cls, keys: PublicKeys | None) -> "TrustPolicy":
+    def from_keys(cls, keys: PublicKeys | None) -> TrustPolicy:
         """From key objects or PEM paths (SignatureError for a missing or unusable key file)."""
         return cls(tuple(public_keys(keys)))
 

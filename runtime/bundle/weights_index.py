@@ -78,7 +78,8 @@ def parse(raw: bytes, what: str, data_size: int | None = None) -> WeightsIndex:
 def _entry(t: object, where: str) -> IndexEntry:
     if not isinstance(t, dict):
         raise MalformedFile(where, "expected an object")
-    name, offset, length, dtype, shape, sha = (t.get(k) for k in ("name", "offset", "length", "dtype", "shape", "sha256"))
+    keys = ("name", "offset", "length", "dtype", "shape", "sha256")
+    name, offset, length, dtype, shape, sha = (t.get(k) for k in keys)
     if not isinstance(name, str) or not name or len(name) > 4096:
         raise MalformedFile(f"{where} → name", "expected a non-empty string")
     if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**62 for v in (offset, length)):

@@ -10,8 +10,15 @@ Errors are the ``BundleError`` branch of :mod:`m2fpkit.runtime.errors` (the CLI 
 from __future__ import annotations
 
 from ..bundle.store import MODEL
-from ..errors import (ArchiveError, DeliveryError, SignatureError, TransferError, Unauthorized,
-                      VerificationFailed, VersionInUse)
+from ..errors import (
+                      ArchiveError,
+                      DeliveryError,
+                      SignatureError,
+                      TransferError,
+                      Unauthorized,
+                      VerificationFailed,
+                      VersionInUse,
+)
 
 __all__ = ["MODEL", "ArchiveError", "DeliveryError", "SignatureError", "TransferError", "Unauthorized",
            "VerificationFailed", "VersionInUse"]

@@ -220,11 +220,12 @@ def pull(url: str, version: str, bundles: Path, token: str | None, public_key: t
     archive must hold VERSION and may not be larger than the server announced.
     """
     from ..errors import VerificationFailed
+    from .pull import DEFAULT_DEADLINE
     from .pull import pull as do_pull
 
     try:
         done = do_pull(url, version, bundles, token=token, trust=_trust(public_key), force=force, timeout=timeout,
-                       **({"deadline": deadline} if deadline is not None else {}))
+                       deadline=deadline if deadline is not None else DEFAULT_DEADLINE)
     except VerificationFailed as exc:
         if exc.report is not None:
             click.echo(exc.report.render(), err=True)

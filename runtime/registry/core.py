@@ -88,7 +88,7 @@ class Registry:
         await self._lifecycle.close(drain_timeout)
         self._infer.shutdown(wait=True, cancel_futures=True)
 
-    async def __aenter__(self) -> "Registry":
+    async def __aenter__(self) -> Registry:
         await self.start()
         return self
 

@@ -1,10 +1,10 @@
 """Names → versions: exact versions, aliases, ``latest``, the client's API filter, and the pinned set.
 
 Aliases are the store's ``aliases.json``, overridden by the server's :class:`RouteOverlay`; an alias
-whose target is not usable falls back to the target recorded in the last-known-good state, if that one
-is usable (an alias named nowhere any more is not brought back). ``latest`` is the ``latest`` alias if it names a usable (and API-compatible) version, else the
-newest *ready* release by semver, else the newest usable one (pre-releases only when there is nothing
-else).
+whose target is not usable falls back to the target recorded in the last-known-good state, if that one is
+usable (an alias named nowhere any more is not brought back). ``latest`` is the ``latest`` alias if it
+names a usable (and API-compatible) version, else the newest *ready* release by semver, else the newest
+usable one (pre-releases only when there is nothing else).
 
 Invariants: resolution reads the slot table, ``aliases.json``, the overlay and the last-known-good
 aliases and changes nothing (it never loads); a name resolves only to a usable version, compatible with
@@ -114,7 +114,8 @@ class Names:
             raise UnknownVersion(f"no version or alias named {name!r}")
         slot = self.slots.get(target)
         if slot is None or slot.removed:
-            raise UnknownVersion(f"version {target!r} does not exist" + (f" (alias {name!r})" if target != name else ""))
+            via = f" (alias {name!r})" if target != name else ""
+            raise UnknownVersion(f"version {target!r} does not exist{via}")
         if not slot.usable:
             raise VersionUnavailable(f"version {target} failed: {slot.reason}")
         if not self.compatible(target, api):

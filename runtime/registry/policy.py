@@ -19,7 +19,7 @@ def over_budget(slots: Iterable[Slot], budget: int | None, pinned: Set[str], exc
     if not budget:
         return []
     loaded = [s for s in slots if s.active is not None]
-    total = sum(s.active.memory_bytes for s in loaded)  # type: ignore[union-attr]
+    total = sum(s.active.memory_bytes for s in loaded if s.active is not None)
     chosen = []
     for slot in sorted(loaded, key=lambda s: s.last_used):
         if total <= budget:

@@ -5,9 +5,9 @@ The record itself (``.lkg.json``: versions by content key, aliases, routes) is :
 Invariants: the place is decided once, at start — ``RegistryOptions.state_dir`` when given (created if
 missing: it is not the bundle root), else the store directory ``<root>/m2fp`` when it is writable (or,
 while it does not exist yet, when the root is) — and nothing is created in the bundle root to find out.
-When there is no writable place the feature is *off* with its reason: logged once at start and shown
-in the status (``"off: <reason>"``, without paths: the log names them), never a warning per load. A write that fails later turns it off
-the same way, once.
+When there is no writable place the feature is *off* with its reason: logged once at start and shown in
+the status (``"off: <reason>"``, without paths: the log names them), never a warning per load. A write
+that fails later turns it off the same way, once.
 """
 
 from __future__ import annotations

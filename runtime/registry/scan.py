@@ -49,9 +49,9 @@ class Scanner:
         async with self._lock:
             slots = self.lifecycle.slots
             on_disk = self.store.versions()
-            for name, slot in list(slots.items()):
-                if name not in on_disk and not slot.removed:
-                    self.lifecycle.remove(slot)
+            for name, gone in list(slots.items()):
+                if name not in on_disk and not gone.removed:
+                    self.lifecycle.remove(gone)
             for name in on_disk:
                 path = self.store.dir / name
                 slot = slots.get(name)

@@ -50,8 +50,12 @@ def _figure(img: np.ndarray, cx: int, top: int, height: int, shirt: tuple[int, i
     # arms: sleeve then skin
     for dx in (-1, 1):
         shoulder = (cx + dx * int(1.0 * u), neck_y + int(0.5 * u))
-        elbow = (cx + dx * int(1.6 * u), neck_y - int(0.6 * u)) if arms_up else (cx + dx * int(1.5 * u), neck_y + int(2.0 * u))
-        hand = (cx + dx * int(1.9 * u), top - int(0.2 * u)) if arms_up else (cx + dx * int(1.6 * u), neck_y + int(3.4 * u))
+        if arms_up:
+            elbow = (cx + dx * int(1.6 * u), neck_y - int(0.6 * u))
+            hand = (cx + dx * int(1.9 * u), top - int(0.2 * u))
+        else:
+            elbow = (cx + dx * int(1.5 * u), neck_y + int(2.0 * u))
+            hand = (cx + dx * int(1.6 * u), neck_y + int(3.4 * u))
         cv2.line(img, shoulder, elbow, shirt, thick, cv2.LINE_AA)
         cv2.line(img, elbow, hand, skin, max(2, thick - 1), cv2.LINE_AA)
         cv2.circle(img, hand, max(2, int(0.3 * u)), skin, -1, cv2.LINE_AA)
