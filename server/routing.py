@@ -83,7 +83,7 @@ def parse_routes(raw: Any, source: str = "routes") -> Routes:
         weight = _weight(w)
         if weight is None:
             raise RoutesError(f"{source} → weights → {v}: expected a finite number in [0, {MAX_WEIGHT:.0f}], "
-                              f"got {_quote(w)}")
+                              f"got {jsonfile.brief(w)}")
         parsed.append((v, weight))
     aliases = raw.get("aliases", {})
     if not isinstance(aliases, dict):
@@ -93,7 +93,7 @@ def parse_routes(raw: Any, source: str = "routes") -> Routes:
             raise RoutesError(f"{source} → aliases → {brief_key(str(a))}: not a valid alias name "
                               "(lower-case word, not 'auto')")
         if not isinstance(v, str) or not is_version_name(v):
-            raise RoutesError(f"{source} → aliases → {a}: expected a version name, got {_quote(v)}")
+            raise RoutesError(f"{source} → aliases → {a}: expected a version name, got {jsonfile.brief(v)}")
     sticky = raw.get("sticky", {})
     if not isinstance(sticky, dict):
         raise RoutesError(f"{source} → sticky: expected a table")
@@ -104,7 +104,7 @@ def parse_routes(raw: Any, source: str = "routes") -> Routes:
     for key, name in (("header", header), ("cookie", cookie)):
         if not isinstance(name, str) or not _TOKEN.fullmatch(name):
             raise RoutesError(f"{source} → sticky → {key}: expected a {key} name (1-64 token characters), "
-                              f"got {_quote(name)}")
+                              f"got {jsonfile.brief(name)}")
     shadow = raw.get("shadow")
     sh = None
     if shadow is not None:
@@ -122,13 +122,6 @@ def parse_routes(raw: Any, source: str = "routes") -> Routes:
 def brief_key(key: str, limit: int = 64) -> str:
     """A key of the file as it is quoted in an error: cut to ``limit`` characters."""
     return key if len(key) <= limit else key[:limit - 1] + "…"
-
-
-def _quote(value: Any) -> str:
-    """An untrusted value as quoted in an error: short, and never failing (huge integers by their size)."""
-    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
-        return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
-    return jsonfile.brief(value)
 
 
 def _weight(w: Any, limit: float = MAX_WEIGHT) -> float | None:

@@ -120,7 +120,10 @@ def read(path: str | os.PathLike, what: str | None = None, *, max_bytes: int = M
 
 
 def brief(value: Any, limit: int = 80) -> str:
-    """``repr(value)`` cut to ``limit`` characters: an untrusted value quoted in an error stays short."""
+    """``repr(value)`` cut to ``limit`` characters: an untrusted value quoted in an error stays short and
+    quoting never fails (a huge integer is named by its size: ``repr`` refuses past 4300 digits)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
+        return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
     text = repr(value)
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
