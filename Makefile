@@ -14,7 +14,7 @@ BUNDLES ?= bundles
 serve: bundles  ## build the demo bundles if missing, then run the server (the main job)
 	$(VENV)/bin/m2fp-serve --bundles $(BUNDLES) --host $(HOST) --port $(PORT)
 
-test: $(VENV)/.stamp-test /usr/bin/chromium /usr/sbin/nginx  ## lint, type-check, then the whole test suite
+test: $(VENV)/.stamp-test /usr/bin/chromium /usr/sbin/nginx /usr/bin/promtool  ## lint, type-check, then the whole test suite
 	$(VENV)/bin/ruff check m2fpkit/__init__.py runtime server export
 	$(VENV)/bin/mypy m2fpkit
 	$(VENV)/bin/pytest -q
@@ -29,10 +29,10 @@ bench: $(VENV)/.stamp-bench  ## full benchmarks on the r101 architecture (tens o
 	$(PY) -m benchmarks.run
 
 $(VENV)/.stamp-bench: $(VENV)/.stamp-test
-	$(PIP) install -q $(TORCH) -e '.[export,test,bench]'
+	$(PIP) install -q $(TORCH) -e '.[export,test,openvino,bench]'
 	touch $@
 
-setup: $(VENV)/.stamp-test /usr/bin/chromium /usr/sbin/nginx
+setup: $(VENV)/.stamp-test /usr/bin/chromium /usr/sbin/nginx /usr/bin/promtool
 
 $(VENV)/.stamp-base: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,7 +41,7 @@ $(VENV)/.stamp-base: pyproject.toml
 	touch $@
 
 $(VENV)/.stamp-test: $(VENV)/.stamp-base
-	$(PIP) install -q $(TORCH) -e '.[export,test]'
+	$(PIP) install -q $(TORCH) -e '.[export,test,openvino]'
 	touch $@
 
 /usr/bin/chromium:  ## headless browser for the WebUI test (Debian's build; no downloads by test tools)
@@ -49,6 +49,9 @@ $(VENV)/.stamp-test: $(VENV)/.stamp-base
 
 /usr/sbin/nginx:  ## reverse proxy for the scale-out topology test (Debian's package)
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null
+
+/usr/bin/promtool:  ## Prometheus and promtool for the monitoring tests (Debian's package; its service is not used)
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null
 
 clean-bundles:
 	rm -rf $(BUNDLES)/m2fp

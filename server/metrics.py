@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
@@ -40,9 +40,20 @@ class Metrics:
                                    buckets=LATENCY_BUCKETS, registry=r)
         self.in_flight = Gauge("m2fp_in_flight", "Parse requests being processed", registry=r)
         self.queue_depth = Gauge("m2fp_queue_depth", "Parse requests waiting for a worker", registry=r)
+        self.queue_limit = Gauge("m2fp_queue_limit", "Parse requests allowed to wait (--max-queue); more get 503",
+                                 registry=r)
         self.lifecycle = Gauge("m2fp_version_events", "Registry events since start (loads, unloads, swaps, …)",
                                ["event"], registry=r)
         self.loaded = Gauge("m2fp_version_loaded", "1 if the version is loaded", ["version", "state"], registry=r)
+        self.failed = Gauge("m2fp_version_failed", "1 while a version failed to verify or load: scope 'version' "
+                            "(it cannot serve) or 'update' (newer content refused, the loaded one serves)",
+                            ["version", "scope"], registry=r)
+        self.load_seconds = Gauge("m2fp_version_load_seconds", "Load time of the content a version serves "
+                                  "(verify, session, warm-up, self-test)", ["version"], registry=r)
+        self.plan = Gauge("m2fp_version_plan_info", "1 for the execution plan a loaded version serves with",
+                          ["version", "plan", "engine", "precision"], registry=r)
+        self.plan_agreement = Gauge("m2fp_version_plan_agreement", "Golden-sample label-map agreement of the "
+                                    "served plan with the fp32 PyTorch reference (0..1)", ["version"], registry=r)
         self.weights = Gauge("m2fp_weight_bytes", "Weights of the loaded versions: 'used' by their sessions, "
                              "'mapped' once for all (identical tensors are shared)", ["kind"], registry=r)
         self.shadow_runs = Counter("m2fp_shadow_runs_total", "Shadow comparisons", ["primary", "candidate", "outcome"],
@@ -52,3 +63,4 @@ class Metrics:
                                           buckets=(0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 1.0), registry=r)
         self.routes_refused = RoutesRefusals()
         r.register(self.routes_refused)
+        ProcessCollector(registry=r)  # process_resident_memory_bytes, process_cpu_seconds_total, … (Linux)
