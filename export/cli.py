@@ -32,7 +32,8 @@ def _setup_logging(verbose: int) -> None:
               help="Build every spec marked build_by_default that is not built yet.")
 @click.option("--list", "list_specs", is_flag=True, help="List the version specs and exit.")
 @click.option("--source",
-              help="Override the spec's source: a ModelScope dir, modelscope:ID[@REV] or random:PRESET[?seed=N].")
+              help="Override the spec's source: a ModelScope dir, modelscope:ID[@REV], random:PRESET[?seed=N], "
+                   "mlflow:models:/NAME/VERSION or mlflow:models:/NAME@ALIAS (registry: $MLFLOW_TRACKING_URI).")
 @click.option("--task", type=click.Choice(["multi-human", "single-human"]),
               help="Task for --source (default: the checkpoint's).")
 @click.option("--channel", type=click.Choice(["stable", "recommended", "experimental"]),
@@ -41,10 +42,20 @@ def _setup_logging(verbose: int) -> None:
 @click.option("--specs", "specs_path", type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="Version spec file (default: the packaged versions.toml).")
 @click.option("--force", is_flag=True, help="Replace an existing version (atomically).")
+@click.option("--int8", is_flag=True, help="Also ship an int8 QDQ variant for the runtime's int8 plans (on by a "
+                                             "spec's int8 = true).")
+@click.option("--calibration", type=click.Path(file_okay=False, exists=True, path_type=Path),
+              help="Directory of real photos (JPEG/PNG) to calibrate the int8 variant on; shipped in the bundle "
+                   "(default: synthetic scenes, fine for random weights only).")
+@click.option("--mlflow-tag", is_flag=True,
+              help="After export, tag the MLflow model version with the bundle's content key and parity figures "
+                   "(mlflow: sources only).")
 @click.option("-v", "--verbose", count=True, help="More log output.")
 @click.option("-q", "--quiet", is_flag=True, help="Warnings and errors only.")
 def main(versions: tuple[str, ...], build_all: bool, list_specs: bool, source: str | None, task: str | None,
-         channel: str | None, bundles: Path, specs_path: Path | None, force: bool, verbose: int, quiet: bool) -> None:
+         channel: str | None, bundles: Path, specs_path: Path | None, force: bool, int8: bool,
+         calibration: Path | None, mlflow_tag: bool, verbose: int,
+         quiet: bool) -> None:
     """Export M2FP VERSIONS (e.g. v1.2) into verified, self-describing ONNX bundles under --bundles
     (created if it does not exist)."""
     _setup_logging(-1 if quiet else verbose)
@@ -75,6 +86,9 @@ def main(versions: tuple[str, ...], build_all: bool, list_specs: bool, source: s
     from m2fpkit.runtime.errors import BundleError
     from m2fpkit.runtime.versions import is_version_name
 
+    if mlflow_tag:
+        _check_mlflow_sources(versions, source, specfile, build.sources)
+
     failed = []
     for version in versions:
         if not is_version_name(version):
@@ -89,18 +103,42 @@ def main(versions: tuple[str, ...], build_all: bool, list_specs: bool, source: s
                                          notes=f"exported from {source}")
         elif source:
             spec = dataclasses.replace(spec, source=source, task=task, channel=channel or spec.channel)
+        if int8 or calibration:
+            spec = dataclasses.replace(spec, int8=True)
         try:
-            result = build.export_version(spec, bundles, force=force)
+            result = build.export_version(spec, bundles, force=force, calibration=calibration)
         except (build.sources.SourceError, build.parity.ParityError, BundleError, ValueError) as exc:
             logging.getLogger("m2fpkit.export").error("%s: %s", version, exc)
             failed.append(version)
             continue
         click.echo(f"{version}: {result.bundle_dir} ({result.seconds:.1f} s)")
+        if mlflow_tag:
+            from . import mlflow_source
+            try:
+                key, _ = mlflow_source.tag_bundle(result.bundle_dir)
+            except (build.sources.SourceError, BundleError) as exc:
+                logging.getLogger("m2fpkit.export").error("%s: published, but not tagged in MLflow: %s", version, exc)
+                failed.append(version)
+                continue
+            src = result.config.source
+            click.echo(f"{version}: tagged {src['model_name']!r} version {src['model_version']} with {key}")
     written = build.update_aliases(bundles, specfile.aliases)
     if written:
         logging.getLogger("m2fpkit.export").info("aliases: %s", ", ".join(f"{a} → {v}" for a, v in written.items()))
     if failed:
         raise click.ClickException(f"export failed for {', '.join(failed)}")
+
+
+def _check_mlflow_sources(versions: tuple[str, ...], source: str | None, specfile, sources) -> None:
+    """``--mlflow-tag`` only with an ``mlflow:`` source for every version, checked before anything is exported."""
+    for version in versions:
+        src = source or (specfile.versions[version].source if version in specfile.versions else "")
+        try:
+            ref = sources.parse(src)
+        except sources.SourceError as exc:
+            raise click.UsageError(f"{version}: {exc}") from None
+        if not isinstance(ref, sources.MlflowSource):
+            raise click.UsageError(f"--mlflow-tag needs an mlflow: source; {version} is from {src!r}")
 
 
 def _list(specfile, bundles: Path) -> None:

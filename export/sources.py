@@ -1,10 +1,12 @@
 """Where an M2FP version comes from, behind one interface.
 
-URIs::
+URIs (:func:`parse` is the one reader of these strings; :func:`resolve` loads what they name)::
 
     /path/to/modelscope_dir                  configuration.json + pytorch_model.pt
     modelscope:damo/cv_resnet101_image-multiple-human-parsing[@v1.0.1]   hub download (online only)
     random:tiny[?seed=12&task=single-human]  seeded random init of a preset (r101 or tiny)
+    mlflow:models:/NAME/3                    a registered model version (registry: $MLFLOW_TRACKING_URI)
+    mlflow:models:/NAME@champion             the version an alias points to ([mlflow] extra)
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ import hashlib
 import json
 import logging
 import os
+import re
 import socket
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -24,6 +28,7 @@ from m2fpkit.runtime.bundle import jsonfile
 from m2fpkit.runtime.errors import ExportError, MalformedFile
 
 from .model import config as mcfg
+from .model.lively import liven
 from .model.m2fp import M2FP, build
 
 log = logging.getLogger(__name__)
@@ -47,6 +52,8 @@ class Checkpoint:
     sha256: str
     state_dict: dict[str, torch.Tensor] | None = None
     seed: int | None = None
+    #: where the checkpoint came from beyond ``uri`` (e.g. an MLflow model version); joins ``config.json → source``
+    lineage: dict[str, Any] = field(default_factory=dict)
 
     def build_model(self) -> M2FP:
         """The PyTorch network in eval mode with exactly this checkpoint's weights."""
@@ -125,20 +132,21 @@ def load_modelscope_dir(path: str | os.PathLike, uri: str | None = None) -> Chec
                       sha256=_sha256_file(w_path), state_dict=sd)
 
 
-def _probe(host: str, port: int, timeout: float) -> None:
+def probe(host: str, port: int, timeout: float, what: str, hint: str) -> None:
+    """Fail within ``timeout`` when ``host:port`` takes no TCP connection (offline), instead of a client's retries."""
     try:
         with socket.create_connection((host, port), timeout=timeout):
             return
     except OSError as exc:
-        raise SourceError(f"cannot reach the ModelScope hub at {host}:{port} ({exc}); "
-                          "offline? download the model directory elsewhere and pass its path") from None
+        raise SourceError(f"cannot reach {what} at {host}:{port} ({exc}); {hint}") from None
 
 
 def load_modelscope_hub(model_id: str, revision: str | None, timeout: float = 5.0) -> Checkpoint:
     """Download with ``modelscope.snapshot_download``; fails within ``timeout`` when offline."""
     endpoint = os.environ.get("MODELSCOPE_DOMAIN", "www.modelscope.cn")
     parsed = urllib.parse.urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
-    _probe(parsed.hostname or endpoint, parsed.port or (80 if parsed.scheme == "http" else 443), timeout)
+    probe(parsed.hostname or endpoint, parsed.port or (80 if parsed.scheme == "http" else 443), timeout,
+          "the ModelScope hub", "offline? download the model directory elsewhere and pass its path")
     try:
         from modelscope.hub.snapshot_download import snapshot_download
     except ImportError:
@@ -157,32 +165,134 @@ def random_source(preset: str, seed: int, task: str) -> Checkpoint:
         config = mcfg.preset(preset, task)
     except mcfg.ConfigError as exc:
         raise SourceError(str(exc)) from None
-    model = build(config, seed=seed)
+    model = liven(build(config, seed=seed), task)  # heads that parse visibly (still random: export/model/lively.py)
     uri = f"random:{preset}?seed={seed}&task={task}"
-    return Checkpoint(kind="random", uri=uri, config=config, seed=seed,
-                      sha256=state_dict_sha256(model.state_dict()))
+    state = model.state_dict()
+    return Checkpoint(kind="random", uri=uri, config=config, seed=seed, state_dict=state,
+                      sha256=state_dict_sha256(state))
+
+
+@dataclass(frozen=True)
+class DirSource:
+    """A ModelScope model directory on disk."""
+
+    path: str
+
+
+@dataclass(frozen=True)
+class HubSource:
+    """``modelscope:OWNER/NAME[@REVISION]``."""
+
+    model_id: str
+    revision: str | None = None
+
+
+@dataclass(frozen=True)
+class RandomSource:
+    """``random:PRESET[?seed=N&task=T]``; ``task`` None means the caller's default."""
+
+    preset: str
+    seed: int = 0
+    task: str | None = None
+
+
+#: MLflow's own rules: a model name has no ``/`` or ``:``; an alias is word characters and dashes
+_MLFLOW_ALIAS = re.compile(r"[\w-]{1,255}")
+_MLFLOW_VERSION = re.compile(r"[0-9]{1,18}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+MLFLOW_FORMS = "mlflow:models:/NAME/VERSION or mlflow:models:/NAME@ALIAS"
+
+
+@dataclass(frozen=True)
+class MlflowSource:
+    """A registered model version in an MLflow registry: by ``version`` number or by ``alias``."""
+
+    name: str
+    version: int | None = None
+    alias: str | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"mlflow:models:/{self.name}" + (f"@{self.alias}" if self.alias else f"/{self.version}")
+
+    @property
+    def selector(self) -> str:
+        return f"alias {self.alias!r}" if self.alias else f"version {self.version}"
+
+
+SourceRef = DirSource | HubSource | RandomSource | MlflowSource
+
+
+def _parse_mlflow(uri: str) -> MlflowSource:
+    rest = uri[len("mlflow:"):]
+    if not rest.startswith("models:/"):
+        raise SourceError(f"{uri!r}: expected {MLFLOW_FORMS}")
+    parts = rest[len("models:/"):].split("/")
+    if len(parts) == 2:
+        name, version = parts
+        if not _MLFLOW_VERSION.fullmatch(version) or int(version) < 1:
+            raise SourceError(f"{uri!r}: {version!r} is not a version number (stages and 'latest' are not "
+                              f"supported: pin a version or use an alias); expected {MLFLOW_FORMS}")
+        ref = MlflowSource(name, version=int(version))
+    elif len(parts) == 1 and "@" in parts[0]:
+        name, alias = parts[0].rsplit("@", 1)
+        if not _MLFLOW_ALIAS.fullmatch(alias):
+            raise SourceError(f"{uri!r}: alias {alias!r} must be 1-255 letters, digits, '_' or '-'")
+        ref = MlflowSource(name, alias=alias)
+    else:
+        raise SourceError(f"{uri!r}: name a version or an alias; expected {MLFLOW_FORMS}")
+    if not name.strip() or name in (".", "..") or ":" in name or _CONTROL.search(name):
+        raise SourceError(f"{uri!r}: {name!r} is not a registered model name (no '/', ':' or control characters)")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise SourceError(f"{uri!r}: the model name is not valid UTF-8") from None
+    return ref
+
+
+def _parse_random(uri: str) -> RandomSource:
+    try:
+        parts = urllib.parse.urlsplit(uri[len("random:"):])
+        query = urllib.parse.parse_qs(parts.query, max_num_fields=8)
+    except ValueError as exc:
+        raise SourceError(f"{uri!r}: expected random:PRESET[?seed=N&task=T] ({exc})") from None
+    unknown = set(query) - {"seed", "task"}
+    if unknown:
+        raise SourceError(f"{uri!r}: unknown parameter(s) {', '.join(sorted(unknown))} (seed, task)")
+    seed = query.get("seed", ["0"])[0]
+    if not re.fullmatch(r"-?[0-9]{1,18}", seed):
+        raise SourceError(f"{uri!r}: seed must be an integer")
+    return RandomSource(parts.path, int(seed), query["task"][0] if "task" in query else None)
+
+
+def parse(uri: str) -> SourceRef:
+    """What a source string names, without touching disk or network; :class:`SourceError` if it is malformed."""
+    if not uri:
+        raise SourceError("empty source: expected a ModelScope directory, modelscope:ID[@REV], "
+                          f"random:PRESET[?seed=N] or {MLFLOW_FORMS}")
+    if uri.startswith("modelscope:"):
+        model_id, _, rev = uri[len("modelscope:"):].partition("@")
+        if model_id.count("/") != 1:
+            raise SourceError(f"{uri!r}: expected modelscope:OWNER/NAME[@REVISION]")
+        return HubSource(model_id, rev or None)
+    if uri.startswith("random:"):
+        return _parse_random(uri)
+    if uri.startswith("mlflow:"):
+        return _parse_mlflow(uri)
+    return DirSource(uri)
 
 
 def resolve(uri: str, *, task: str | None = None) -> Checkpoint:
     """Turn a source URI into a :class:`Checkpoint`; ``task`` is the default for ``random:`` presets."""
-    if uri.startswith("modelscope:"):
-        ident = uri[len("modelscope:"):]
-        model_id, _, rev = ident.partition("@")
-        if model_id.count("/") != 1:
-            raise SourceError(f"{uri}: expected modelscope:OWNER/NAME[@REVISION]")
-        return load_modelscope_hub(model_id, rev or None)
-    if uri.startswith("random:"):
-        parts = urllib.parse.urlsplit(uri[len("random:"):])
-        query = urllib.parse.parse_qs(parts.query)
-        unknown = set(query) - {"seed", "task"}
-        if unknown:
-            raise SourceError(f"{uri}: unknown parameter(s) {', '.join(sorted(unknown))} (seed, task)")
-        try:
-            seed = int(query.get("seed", ["0"])[0])
-        except ValueError:
-            raise SourceError(f"{uri}: seed must be an integer") from None
-        return random_source(parts.path, seed, query.get("task", [task or "multi-human"])[0])
-    return load_modelscope_dir(uri)
+    ref = parse(uri)
+    if isinstance(ref, HubSource):
+        return load_modelscope_hub(ref.model_id, ref.revision)
+    if isinstance(ref, RandomSource):
+        return random_source(ref.preset, ref.seed, ref.task or task or "multi-human")
+    if isinstance(ref, MlflowSource):
+        from . import mlflow_source  # the [mlflow] extra is imported only for an mlflow: source
+        return mlflow_source.load(ref)
+    return load_modelscope_dir(ref.path)
 
 
 def save_modelscope_dir(path: str | os.PathLike, config: mcfg.M2FPConfig, state_dict: dict[str, torch.Tensor]) -> Path:
