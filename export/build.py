@@ -15,11 +15,11 @@ import torch
 
 import m2fpkit
 from m2fpkit.runtime.bundle import writer
-from m2fpkit.runtime.bundle.config import BundleConfig, Postprocess, Preprocess, TensorSpec
+from m2fpkit.runtime.bundle.config import BundleConfig, Plans, Postprocess, Preprocess, TensorSpec
 from m2fpkit.runtime.bundle.store import MODEL, BundleStore
 from m2fpkit.runtime.palette import palette_for
 
-from . import golden, onnx_export, parity, sources, weights_index
+from . import golden, onnx_export, parity, quantize, sources, weights_index
 from .model.config import M2FPConfig
 from .model.m2fp import PIXEL_MEAN, PIXEL_STD, SIZE_DIVISIBILITY, count_parameters
 from .progress import Progress
@@ -80,7 +80,7 @@ def make_config(spec: VersionSpec, ck: sources.Checkpoint, pre: Preprocess, repo
         postprocess=Postprocess(instance_paste_threshold=cfg.parsing_ins_score_thr),
         channel=spec.channel, notes=spec.notes,
         human_class=None if cfg.single_human else cfg.num_parsing,
-        source={"kind": ck.kind, "uri": ck.uri, "sha256": ck.sha256},
+        source={**ck.lineage, "kind": ck.kind, "uri": ck.uri, "sha256": ck.sha256},
         tools={"torch": torch.__version__, "onnx": onnx.__version__, "onnxscript": onnxscript.__version__,
                "onnxruntime": onnxruntime.__version__, "opset": spec.opset, "m2fpkit": m2fpkit.__version__,
                "exporter": "torch.onnx dynamo"},
@@ -90,14 +90,16 @@ def make_config(spec: VersionSpec, ck: sources.Checkpoint, pre: Preprocess, repo
 
 
 def export_version(spec: VersionSpec, bundles: Path, *, force: bool = False,
-                   enforce_parity: bool = True) -> ExportResult:
+                   enforce_parity: bool = True, calibration: Path | None = None) -> ExportResult:
     """Build ``spec`` into ``bundles/m2fp/<version>``; nothing is published unless parity passes.
 
+    With ``spec.int8`` the bundle also ships an int8 QDQ variant calibrated on the images of
+    ``calibration`` (default: synthetic scenes), its golden agreement recorded (``config.json → plans``).
     ``enforce_parity=False`` is for benchmark bundles only: a parity failure is recorded in
     ``config.json → parity`` (``gate: "recorded, not enforced"``) instead of stopping the export.
     """
     store = BundleStore(bundles, MODEL)
-    progress = Progress(7, f"{spec.version}:")
+    progress = Progress(8 if spec.int8 else 7, f"{spec.version}:")
     created_at = dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
     with writer.stage(store, spec.version, force=force) as staged:
         stage = staged.dir
@@ -118,14 +120,20 @@ def export_version(spec: VersionSpec, bundles: Path, *, force: bool = False,
             report = parity.check(model, onnx_path, parity_sizes(pre), enforce=enforce_parity)
         with progress("write config.json and metadata"):
             config = make_config(spec, ck, pre, report, created_at, n_params)
-            onnx_export.set_metadata(onnx_path, {
+            metadata = {
                 "m2fp.name": config.name, "m2fp.version": config.version, "m2fp.semver": str(config.semver),
                 "m2fp.schema_version": str(config.schema_version), "m2fp.task": config.task,
                 "m2fp.num_classes": str(config.num_classes), "m2fp.created_at": created_at,
                 "m2fp.source_sha256": ck.sha256,
-            })
+            }
+            onnx_export.set_metadata(onnx_path, metadata)
         with progress("golden sample (PyTorch label map, checked by the runtime at load)"):
             config = dataclasses.replace(config, golden=golden.write_golden(model, config, stage))
+        if spec.int8:
+            with progress("int8 variant (static QDQ, calibrated) and its golden agreement"):
+                variant = quantize.write_int8(stage, config, quantize.calibration_images(calibration))
+                onnx_export.set_metadata(stage / variant.model_file, metadata)
+                config = dataclasses.replace(config, plans=Plans(variants={variant.precision: variant}))
         with progress("weights index, config, manifest; verify and publish"):
             data_file, tensors = weights_index.external_tensors(onnx_path)
             config = staged.finish(config, tensors=tensors, data_file=data_file)

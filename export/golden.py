@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 import torch
 
+from m2fpkit.runtime.agreement import semantic_labels
 from m2fpkit.runtime.bundle.config import BundleConfig
 from m2fpkit.runtime.imageio import decode_image
 from m2fpkit.runtime.postprocess import postprocess
@@ -23,6 +24,9 @@ from .parity import synthetic_image
 
 IMAGE = "golden/input.png"
 LABELS = "golden/labels.png"
+#: PyTorch's semantic argmax at mask resolution (``runtime.agreement.semantic_labels``): execution plans
+#: are verified on it too, since random weights leave the final label map nearly all background
+SEMANTIC = "golden/semantic.png"
 MIN_AGREEMENT = 0.99
 
 
@@ -42,5 +46,7 @@ def write_golden(model: M2FP, config: BundleConfig, bundle_dir: Path, size: tupl
     result = postprocess(logits.numpy(), masks.numpy(), prepared, config)
     if not cv2.imwrite(str(bundle_dir / LABELS), result.label_map.astype(np.uint8)):
         raise RuntimeError("cannot write the golden label map")
-    return {"image": IMAGE, "label_map": LABELS, "min_agreement": MIN_AGREEMENT,
+    if not cv2.imwrite(str(bundle_dir / SEMANTIC), semantic_labels(logits.numpy(), masks.numpy())[0].astype(np.uint8)):
+        raise RuntimeError("cannot write the golden semantic map")
+    return {"image": IMAGE, "label_map": LABELS, "semantic": SEMANTIC, "min_agreement": MIN_AGREEMENT,
             "classes_present": sorted({config.classes[c] for c in np.unique(result.label_map).tolist()})}

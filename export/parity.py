@@ -10,6 +10,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from m2fpkit.runtime.agreement import semantic_labels
 from m2fpkit.runtime.errors import ExportError
 
 from .model.m2fp import M2FP, PIXEL_MEAN, PIXEL_STD
@@ -47,15 +48,6 @@ def normalise(img_chw: np.ndarray) -> np.ndarray:
     mean = np.asarray(PIXEL_MEAN, np.float32)[:, None, None]
     std = np.asarray(PIXEL_STD, np.float32)[:, None, None]
     return ((img_chw - mean) / std)[None].astype(np.float32)
-
-
-def semantic_labels(logits: np.ndarray, masks: np.ndarray) -> np.ndarray:
-    """Per-pixel argmax of Σ_q softmax(cls)[:-1] · sigmoid(mask) at mask resolution."""
-    e = np.exp(logits - logits.max(-1, keepdims=True))
-    probs = (e / e.sum(-1, keepdims=True))[..., :-1]
-    sig = 1.0 / (1.0 + np.exp(-masks))
-    sem = np.einsum("bqc,bqhw->bchw", probs, sig)
-    return sem.argmax(1)
 
 
 @dataclass

@@ -12,7 +12,7 @@ from m2fpkit.runtime.errors import ExportError
 from m2fpkit.runtime.versions import is_alias_name, is_version_name
 
 DEFAULT_SPECS = Path(__file__).with_name("versions.toml")
-_KEYS = {"source", "task", "channel", "compatible_api", "notes", "opset", "preprocess", "build_by_default"}
+_KEYS = {"source", "task", "channel", "compatible_api", "notes", "opset", "preprocess", "build_by_default", "int8"}
 
 
 class SpecError(ExportError, ValueError):
@@ -32,6 +32,8 @@ class VersionSpec:
     #: overrides of the task's default preprocessing (e.g. short_edge, max_size)
     preprocess: dict[str, Any] = field(default_factory=dict)
     build_by_default: bool = True
+    #: also ship an int8 QDQ variant (calibrated at export) for the runtime's int8 plans
+    int8: bool = False
 
 
 @dataclass(frozen=True)
@@ -84,11 +86,14 @@ def load(path: Path = DEFAULT_SPECS) -> SpecFile:
                f"{p}.compatible_api", "expected a list of strings like [\"1.0\"]")
         opset = merged.get("opset", 18)
         _check(isinstance(opset, int) and opset >= 18, f"{p}.opset", "expected an integer ≥ 18")
+        int8 = merged.get("int8", False)
+        _check(isinstance(int8, bool), f"{p}.int8", "expected true or false")
         pre = merged.get("preprocess", {})
         _check(isinstance(pre, dict), f"{p}.preprocess", "expected a table")
         versions[name] = VersionSpec(version=name, source=merged["source"], task=task, channel=channel,
                                      compatible_api=tuple(api), notes=str(merged.get("notes", "")), opset=opset,
-                                     preprocess=dict(pre), build_by_default=bool(merged.get("build_by_default", True)))
+                                     preprocess=dict(pre), build_by_default=bool(merged.get("build_by_default", True)),
+                                     int8=int8)
     aliases = raw.get("aliases", {})
     _check(isinstance(aliases, dict), "aliases", "expected a table")
     for alias, target in aliases.items():

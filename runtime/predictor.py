@@ -12,9 +12,11 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .agreement import pixel_agreement, semantic_labels
 from .bundle import reader
 from .bundle.config import BundleConfig
 from .bundle.signature import NO_KEYS, TrustPolicy
@@ -24,6 +26,9 @@ from .postprocess import postprocess
 from .preprocess import Prepared, prepare
 from .result import ParseResult
 from .session import SessionFactory
+
+if TYPE_CHECKING:
+    from .plans import PlanChoice
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +44,27 @@ class ImageLimits:
     max_aspect: float = 20.0
 
 
+@dataclass(frozen=True)
+class GoldenAgreement:
+    #: final label map vs the export's PyTorch label map
+    label: float
+    #: semantic argmax at mask resolution vs PyTorch's (None: the bundle predates it)
+    semantic: float | None = None
+
+    @property
+    def worst(self) -> float:
+        return min(self.label, self.semantic if self.semantic is not None else 1.0)
+
+
+def _golden_png(content: reader.BundleContent, name: str) -> np.ndarray:
+    import cv2
+
+    image = cv2.imdecode(np.frombuffer(content.files[name], np.uint8), cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise BundleError(f"golden file {name} is unreadable")
+    return image
+
+
 @dataclass
 class Prediction:
     version: str
@@ -49,10 +75,12 @@ class Prediction:
 class Predictor:
     """A verified bundle with its onnxruntime session; every stage is thread-safe."""
 
-    def __init__(self, content: reader.BundleContent, session) -> None:
+    def __init__(self, content: reader.BundleContent, session: Any) -> None:
         self.content = content
         self.config: BundleConfig = content.config
         self.session = session
+        #: the execution plan serving this predictor (set by ``plans.Planner``; None: built directly, ort-fp32)
+        self.plan: PlanChoice | None = None
         self._input = self.config.inputs[0].name
         self._outputs = [o.name for o in self.config.outputs]
 
@@ -64,13 +92,25 @@ class Predictor:
 
     @classmethod
     def from_content(cls, content: reader.BundleContent, factory: SessionFactory | None = None) -> Predictor:
-        session = (factory or SessionFactory()).create(content)
+        """The reference predictor (onnxruntime, main graph); ``plans.Planner`` chooses among engines."""
+        return cls.with_session(content, (factory or SessionFactory()).create(content))
+
+    @classmethod
+    def with_session(cls, content: reader.BundleContent, session: Any) -> Predictor:
+        """A predictor on ``session`` (any engine with onnxruntime's session interface), graph ⇄ config checked."""
         reader.check_graph(content.config, session)
         return cls(content, session)
 
     @property
     def version(self) -> str:
         return self.config.version
+
+    @property
+    def plan_name(self) -> str:
+        """Name of the execution plan serving this predictor (``ort-fp32`` when built directly)."""
+        from .plans import REFERENCE
+
+        return (self.plan.plan if self.plan is not None else REFERENCE).name
 
     @property
     def identity(self) -> str:
@@ -96,9 +136,10 @@ class Predictor:
         """Graph outputs → label map, instances and persons at the original image size."""
         return postprocess(outputs[0], outputs[1], prepared, self.config)
 
-    def render(self, result: ParseResult, rgb: np.ndarray) -> np.ndarray:
-        """The overlay of ``result`` on ``rgb`` in the bundle's palette (RGB uint8)."""
-        return result.overlay(rgb, self.config.palette)
+    def render(self, result: ParseResult, rgb: np.ndarray, max_side: int | None = None) -> np.ndarray:
+        """The overlay of ``result`` on ``rgb`` in the bundle's palette (RGB uint8), its longest side at most
+        ``max_side`` (None: the image's size)."""
+        return result.overlay(rgb, self.config.palette, max_side=max_side)
 
     # ------------------------------------------------------------------------------------ chains
     def predict_rgb(self, rgb: np.ndarray, timings: dict[str, float] | None = None) -> Prediction:
@@ -129,25 +170,39 @@ class Predictor:
         self.predict_rgb(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8))
         return time.perf_counter() - t0
 
-    def self_test(self) -> float | None:
-        """Run the bundle's golden sample, if it has one; refuse the version if labels disagree."""
+    def golden_input(self) -> np.ndarray:
+        """The graph input of the golden image (a typical input for timing a plan); BundleError without one."""
+        if not self.config.golden:
+            raise BundleError("the bundle has no golden sample")
+        return self.prepare(self.decode(self.content.files[self.config.golden["image"]])).tensor
+
+    def golden_agreement(self) -> GoldenAgreement | None:
+        """Agreement with the bundle's golden sample (None: the bundle has none): the final label map and,
+        when the bundle ships it, the semantic argmax at mask resolution (``agreement.semantic_labels``)."""
         golden = self.config.golden
         if not golden:
             return None
-        import cv2
-
-        image = self.content.files[golden["image"]]
-        expected = cv2.imdecode(np.frombuffer(self.content.files[golden["label_map"]], np.uint8), cv2.IMREAD_UNCHANGED)
-        if expected is None:
-            raise BundleError(f"golden label map {golden['label_map']} is unreadable")
-        got = self.predict(image).result.label_map
+        expected = _golden_png(self.content, golden["label_map"])
+        prepared = self.prepare(self.decode(self.content.files[golden["image"]]))
+        outputs = self.run(prepared.tensor)
+        got = self.postprocess(outputs, prepared).label_map
         if got.shape != expected.shape:
             raise BundleError(f"golden self-test: label map {got.shape} vs expected {expected.shape}")
-        agreement = float((got == expected).mean())
-        need = float(golden.get("min_agreement", 0.995))
-        if agreement < need:
-            raise BundleError(f"golden self-test: {100 * agreement:.2f}% of pixels agree, need {100 * need:.1f}%")
-        return agreement
+        semantic = None
+        if golden.get("semantic"):
+            semantic = pixel_agreement(semantic_labels(*outputs)[0], _golden_png(self.content, golden["semantic"]))
+        return GoldenAgreement(pixel_agreement(got, expected), semantic)
+
+    def self_test(self) -> float | None:
+        """Run the bundle's golden sample, if it has one; refuse the version if the label maps disagree."""
+        agreement = self.golden_agreement()
+        if agreement is None:
+            return None
+        need = float((self.config.golden or {}).get("min_agreement", 0.995))
+        if agreement.label < need:
+            raise BundleError(f"golden self-test: {100 * agreement.label:.2f}% of pixels agree, "
+                              f"need {100 * need:.1f}%")
+        return agreement.label
 
     def close(self) -> None:
         self.session = None

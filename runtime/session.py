@@ -8,13 +8,13 @@ needs), ``concurrent_runs × intra_op_threads ≤ cores``, sessions created one 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from dataclasses import dataclass
 
 import onnxruntime as ort
 
 from .bundle.reader import BundleContent
+from .cpu import usable_cores
 from .errors import BundleError
 from .weights import POOL, SharedTensor, WeightPool
 
@@ -26,13 +26,6 @@ _LEVELS = {
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
-
-
-def cpu_count() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -55,7 +48,7 @@ class RuntimeSettings:
     def threads(self) -> int:
         if self.intra_op_threads > 0:
             return self.intra_op_threads
-        return max(1, cpu_count() // max(1, self.concurrent_runs))
+        return max(1, usable_cores() // max(1, self.concurrent_runs))
 
     def validate(self) -> RuntimeSettings:
         if self.concurrent_runs < 1:
@@ -64,9 +57,9 @@ class RuntimeSettings:
             raise ValueError("thread_pool must be 'per-session' or 'global'")
         if self.optimization not in _LEVELS:
             raise ValueError(f"optimization must be one of {', '.join(_LEVELS)}")
-        if self.concurrent_runs * self.threads() > cpu_count():
+        if self.concurrent_runs * self.threads() > usable_cores():
             log.warning("concurrent_runs × intra_op_threads = %d exceeds %d cores: runs will contend",
-                        self.concurrent_runs * self.threads(), cpu_count())
+                        self.concurrent_runs * self.threads(), usable_cores())
         return self
 
 
@@ -97,10 +90,11 @@ class SessionFactory:
                 ort.create_and_register_allocator(mem, cfg)
                 SessionFactory._shared_arena = True
 
-    def options(self) -> ort.SessionOptions:
+    def options(self, optimization: str | None = None) -> ort.SessionOptions:
+        """Session options from the settings; ``optimization`` overrides the graph optimisation level."""
         s = self.settings
         o = ort.SessionOptions()
-        o.graph_optimization_level = _LEVELS[s.optimization]
+        o.graph_optimization_level = _LEVELS[optimization or s.optimization]
         o.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         o.enable_mem_pattern = s.enable_mem_pattern
         o.log_severity_level = 3
@@ -116,25 +110,30 @@ class SessionFactory:
             o.add_session_config_entry("session.disable_prepacking", "1")
         return o
 
-    def create(self, content: BundleContent) -> Session:
+    def create(self, content: BundleContent, model_file: str | None = None,
+               optimization: str | None = None) -> Session:
         """A CPU session built only from the verified bytes in ``content`` (never from the files).
 
-        Indexed external weights come from the pool (shared across versions when ``share_weights``).
-        Raises BundleError for a graph onnxruntime cannot load, IntegrityError for changed weights.
+        ``model_file``: another graph of the bundle (a plan's variant, weights inside); by default the
+        main graph, whose indexed external weights come from the pool (shared across versions when
+        ``share_weights``). ``optimization`` overrides the settings' level (an execution plan's option).
+        Raises BundleError for a graph onnxruntime cannot load, IntegrityError for
+        changed weights.
         """
+        name = model_file or content.config.model_file
         with SessionFactory._process_lock:
-            options = self.options()
-            tensors = self.pool.tensors(content, share=self.settings.share_weights)
+            options = self.options(optimization)
+            tensors = [] if name != content.config.model_file else self.pool.tensors(
+                content, share=self.settings.share_weights)
             if tensors:
                 # the graph's optimisers read these (not the data file); the session runs on them in place
                 options.add_external_initializers([n for n, _ in tensors], [t.value for _, t in tensors])
-                for name, tensor in tensors:
-                    options.add_initializer(name, tensor.value)
+                for tensor_name, tensor in tensors:
+                    options.add_initializer(tensor_name, tensor.value)
             try:
-                return Session(content.model_bytes(), options, tensors)
+                return Session(content.files[name], options, tensors)
             except Exception as exc:  # onnxruntime raises its own exception types for a bad graph
-                raise BundleError(f"onnxruntime cannot load {content.config.model_file}: "
-                                  f"{_first_line(exc)}") from None
+                raise BundleError(f"onnxruntime cannot load {name}: {_first_line(exc)}") from None
 
 
 def _first_line(exc: Exception) -> str:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import click
 
+from m2fpkit.runtime import plans
 from m2fpkit.runtime.registry.options import RegistryOptions
 from m2fpkit.runtime.roots import ENV_STATE_DIR, bundles_option
 
@@ -44,7 +45,7 @@ def setup_logging(fmt: str, level: str) -> None:
 
 
 #: every default of the runtime options (the CLI shows them; nothing restates them)
-_RUNTIME = RegistryOptions()
+_RUNTIME = RegistryOptions(plan=plans.DEFAULT_MODE)  # the plan's default is read at invocation (env M2FP_PLAN)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -87,6 +88,10 @@ _RUNTIME = RegistryOptions()
               type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="Trusted Ed25519 public key (PEM); repeatable (env M2FP_PUBLIC_KEY, paths separated by ':'). "
                    "Only bundles signed by one of them load; others are marked failed with the reason.")
+@click.option("--plan", default=plans.default_mode, show_default=plans.DEFAULT_MODE, type=click.Choice(plans.MODES),
+              help="Execution plan per version: auto = the fastest plan verified on the bundle's golden sample on "
+                   "this CPU (decision cached in the state dir); fp32 = onnxruntime fp32 (the reference); or a plan "
+                   "name. A plan that cannot run or verify is skipped, never served. Default: $M2FP_PLAN, else auto.")
 @click.option("--drain-timeout", default=ServerConfig.drain_timeout, show_default=True,
               help="Seconds to finish requests on shutdown.")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
@@ -95,7 +100,7 @@ def main(bundles: Path, state_dir: Path | None, host: str, port: int, routes_fil
          admin_token: str | None, distribution_token: str | None, max_body_mb: float, body_timeout: float,
          max_uploads: int, max_pixels: int,
          max_queue: int, concurrency: int, request_timeout: float, idle_ttl: float, memory_budget_mb: int | None,
-         preload: tuple[str, ...], lean_memory: bool, public_keys: tuple[Path, ...], drain_timeout: float,
+         preload: tuple[str, ...], lean_memory: bool, public_keys: tuple[Path, ...], plan: str, drain_timeout: float,
          log_format: str, log_level: str) -> None:
     """Serve M2FP bundles over HTTP: parse API, versions, WebUI, metrics."""
     if distribution_token and distribution_token == admin_token:
@@ -121,7 +126,7 @@ def main(bundles: Path, state_dir: Path | None, host: str, port: int, routes_fil
                                          disable_prepacking=lean_memory,
                                          optimization="basic" if lean_memory else _RUNTIME.settings.optimization),
             idle_ttl=idle_ttl, memory_budget=memory_budget_mb * 2**20 if memory_budget_mb else None,
-            preload=preload, trust=trust, state_dir=state_dir)
+            preload=preload, trust=trust, state_dir=state_dir, plan=plan)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     cap_library_threads(1)

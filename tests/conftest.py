@@ -9,7 +9,11 @@ Session fixtures (built once, read-only — copy a bundle with ``shutil.copytree
     multi-human / single-human) with seeded random weights (``ms_model``, eval mode), those weights as
     a ModelScope model directory (``model_dir``) and the bundle ``export_version`` made of it
     (``bundle_dir`` = ``bundles_root/m2fp/v9.0`` resp. ``v9.1``, ``config`` its ``BundleConfig``).
-    Each costs one tiny export (~45 s on 2 cores).
+    Each costs one tiny export (~30 s on 2 idle cores).
+
+``export_cache`` (autouse)
+    ``$M2FP_EXPORT_CACHE`` for the session: exporting a model identical to one already exported
+    (same config, weights and export code) copies its graph instead of tracing it again (~30 s).
 
 Function fixtures:
 
@@ -20,6 +24,7 @@ Function fixtures:
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -31,6 +36,21 @@ from reference.modelscope_pipeline import Reference, reference, torch_threads
 
 def pytest_configure(config: pytest.Config) -> None:
     logging.getLogger("m2fpkit").setLevel(logging.INFO)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def export_cache(tmp_path_factory: pytest.TempPathFactory):
+    """One ONNX graph cache for the session (``onnx_export.CACHE_ENV``; subprocesses inherit it): an
+    identical model is traced once, every export still runs its parity gate against PyTorch."""
+    from m2fpkit.export.onnx_export import CACHE_ENV
+
+    before = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("export_cache"))
+    yield Path(os.environ[CACHE_ENV])
+    if before is None:
+        os.environ.pop(CACHE_ENV, None)
+    else:
+        os.environ[CACHE_ENV] = before
 
 
 @pytest.fixture(scope="session")

@@ -79,10 +79,10 @@ async def test_failed_versions_show_public_reasons_and_the_log_has_the_detail(ai
     # a failure whose text carries an absolute path of the store (an OSError while building the session)
     real_create = session_mod.SessionFactory.create
 
-    def create(self, content):
+    def create(self, content, *args, **kwargs):
         if content.config.version == "v2.0-beta":
             raise PermissionError(13, "Permission denied", str(m2fp / "v2.0-beta" / "model.onnx.data"))
-        return real_create(self, content)
+        return real_create(self, content, *args, **kwargs)
 
     monkeypatch.setattr(session_mod.SessionFactory, "create", create)
     caplog.set_level(logging.INFO)

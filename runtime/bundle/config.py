@@ -26,6 +26,12 @@ CHANNELS = ("stable", "recommended", "experimental")
 RESIZE_POLICIES = ("shortest-edge", "center-canvas")
 #: longest resized side a config may ask for (the exported graphs take up to 8192 px a side)
 MAX_SIDE = 16384
+#: ``source.kind`` (and ``source.uri`` prefix) that export writes for seeded random-init weights
+RANDOM_SOURCE = "random"
+#: what every surface (``/api/versions``, ``/meta``, parse responses, WebUI) says about a random-weight version
+RANDOM_WEIGHTS_NOTE = ("demo: random-init weights, not a trained M2FP checkpoint; the parsing means nothing. "
+                       "Serve the real M2FP: m2fp-export VERSION --source DIR (a ModelScope model directory), "
+                       "see the README section 'Serving the real M2FP'")
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,34 @@ class Postprocess:
     part_score_threshold: float = 0.1
     #: ModelScope's ``parsing_ins_score_thr``: instances below it are not pasted into the semantic map
     instance_paste_threshold: float = 0.5
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Another graph of the same version (e.g. int8 QDQ) that an execution plan may serve.
+
+    A variant is never served on trust: the runtime checks it against the golden sample first.
+    """
+
+    model_file: str
+    precision: str
+    #: bundle files the variant was calibrated on (kept so it can be re-made and audited on the box)
+    calibration: tuple[str, ...] = ()
+    #: golden-sample label-map agreement with the PyTorch fp32 reference, measured at export
+    agreement: float | None = None
+
+
+#: lowest golden-sample agreement a non-reference plan needs unless the bundle declares its own
+PLAN_MIN_AGREEMENT = 0.995
+PRECISIONS = ("int8",)
+
+
+@dataclass(frozen=True)
+class Plans:
+    """``config.json → plans``: the graph variants this bundle ships and the agreement floor for plans."""
+
+    min_agreement: float = PLAN_MIN_AGREEMENT
+    variants: dict[str, Variant] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -89,6 +123,7 @@ class BundleConfig:
     parity: dict[str, Any] = field(default_factory=dict)
     architecture: dict[str, Any] = field(default_factory=dict)
     golden: dict[str, Any] | None = None
+    plans: Plans = field(default_factory=Plans)
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -98,6 +133,19 @@ class BundleConfig:
     @property
     def semver(self) -> SemVer:
         return SemVer.parse(self.version)
+
+    @property
+    def random_weights(self) -> bool:
+        """True when the weights are random-init (export's ``random:`` sources), not a trained checkpoint.
+
+        The one rule, read from ``source`` as export writes it (never from the version's name)."""
+        kind, uri = self.source.get("kind"), self.source.get("uri")
+        return kind == RANDOM_SOURCE or (isinstance(uri, str) and uri.startswith(RANDOM_SOURCE + ":"))
+
+    @property
+    def weights_note(self) -> str | None:
+        """:data:`RANDOM_WEIGHTS_NOTE` for random-init weights, else None."""
+        return RANDOM_WEIGHTS_NOTE if self.random_weights else None
 
     @property
     def input_size(self) -> list[int] | None:
@@ -136,8 +184,10 @@ class BundleConfig:
 
     def files(self) -> tuple[str, ...]:
         """Every bundle file this config names (model, weights index, golden sample)."""
-        golden = (self.golden["image"], self.golden["label_map"]) if self.golden else ()
-        return (self.model_file, *((self.weights_index,) if self.weights_index else ()), *golden)
+        golden = tuple(self.golden[k] for k in ("image", "label_map", "semantic") if self.golden.get(k)) \
+            if self.golden else ()
+        variants = [f for v in self.plans.variants.values() for f in (v.model_file, *v.calibration)]
+        return (self.model_file, *((self.weights_index,) if self.weights_index else ()), *golden, *variants)
 
 
 def _jsonable(x: Any) -> Any:
@@ -334,6 +384,7 @@ def _parse_config(raw: Any) -> BundleConfig:
         parity=_get(raw, "parity", "", dict, {}),
         architecture=_get(raw, "architecture", "", dict, {}),
         golden=golden,
+        plans=_parse_plans(raw.get("plans", {})),
     )
 
 
@@ -341,11 +392,48 @@ def _file_name(name: object, path: str) -> str:
     return check_rel_path(name, f"{CONFIG} → {path}")
 
 
+def _fraction(v: Any, path: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
+        raise _err(path, f"expected a number in (0, 1], got {jsonfile.brief(v)}")
+    return float(v)
+
+
+def _parse_plans(d: Any) -> Plans:
+    p = "plans → "
+    if not isinstance(d, dict):
+        raise _err("plans", "expected an object")
+    variants_raw = _get(d, "variants", p, dict, {})
+    variants: dict[str, Variant] = {}
+    for name, v in variants_raw.items():
+        vp = f"{p}variants → {jsonfile.brief(name, 40)} → "
+        if name not in PRECISIONS:
+            raise _err(vp[:-3], f"unknown variant (known: {', '.join(PRECISIONS)})")
+        if not isinstance(v, dict):
+            raise _err(vp[:-3], "expected an object")
+        precision = _get(v, "precision", vp, str)
+        if precision != name:
+            raise _err(vp + "precision", f"expected {name!r}, got {jsonfile.brief(precision)}")
+        calibration = _get(v, "calibration", vp, list, [])
+        if len(calibration) > 64:
+            raise _err(vp + "calibration", f"at most 64 files, got {len(calibration)}")
+        agreement = v.get("agreement")
+        variants[name] = Variant(
+            model_file=_file_name(_get(v, "model_file", vp, str), vp + "model_file"),
+            precision=precision,
+            calibration=tuple(_file_name(f, f"{vp}calibration → {i}") for i, f in enumerate(calibration)),
+            agreement=None if agreement is None else _fraction(agreement, vp + "agreement"),
+        )
+    return Plans(min_agreement=_fraction(d.get("min_agreement", PLAN_MIN_AGREEMENT), p + "min_agreement"),
+                 variants=variants)
+
+
 def _check_golden(golden: Any) -> None:
     if not isinstance(golden, dict):
         raise _err("golden", "expected an object or null")
     for key in ("image", "label_map"):
         _file_name(golden.get(key), f"golden → {key}")
+    if golden.get("semantic") is not None:
+        _file_name(golden["semantic"], "golden → semantic")
     agree = golden.get("min_agreement", 0.995)
     if isinstance(agree, bool) or not isinstance(agree, (int, float)) or not 0 < agree <= 1:
         raise _err("golden → min_agreement", f"expected a number in (0, 1], got {jsonfile.brief(agree)}")

@@ -47,8 +47,9 @@ class Registry:
         self.options = options or RegistryOptions()
         self.store = BundleStore(root, model)
         self.factory = SessionFactory(self.options.settings)
-        self._lifecycle = Lifecycle(self.factory, self.options, on_active=self._on_active)
         self._lkg = LastKnownGoodKeeper(self.store, self.options.state_dir)
+        self._lifecycle = Lifecycle(self.factory, self.options, on_active=self._on_active,
+                                    cache_dir=lambda: self._lkg.dir)
         self._names = Names(self.store, self._lifecycle.slots, preload=self.options.preload,
                             fallback=self._lkg.aliases)
         self._scanner = Scanner(self.store, self._lifecycle, self.options.trust)

@@ -32,6 +32,7 @@ from ..bundle import reader
 from ..bundle.config import BundleConfig
 from ..errors import BundleError, VersionUnavailable
 from ..memory import rss_bytes, trim_heap
+from ..plans import Planner
 from ..predictor import Predictor
 from ..session import SessionFactory
 from .options import RegistryOptions
@@ -125,9 +126,11 @@ class Lifecycle:
     """The slot table and its transitions; see the module docstring."""
 
     def __init__(self, factory: SessionFactory, options: RegistryOptions,
-                 on_active: Callable[[Slot], None] = lambda _slot: None) -> None:
+                 on_active: Callable[[Slot], None] = lambda _slot: None,
+                 cache_dir: Callable[[], Path | None] = lambda: None) -> None:
         self.factory = factory
         self.options = options
+        self.planner = Planner(factory, options.plan, cache_dir=cache_dir)
         self.slots: dict[str, Slot] = {}
         self.events: dict[str, int] = dict.fromkeys(EVENTS, 0)
         #: verification and loading: one at a time (session construction holds the GIL anyway)
@@ -180,11 +183,11 @@ class Lifecycle:
 
     def _load_sync(self, path: Path) -> tuple[Predictor, float, int]:
         t0, rss0 = time.perf_counter(), rss_bytes()
-        predictor = Predictor.load(path, self.factory, self.options.trust)
+        # the plan's golden verification is the self-test, and its run the warm-up (no second run)
+        predictor = self.planner.load(reader.load(path, self.options.trust))
         try:
-            if self.options.warmup:
+            if self.options.warmup and not predictor.config.golden:
                 predictor.warmup()
-            predictor.self_test()
         except Exception:
             predictor.close()
             raise

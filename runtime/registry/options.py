@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..bundle.signature import NO_KEYS, TrustPolicy
+from ..plans import default_mode, normalise_mode
 from ..predictor import ImageLimits
 from ..session import RuntimeSettings
 
@@ -37,8 +38,11 @@ class RegistryOptions:
     warmup: bool = True
     #: which signatures a bundle needs before anything of it is listed or loaded (keys: required)
     trust: TrustPolicy = NO_KEYS
-    #: writable directory for the last-known-good record; None: the store directory when it is writable
+    #: writable directory for the last-known-good record and the plan cache; None: the store directory when writable
     state_dir: Path | None = None
+    #: execution plan: "auto" (fastest plan verified on the golden sample), "fp32" or a plan name (runtime/plans.py);
+    #: default ``$M2FP_PLAN``, else auto
+    plan: str = field(default_factory=default_mode)
 
     def __post_init__(self) -> None:
         if self.idle_ttl < 0:
@@ -47,5 +51,6 @@ class RegistryOptions:
             raise ValueError(f"memory_budget: expected bytes > 0 or None, got {self.memory_budget!r}")
         if not isinstance(self.preload, tuple):
             object.__setattr__(self, "preload", tuple(self.preload))
+        object.__setattr__(self, "plan", normalise_mode(self.plan))
         if self.state_dir is not None and not isinstance(self.state_dir, Path):
             object.__setattr__(self, "state_dir", Path(self.state_dir))

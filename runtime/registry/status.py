@@ -34,6 +34,10 @@ class VersionStatus:
     semver: str
     created_at: str | None
     notes: str | None
+    #: random-init weights, not a trained checkpoint (``BundleConfig.random_weights``); None without a config
+    random_weights: bool | None
+    #: what to tell a user about those weights (``BundleConfig.weights_note``), None for a trained checkpoint
+    weights_note: str | None
     #: aliases naming this version (``latest`` included when it resolves here)
     aliases: tuple[str, ...]
     pinned: bool
@@ -44,6 +48,8 @@ class VersionStatus:
     load_seconds: float | None
     memory_bytes: int
     shared_weight_bytes: int
+    #: the execution plan the loaded content serves with and its evidence (``PlanChoice.to_dict``)
+    plan: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A new JSON-ready dict (the caller may add to it)."""
@@ -82,12 +88,14 @@ def version_status(slot: Slot, aliases: list[str], pinned: bool, now: float) -> 
         channel=c.channel if c else None, task=c.task if c else None,
         compatible_api=tuple(c.compatible_api) if c else (), semver=str(SemVer.parse(slot.name)),
         created_at=c.created_at if c else None, notes=c.notes if c else None,
+        random_weights=c.random_weights if c else None, weights_note=c.weights_note if c else None,
         aliases=tuple(sorted(set(aliases))), pinned=pinned, loaded=active is not None,
         in_flight=slot.in_flight, requests=slot.requests,
         last_used_seconds_ago=round(now - slot.last_used, 1) if slot.last_used else None,
         load_seconds=round(active.load_seconds, 3) if active else None,
         memory_bytes=active.memory_bytes if active else 0,
-        shared_weight_bytes=active.shared_bytes if active else 0)
+        shared_weight_bytes=active.shared_bytes if active else 0,
+        plan=active.predictor.plan.to_dict() if active and active.predictor.plan else None)
 
 
 def snapshot(slots: Mapping[str, Slot], names: Names, last_known_good: str) -> RegistrySnapshot:

@@ -1,7 +1,7 @@
 """Test utilities for bundles on disk: cheap clones under new version names, corruptions, golden samples.
 
-An export costs ~45 s, so tests that need several versions copy an exported bundle and rewrite its
-identity instead: ``config.json → version`` (and optionally channel / compatible_api), the ONNX
+An export costs ~30 s on 2 idle cores, so tests that need several versions copy an exported bundle and
+rewrite its identity instead: ``config.json → version`` (and optionally channel / compatible_api), the ONNX
 ``metadata_props`` ``m2fp.version`` / ``m2fp.semver``, then the manifest. A clone is written into a
 hidden staging directory next to its destination and renamed into place, so a file watcher never
 sees half a bundle.
@@ -102,9 +102,11 @@ def write_clone(src_dir: Path, dest_dir: Path, version: str, *, channel: str | N
 
     edit_config(dest_dir, change, manifest=False)
     if graph_metadata_too:
-        model_file = _read_config(dest_dir).get("model_file", "model.onnx")
-        set_graph_metadata(dest_dir / model_file, {"m2fp.version": version,
-                                                   "m2fp.semver": str(SemVer.parse(version))})
+        raw = _read_config(dest_dir)
+        variants = (raw.get("plans") or {}).get("variants", {}).values()
+        for model_file in (raw.get("model_file", "model.onnx"), *(v["model_file"] for v in variants)):
+            set_graph_metadata(dest_dir / model_file, {"m2fp.version": version,
+                                                       "m2fp.semver": str(SemVer.parse(version))})
     if preprocess and _read_config(dest_dir).get("golden"):
         refresh_golden(dest_dir)
     write_manifest(dest_dir)
@@ -117,6 +119,7 @@ def refresh_golden(bundle_dir: Path) -> None:
     ``bundle_dir`` must be named after the version (a staging directory ``<tmp>/<version>`` is fine).
     The manifest is regenerated.
     """
+    from m2fpkit.runtime.agreement import semantic_labels
     from m2fpkit.runtime.bundle.config import BundleConfig
     from m2fpkit.runtime.predictor import Predictor
 
@@ -128,10 +131,14 @@ def refresh_golden(bundle_dir: Path) -> None:
     write_manifest(bundle_dir)
     predictor = Predictor.load(bundle_dir)
     try:
-        labels = predictor.predict((bundle_dir / golden["image"]).read_bytes()).result.label_map
+        prepared = predictor.prepare(predictor.decode((bundle_dir / golden["image"]).read_bytes()))
+        outputs = predictor.run(prepared.tensor)
+        labels = predictor.postprocess(outputs, prepared).label_map
     finally:
         predictor.close()
     (bundle_dir / golden["label_map"]).write_bytes(png_bytes(labels))
+    if golden.get("semantic"):
+        (bundle_dir / golden["semantic"]).write_bytes(png_bytes(semantic_labels(*outputs)[0].astype(np.uint8)))
     write_manifest(bundle_dir)
 
 

@@ -1,0 +1,348 @@
+"""Execution plans: which engine, precision and graph run a version on this box.
+
+Invariants:
+
+* ``ort-fp32`` (onnxruntime on the bundle's main graph) is the reference: always a candidate, the
+  fallback of every other plan, and what ``--plan fp32`` serves. It passes the golden self-test at the
+  golden sample's own floor or the version fails, as it always has.
+* Any other plan is served only after it was built here and its golden-sample label map agreed with the
+  PyTorch fp32 reference at or above the bundle's floor (``config.json → plans → min_agreement``). A
+  plan that is unavailable (engine not installed, CPU feature missing, no variant in the bundle, no
+  golden sample), fails to build or agrees too little is skipped with the reason logged and recorded —
+  never served.
+* ``auto`` times the verified candidates on the golden input and serves the fastest. The decision is
+  cached per (bundle content, CPU, threads, engine versions, candidate set) in the state directory; a
+  restart builds only the cached plan and re-verifies it (the verification run is also the warm-up).
+* New content for a version that already serves (a hot swap) is served at once with the plan the
+  previous content chose, if it verifies: ready after one forward instead of a full timing round. That
+  choice is not cached for the new content, so the next start times the candidates again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnxruntime as ort
+
+from . import cpu as cpu_mod
+from . import openvino_engine
+from .bundle import jsonfile
+from .bundle.atomic import write_atomic
+from .bundle.reader import BundleContent
+from .errors import BundleError, MalformedFile
+from .predictor import Predictor
+from .session import SessionFactory
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    engine: str
+    precision: str
+    #: the bundle variant whose graph runs (None: the main graph)
+    variant: str | None = None
+    #: CPU features it needs (keys of ``cpu.FEATURES``)
+    needs: tuple[str, ...] = ()
+    #: onnxruntime graph optimisation level (None: the runtime settings'); "all" adds the NCHWc layout
+    #: transformation (blocked convolutions for the box's vector width, decided at session creation)
+    optimization: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "engine": self.engine, "precision": self.precision}
+
+
+REFERENCE = Plan("ort-fp32", "onnxruntime", "fp32")
+#: every plan the runtime knows, in order of preference when timings tie
+PLANS: dict[str, Plan] = {p.name: p for p in (
+    REFERENCE,
+    Plan("ort-fp32-nchwc", "onnxruntime", "fp32", optimization="all"),
+    Plan("ort-int8", "onnxruntime", "int8", variant="int8", needs=("vnni",)),
+    Plan("ov-f32", "openvino", "f32"),
+    Plan("ov-bf16", "openvino", "bf16", needs=("bf16",)),
+    Plan("ov-int8", "openvino", "int8", variant="int8", needs=("vnni",)),
+)}
+AUTO = "auto"
+#: ``--plan`` values: auto, fp32 (= ort-fp32) or a plan's name
+MODES = (AUTO, "fp32", *PLANS)
+DEFAULT_MODE = AUTO
+#: environment variable that overrides :data:`DEFAULT_MODE` for the library and ``m2fp-serve`` alike
+ENV_PLAN = "M2FP_PLAN"
+CACHE_DIR = "plans"
+
+
+def default_mode() -> str:
+    """``$M2FP_PLAN`` if set, else :data:`DEFAULT_MODE` (``auto``)."""
+    return os.environ.get(ENV_PLAN) or DEFAULT_MODE
+
+
+def normalise_mode(mode: str) -> str:
+    """``auto`` or a plan name; ValueError naming the known values otherwise."""
+    if mode == "fp32":
+        return REFERENCE.name
+    if mode not in MODES:
+        raise ValueError(f"unknown plan {mode!r} (known: {', '.join(MODES)})")
+    return mode
+
+
+@dataclass(frozen=True)
+class PlanChoice:
+    """What a loaded version serves with, and the evidence: what ``/api/versions`` and ``/meta`` show."""
+
+    plan: Plan
+    mode: str
+    #: golden-sample label-map agreement of the served plan with the fp32 PyTorch reference (None: no golden)
+    agreement: float | None
+    #: median forward seconds on the golden input (None: not timed — a single candidate)
+    forward_seconds: float | None
+    #: the decision came from the plan cache (only the chosen plan was built)
+    cached: bool
+    cpu: str
+    #: every candidate considered: {name: {"agreement", "forward_seconds"} | {"skipped": reason}}
+    trials: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: how the plan was decided: "timed", "cache", "previous content", "named" or "only candidate"
+    basis: str = "timed"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.plan.to_dict(), "mode": self.mode, "agreement": self.agreement,
+                "forward_seconds": self.forward_seconds, "cached": self.cached, "basis": self.basis,
+                "cpu": self.cpu,
+                "trials": self.trials}
+
+
+def engine_versions() -> dict[str, str]:
+    out = {"onnxruntime": ort.__version__}
+    if openvino_engine.available() is None:
+        out["openvino"] = openvino_engine.version()
+    return out
+
+
+class Planner:
+    """Builds the predictor of a version with the plan ``mode`` asks for (see the module docstring)."""
+
+    def __init__(self, factory: SessionFactory, mode: str = AUTO, *,
+                 cache_dir: Callable[[], Path | None] = lambda: None, cpu: cpu_mod.CpuInfo | None = None,
+                 timing_runs: int = 3) -> None:
+        self.factory = factory
+        self.mode = normalise_mode(mode)
+        self.cache_dir = cache_dir
+        self.cpu = cpu or cpu_mod.detect()
+        self.timing_runs = max(1, timing_runs)
+        #: version → the plan its current content serves with (auto mode): the first guess for new content
+        self._serving: dict[str, Plan] = {}
+
+    # --------------------------------------------------------------------------------- candidates
+    def unavailable(self, plan: Plan, content: BundleContent) -> str | None:
+        """Why ``plan`` cannot run this bundle on this box, or None."""
+        if plan.variant is not None:
+            variant = content.config.plans.variants.get(plan.variant)
+            if variant is None:
+                return f"the bundle ships no {plan.variant} variant (m2fp-export --int8)"
+            if variant.model_file not in content.files:
+                return f"variant graph {variant.model_file} is not a verified graph file of the bundle"
+        missing = [n for n in plan.needs if not self.cpu.has(n)]
+        if missing:
+            return f"this CPU ({self.cpu.model}) lacks {', '.join(missing)}"
+        if plan is not REFERENCE and not content.config.golden:
+            return "the bundle has no golden sample to verify the plan against"
+        return openvino_engine.available() if plan.engine == "openvino" else None
+
+    def candidates(self, content: BundleContent) -> tuple[list[Plan], dict[str, dict[str, Any]]]:
+        """Plans to try (the reference always among them) and those skipped with their reasons."""
+        wanted = list(PLANS.values()) if self.mode == AUTO else [PLANS[self.mode]]
+        viable, skipped = [], {}
+        for plan in wanted:
+            why = self.unavailable(plan, content)
+            if why is None:
+                viable.append(plan)
+            else:
+                skipped[plan.name] = {"skipped": why}
+                (log.warning if self.mode == plan.name else log.info)(
+                    "%s: plan %s skipped: %s", content.config.version, plan.name, why)
+        if REFERENCE not in viable:
+            viable.append(REFERENCE)
+        return viable, skipped
+
+    # ----------------------------------------------------------------------------------- building
+    def build(self, plan: Plan, content: BundleContent) -> Predictor:
+        """The predictor of ``plan`` (graph ⇄ config checked); BundleError if the engine cannot build it."""
+        model_file = content.config.plans.variants[plan.variant].model_file if plan.variant else None
+        if plan.engine == "onnxruntime":
+            session: Any = self.factory.create(content, model_file, plan.optimization)
+        else:
+            session = openvino_engine.OpenVINOSession(content, model_file or content.config.model_file,
+                                                      plan.precision, self.factory.settings.threads())
+        return Predictor.with_session(content, session)
+
+    def verify(self, plan: Plan, predictor: Predictor) -> float | None:
+        """Golden agreement of ``predictor`` (the worst of label map and semantic map for a non-reference
+        plan); BundleError below the floor that applies to ``plan``."""
+        if plan is REFERENCE:
+            return predictor.self_test()
+        agreement = predictor.golden_agreement()
+        if agreement is None:  # unavailable() keeps such plans out; never serve one unverified
+            raise BundleError(f"{plan.name}: no golden sample to verify against")
+        floor = predictor.config.plans.min_agreement
+        if agreement.worst < floor:
+            semantic = "" if agreement.semantic is None else f", semantic map {100 * agreement.semantic:.2f}%"
+            raise BundleError(f"golden check ({plan.name}): label map {100 * agreement.label:.2f}%{semantic} "
+                              f"of pixels agree, need {100 * floor:.1f}%")
+        return agreement.worst
+
+    def time_forward(self, predictor: Predictor) -> float:
+        tensor = predictor.golden_input()
+        runs = []
+        for _ in range(self.timing_runs):
+            t0 = time.perf_counter()
+            predictor.run(tensor)
+            runs.append(time.perf_counter() - t0)
+        return statistics.median(runs)
+
+    # ------------------------------------------------------------------------------------- choice
+    def load(self, content: BundleContent) -> Predictor:
+        """The predictor of the plan this box should serve, with ``predictor.plan`` set.
+
+        A named plan is built and verified alone (the reference only if it is refused); ``auto`` tries every
+        candidate, or only the cached choice when the cache holds one that still verifies.
+        """
+        viable, trials = self.candidates(content)
+        if self.mode != AUTO:
+            return self._first_verified(content, viable, trials)
+        key = self._cache_key(content, viable)
+        cached = self._read_cache(key, viable) if len(viable) > 1 else None
+        if cached is not None:
+            plan, recorded = cached
+            try:
+                predictor, agreement = self._verified(plan, content)
+            except BundleError as exc:
+                log.warning("%s: cached plan %s no longer verifies (%s); choosing again",
+                            content.config.version, plan.name, exc)
+            else:
+                return self._serve(predictor, plan, agreement, recorded.get("forward_seconds"), True, recorded,
+                                   "cache")
+        previous = self._serving.get(content.config.version)
+        if previous is not None and previous in viable and len(viable) > 1:
+            try:
+                predictor, agreement = self._verified(previous, content)
+            except BundleError:
+                pass  # logged; choose among all candidates
+            else:
+                trials[previous.name] = {"agreement": agreement, "forward_seconds": None}
+                return self._serve(predictor, previous, agreement, None, False, trials, "previous content")
+        best: tuple[Predictor, Plan, float | None, float | None] | None = None
+        for plan in viable:
+            try:
+                predictor, agreement = self._verified(plan, content)
+            except BundleError as exc:
+                if plan is REFERENCE:
+                    if best is not None:
+                        best[0].close()
+                    raise
+                trials[plan.name] = {"skipped": str(exc)}
+                continue
+            seconds = self.time_forward(predictor) if len(viable) > 1 else None
+            trials[plan.name] = {"agreement": agreement, "forward_seconds": seconds}
+            log.info("%s: plan %s forward %s", content.config.version, plan.name,
+                     "not timed" if seconds is None else f"{1000 * seconds:.0f} ms")
+            if best is None or (seconds is not None and best[3] is not None and seconds < best[3]):
+                if best is not None:
+                    best[0].close()
+                best = (predictor, plan, agreement, seconds)
+            else:
+                predictor.close()
+        assert best is not None  # the reference either joined or raised
+        predictor, plan, agreement, seconds = best
+        if len(viable) > 1:
+            self._write_cache(key, plan, trials)
+        return self._serve(predictor, plan, agreement, seconds, False, trials,
+                           "timed" if len(viable) > 1 else "only candidate")
+
+    def _verified(self, plan: Plan, content: BundleContent) -> tuple[Predictor, float | None]:
+        """``plan``'s predictor and its golden agreement; BundleError (predictor closed) if refused."""
+        predictor = None
+        try:
+            predictor = self.build(plan, content)
+            agreement = self.verify(plan, predictor)
+        except BundleError as exc:
+            if predictor is not None:
+                predictor.close()
+            if plan is not REFERENCE:
+                log.warning("%s: plan %s refused: %s", content.config.version, plan.name, exc)
+            raise
+        log.info("%s: plan %s agrees %s", content.config.version, plan.name,
+                 "n/a (no golden sample)" if agreement is None else f"{100 * agreement:.2f}%")
+        return predictor, agreement
+
+    def _first_verified(self, content: BundleContent, viable: list[Plan], trials: dict[str, Any]) -> Predictor:
+        for plan in viable:  # the named plan, then the reference
+            try:
+                predictor, agreement = self._verified(plan, content)
+            except BundleError as exc:
+                if plan is REFERENCE:
+                    raise
+                trials[plan.name] = {"skipped": str(exc)}
+                continue
+            trials[plan.name] = {"agreement": agreement, "forward_seconds": None}
+            return self._serve(predictor, plan, agreement, None, False, trials, "named")
+        raise AssertionError("the reference plan is always a candidate")
+
+    def _serve(self, predictor: Predictor, plan: Plan, agreement: float | None, seconds: float | None,
+               cached: bool, trials: dict[str, Any], basis: str) -> Predictor:
+        mode = self.mode
+        if mode != AUTO and plan.name != mode:
+            log.warning("%s: plan %s asked for but not servable; serving %s", predictor.version, mode, plan.name)
+        if mode == AUTO:
+            self._serving[predictor.version] = plan
+        predictor.plan = PlanChoice(plan, mode, agreement, seconds, cached, self.cpu.model, dict(trials), basis)
+        log.info("%s: serving with plan %s (%s)", predictor.version, plan.name, basis)
+        return predictor
+
+    # -------------------------------------------------------------------------------------- cache
+    def _cache_key(self, content: BundleContent, viable: list[Plan]) -> dict[str, Any]:
+        return {"identity": content.info.identity, "cpu": self.cpu.key, "cpu_model": self.cpu.model,
+                "threads": self.factory.settings.threads(), "engines": engine_versions(),
+                "candidates": sorted(p.name for p in viable)}
+
+    def _cache_file(self, key: dict[str, Any]) -> Path | None:
+        base = self.cache_dir()
+        if base is None:
+            return None
+        digest = hashlib.sha256(jsonfile.dumps(key)).hexdigest()[:32]
+        return base / CACHE_DIR / f"{digest}.json"
+
+    def _read_cache(self, key: dict[str, Any], viable: list[Plan]) -> tuple[Plan, dict[str, Any]] | None:
+        path = self._cache_file(key)
+        if path is None or not path.exists():
+            return None
+        try:
+            raw = jsonfile.read(path, "plan cache", max_bytes=256 * 1024)
+        except (MalformedFile, OSError) as exc:
+            log.warning("plan cache %s unreadable (%s); choosing again", path.name, exc)
+            return None
+        if not isinstance(raw, dict):
+            raw = {}
+        chosen, trials = raw.get("chosen"), raw.get("trials")
+        if raw.get("key") != key or chosen not in {p.name for p in viable} or not isinstance(trials, dict):
+            log.warning("plan cache %s does not match this bundle and box; choosing again", path.name)
+            return None
+        recorded = trials.get(chosen)
+        return PLANS[chosen], (recorded if isinstance(recorded, dict) else {})
+
+    def _write_cache(self, key: dict[str, Any], plan: Plan, trials: dict[str, Any]) -> None:
+        path = self._cache_file(key)
+        if path is None:
+            return
+        try:
+            path.parent.mkdir(exist_ok=True)
+            write_atomic(path, jsonfile.dumps({"key": key, "chosen": plan.name, "trials": trials}))
+        except OSError as exc:
+            log.warning("plan cache not written (%s): the next start times the plans again", exc.strerror or exc)
