@@ -158,11 +158,63 @@ def test_only_candidate_masks_are_upsampled(ref_multi, monkeypatch):
     calls = []
     real = post._to_original
     monkeypatch.setattr(post, "_to_original", lambda low, p: calls.append(low.shape) or real(low, p))
+    # noise masks are positive all over the image: 3 full-size crops to keep for pasting
+    monkeypatch.setattr(post, "_PASTE_CACHE_MAPS", 3)
     result = postprocess(logits, masks, prepared, cfg)
     assert len(result.instances) == 4
-    # the 4 candidates' mask scores, then the 3 parts pasted into the label map (score ≥ 0.5)
-    assert len(calls) == 4 + 3
+    # the 4 candidates' mask scores; the 3 parts pasted into the label map (score ≥ 0.5) reuse theirs
+    assert len(calls) == 4
     assert all(len(shape) == 2 for shape in calls)  # one query at a time, never all Q
+    # without room to keep the upsampled masks, the pasted ones are upsampled again: same result
+    calls.clear()
+    monkeypatch.setattr(post, "_PASTE_CACHE_MAPS", 0)
+    again = postprocess(logits, masks, prepared, cfg)
+    assert len(calls) == 4 + 3
+    _same_result(again, result)
+
+
+def _same_result(a: ParseResult, b: ParseResult) -> None:
+    assert np.array_equal(a.label_map, b.label_map) and np.array_equal(a.person_map, b.person_map)
+    assert [(i.class_id, i.score, i.person_id) for i in a.instances] == [
+        (i.class_id, i.score, i.person_id) for i in b.instances]
+    assert all(np.array_equal(x.mask, y.mask) for x, y in zip(a.instances, b.instances))
+
+
+def _paste_everywhere(masks, q, lab, score, n_cat, thr, prepared):
+    """ModelScope's ``paste_instance_to_semseg_probs`` argmax over the whole image (no boxes, no cache)."""
+    maps = [np.zeros(prepared.original_hw, np.float32)]
+    for c in range(1, n_cat):
+        acc = np.zeros(prepared.original_hw, np.float32)
+        times = np.zeros(prepared.original_hw, np.float32)
+        sel = np.flatnonzero((lab == c) & (score >= np.float32(thr)))
+        for i in sel[np.argsort(score[sel], kind="stable")]:
+            p = post._sigmoid(post._to_original(masks[q[i]], prepared)) * score[i]
+            np.add(acc, p, out=acc, where=p > 0.5)
+            times += p > 0.5
+        maps.append(acc / np.maximum(times, 1.0))
+    return np.stack(maps).argmax(0).astype(np.uint8)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_pasting_inside_positive_boxes_equals_pasting_everywhere(ref_multi, seed):
+    """Pasting is confined to each mask's positive bounding box; over the whole image it gives the same map."""
+    cfg = bundle_config(ref_multi.cfg, short_edge=160, max_size=320)
+    prepared = prepare(synthetic_image(100, 150, seed=seed), cfg.preprocess)
+    hp, wp = prepared.padded_hw
+    rng = np.random.default_rng(seed)
+    q = rng.permutation(30)[:12]
+    lab = rng.integers(1, 6, 12)
+    score = rng.uniform(0.45, 1.0, 12).astype(np.float32)
+    yy, xx = np.mgrid[0:hp // 4, 0:wp // 4]
+    masks = np.full((30, hp // 4, wp // 4), -5.0, np.float32)
+    for k in q:  # blobs: positive on a disc, negative elsewhere
+        cy, cx, r = rng.uniform(0, hp // 4), rng.uniform(0, wp // 4), rng.uniform(3, 12)
+        masks[k] = 6 * (1 - np.hypot(yy - cy, xx - cx) / r)
+    crops = {}
+    got = post._paste_labels(masks, q, lab, score, 6, 0.5, prepared, crops)
+    expected = _paste_everywhere(masks, q, lab, score, 6, 0.5, prepared)
+    assert np.array_equal(got, expected)
+    assert len(np.unique(got)) >= 3  # several categories won somewhere
 
 
 def test_wrong_output_shapes_are_refused(ref_multi):
