@@ -14,7 +14,7 @@ from aiohttp import web
 
 from m2fpkit.runtime.registry import Registry
 
-from . import admin, distribution, handlers, keys
+from . import admin, compare, distribution, handlers, keys, oip
 from .admission import Admission
 from .config import ServerConfig
 from .errors import HTTPProblem, classify, error_response
@@ -44,7 +44,7 @@ async def request_context(request: web.Request, handler) -> web.StreamResponse:
     request[keys.REQUEST_ID], id_ok = request_id(request)
     t0 = time.perf_counter()
     metrics = request.app[keys.METRICS]
-    is_parse = request.path.endswith("/parse")
+    is_parse = request.path.endswith(("/parse", "/infer"))  # /api/{v}/parse and OIP infer
     if is_parse:
         metrics.in_flight.inc()
     try:
@@ -57,7 +57,8 @@ async def request_context(request: web.Request, handler) -> web.StreamResponse:
         if status == 500:
             log.exception("request %s %s failed", request.method, request.path)
         metrics.errors.labels(code, str(status)).inc()
-        response = error_response(request, status, code, detail, headers)
+        respond = oip.error_response if oip.handles(request) else error_response  # same mapping, its body
+        response = respond(request, status, code, detail, headers)
     finally:
         if is_parse:
             metrics.in_flight.dec()
@@ -136,10 +137,12 @@ def make_app(config: ServerConfig | None = None) -> web.Application:
     app.router.add_get("/api/openapi.json", handlers.openapi)
     app.router.add_get("/api/versions", handlers.versions)
     app.router.add_post("/api/{version}/parse", handlers.parse)
+    app.router.add_post("/api/compare", compare.compare)
     app.router.add_get("/api/{version}/meta", handlers.meta)
     app.router.add_get("/admin/routes", admin.get_routes)
     app.router.add_post("/admin/routes/reload", admin.reload_routes)
     app.router.add_put("/admin/routes/weights", admin.set_weights)
     app.router.add_post("/admin/routes/rollback", admin.rollback)
+    oip.setup(app)  # Open Inference Protocol v2: /v2, /v2/health/*, /v2/models/m2fp/…, /v2/repository/…
     distribution.setup(app)  # GET /bundles, /bundles/{version}.tar (404 without --distribution-token)
     return app

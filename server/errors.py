@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
+from typing import Any
 
 from aiohttp import web
 
@@ -75,16 +76,20 @@ def public_reason(detail: str) -> str:
     return text if len(text) <= MAX_REASON else text[:MAX_REASON - 1] + "…"
 
 
-def error_response(request: web.Request, status: int, error: str, detail: str,
-                   headers: dict[str, str] | None = None) -> web.Response:
+def error_body(request: web.Request, status: int, error: str, detail: str) -> dict[str, Any]:
     """The JSON error body with the public reason; the full detail is logged under the request id."""
     request_id = request.get(keys.REQUEST_ID, "")
     public = public_reason(detail)
     if public != detail:
         log.warning("request %s: %d %s: %s", request_id, status, error, detail,
                     extra={"request_id": request_id, "status": status})
-    body = {"success": False, "error": error, "detail": public, "request_id": request_id}
-    return web.json_response(body, status=status, headers=headers)
+    return {"success": False, "error": error, "detail": public, "request_id": request_id}
+
+
+def error_response(request: web.Request, status: int, error: str, detail: str,
+                   headers: dict[str, str] | None = None) -> web.Response:
+    """:func:`error_body` as a response (the Open Inference Protocol's routes reshape it: ``server/oip.py``)."""
+    return web.json_response(error_body(request, status, error, detail), status=status, headers=headers)
 
 
 def classify(exc: Exception) -> tuple[int, str, str, dict[str, str]]:

@@ -98,8 +98,13 @@ def body_kind(request: web.Request) -> str:
 
 async def read_image(request: web.Request) -> bytes:
     """The image bytes of a parse request, read under the invariant above (slot, deadline, size cap)."""
+    return await read_body(request, body_kind(request))
+
+
+async def read_body(request: web.Request, kind: str = "raw") -> bytes:
+    """The body of a parse request (``"raw"``: all of it; ``"multipart"``: its ``image`` field), read under
+    the invariant above (slot, deadline, size cap). OIP ``infer`` reads its body raw through this too."""
     cfg, admission = request.app[keys.CONFIG], request.app[keys.ADMISSION]
-    kind = body_kind(request)
     cap = cfg.max_body_bytes
     if request.content_length is not None and request.content_length > cap:
         raise too_large(cap)

@@ -8,6 +8,8 @@ encoded by OpenCV. Negative cases (bodies the schema refuses) stay schemathesis'
 
 from __future__ import annotations
 
+import base64
+
 import cv2
 import numpy as np
 import schemathesis
@@ -46,3 +48,11 @@ for _media_type, _ext in FORMATS.items():
 schemathesis.openapi.media_type("application/octet-stream", ANY_IMAGE)
 # the multipart field `image` (`format: binary`, the only binary value the API takes in)
 schemathesis.openapi.format("binary", ANY_IMAGE)
+
+
+def _base64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+# the Open Inference Protocol's JSON form carries the image as base64 text (`format: m2fp-image-base64`)
+schemathesis.openapi.format("m2fp-image-base64", ANY_IMAGE.map(_base64))
