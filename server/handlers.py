@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from aiohttp import web
@@ -15,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from m2fpkit.runtime.bundle.jsonfile import brief
 from m2fpkit.runtime.errors import UnknownVersion, VersionUnavailable
+from m2fpkit.runtime.predictor import ImageLimits, Predictor
 from m2fpkit.runtime.registry import RegistrySnapshot
 from m2fpkit.runtime.versions import check_name, is_version_name
 
@@ -51,13 +55,14 @@ def client_api(request: web.Request) -> str | None:
     return given[0] if given else request.app[keys.CONFIG].default_api
 
 
-def choose_version(request: web.Request, name: str) -> tuple[str, str]:
-    """(version, route rule) for a path name: exact version, alias, ``latest`` or ``auto``."""
+def choose_version(request: web.Request, name: str, key: str | None = None) -> tuple[str, str]:
+    """(version, route rule) for a path name: exact version, alias, ``latest`` or ``auto``; ``auto`` routes
+    on ``key`` when given, else on the request's route key (header, cookie, client address)."""
     registry = request.app[keys.REGISTRY]
     api = client_api(request)
     if name == "auto":
         routes = request.app[keys.ROUTES].current
-        v = pick(routes.weights, bucket(route_key(request)),
+        v = pick(routes.weights, bucket(route_key(request) if key is None else key),
                  lambda x: registry.is_ready(x) and registry.compatible(x, api))
         if v is not None:
             return v, "auto"
@@ -78,20 +83,46 @@ def render_options(request: web.Request) -> render.RenderOptions:
     if fmt not in render.MASK_FORMATS:
         raise HTTPProblem(400, "bad_parameter", f"mask_format: expected rle or png, got {fmt!r}")
     vis = request.query.get("visualization", "1") not in ("0", "false", "no")
-    return render.RenderOptions(include=include, mask_format=fmt, visualization=vis)
+    given = request.query.get("visualization_max_side")  # checked even with visualization=0, like api
+    try:
+        max_side = render.VISUALIZATION_MAX_SIDE if given is None else render.parse_max_side(given)
+    except ValueError as e:
+        raise HTTPProblem(400, "bad_parameter", f"visualization_max_side: {e}") from None
+    vis_fmt = request.query.get("visualization_format", render.VISUALIZATION_FORMATS[0])
+    if vis_fmt not in render.VISUALIZATION_FORMATS:
+        raise HTTPProblem(400, "bad_parameter", "visualization_format: expected "
+                          f"{' or '.join(render.VISUALIZATION_FORMATS)}, got {brief(vis_fmt, 40)}")
+    return render.RenderOptions(include=include, mask_format=fmt, visualization=vis,
+                                visualization_max_side=max_side, visualization_format=vis_fmt)
 
 
 async def parse(request: web.Request) -> web.Response:
-    app = request.app
-    cfg, registry, admission, metrics = app[keys.CONFIG], app[keys.REGISTRY], app[keys.ADMISSION], app[keys.METRICS]
     opts = render_options(request)
     name = request.match_info["version"]
     request[keys.VERSION], request[keys.RULE] = choose_version(request, name)  # fail fast on bad names
     data = await read_image(request)  # bounded: upload slot, body deadline, size cap (server/intake.py)
+    body = await run_parse(request, data, functools.partial(render.parse, opts=opts))
+    version, rule = request[keys.VERSION], request[keys.RULE]
+    body["route"] = rule
+    body["request_id"] = request[keys.REQUEST_ID]
+    return web.json_response(body, headers={"X-Model-Version": version, "X-Route-Rule": rule})
+
+
+#: the work of one parse, run on the inference pool: (predictor, image bytes, limits) → a body whose
+#: ``timing`` holds milliseconds, ``inference`` among them
+Renderer = Callable[[Predictor, bytes, ImageLimits], dict[str, Any]]
+
+
+async def run_parse(request: web.Request, data: bytes, renderer: Renderer) -> dict[str, Any]:
+    """The one parse path (``/api/{version}/parse`` and OIP ``infer``): lease the version chosen in
+    ``request[keys.VERSION]``, wait for a worker (admission), run ``renderer`` within the request timeout,
+    record latency and inference metrics, maybe shadow. Returns the renderer's body with ``timing.queue``."""
+    app = request.app
+    cfg, registry, admission, metrics = app[keys.CONFIG], app[keys.REGISTRY], app[keys.ADMISSION], app[keys.METRICS]
     t_start = time.perf_counter()
     state = {"started": False}
 
-    async def work() -> dict:
+    async def work() -> dict[str, Any]:
         # lease first: a queued request keeps the version it was routed to, even if that version is
         # swapped out or removed while it waits for a worker (it drains, it does not vanish)
         version = request[keys.VERSION]
@@ -99,7 +130,7 @@ async def parse(request: web.Request) -> web.Response:
             async with admission.slot():
                 queued = time.perf_counter() - t_start
                 state["started"] = True
-                body = await registry.run_in_executor(render.parse, predictor, data, cfg.runtime.limits, opts)
+                body = await registry.run_in_executor(renderer, predictor, data, cfg.runtime.limits)
                 body["timing"]["queue"] = round(queued * 1000, 2)
                 return body
 
@@ -118,10 +149,8 @@ async def parse(request: web.Request) -> web.Response:
     version, rule = request[keys.VERSION], request[keys.RULE]
     metrics.latency.labels(version, rule).observe(elapsed)
     metrics.inference.labels(version).observe(body["timing"]["inference"] / 1000)
-    body["route"] = rule
-    body["request_id"] = request[keys.REQUEST_ID]
     maybe_shadow(request, version, data)
-    return web.json_response(body, headers={"X-Model-Version": version, "X-Route-Rule": rule})
+    return body
 
 
 def maybe_shadow(request: web.Request, primary: str, data: bytes) -> None:
@@ -184,6 +213,7 @@ async def meta(request: web.Request) -> web.Response:
     cfg = registry.config(version)
     if cfg is None:
         raise VersionUnavailable(f"{version} has no readable config")
+    status = registry.status().get(version)
     return web.json_response({
         "version": cfg.version, "semver": str(cfg.semver), "name": cfg.name, "task": cfg.task,
         "channel": cfg.channel, "notes": cfg.notes, "created_at": cfg.created_at, "backbone": cfg.backbone,
@@ -191,6 +221,8 @@ async def meta(request: web.Request) -> web.Response:
         "human_class": cfg.human_class, "compatible_api": list(cfg.compatible_api),
         "preprocess": cfg.to_dict()["preprocess"], "input_size": cfg.input_size,
         "parity": cfg.parity, "source": cfg.source, "tools": cfg.tools,
+        "random_weights": cfg.random_weights, "weights_note": cfg.weights_note,
+        "plan": status.plan if status else None,
     }, headers={"X-Model-Version": cfg.version})
 
 
@@ -215,10 +247,22 @@ async def metrics(request: web.Request) -> web.Response:
     m, registry = app[keys.METRICS], app[keys.REGISTRY]
     for event, n in registry.events.items():
         m.lifecycle.labels(event).set(n)
-    m.loaded.clear()
+    for gauge in (m.loaded, m.failed, m.load_seconds, m.plan, m.plan_agreement):
+        gauge.clear()
     for s in registry.status().versions:
         m.loaded.labels(s.version, s.state.value).set(1 if s.loaded else 0)
+        if s.reason is not None:
+            m.failed.labels(s.version, "version").set(1)
+        if s.update_error is not None:
+            m.failed.labels(s.version, "update").set(1)
+        if s.load_seconds is not None:
+            m.load_seconds.labels(s.version).set(s.load_seconds)
+        if s.plan is not None:
+            m.plan.labels(s.version, s.plan["name"], s.plan["engine"], s.plan["precision"]).set(1)
+            if s.plan["agreement"] is not None:
+                m.plan_agreement.labels(s.version).set(s.plan["agreement"])
     m.queue_depth.set(app[keys.ADMISSION].waiting)
+    m.queue_limit.set(app[keys.ADMISSION].max_queue)
     m.routes_refused.counts = app[keys.ROUTES].refusals
     for kind, n in registry.weight_bytes().items():
         m.weights.labels(kind).set(n)

@@ -79,6 +79,15 @@ def test_config_round_trip(task):
     assert text == json.dumps(raw, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
 
+def test_random_weights_are_read_from_the_source_not_the_name():
+    assert make_config().random_weights is True and "m2fp-export" in make_config().weights_note
+    assert make_config(source={"uri": "random:r101?seed=3"}).random_weights is True
+    for source in ({"kind": "dir", "uri": "/models/m2fp", "sha256": "1" * 64},
+                   {"kind": "modelscope", "uri": "modelscope:damo/x@v1.0.1", "sha256": "1" * 64}, {}):
+        cfg = make_config(version="v2.0-random", source=source)  # a name never decides it
+        assert cfg.random_weights is False and cfg.weights_note is None, source
+
+
 def test_config_input_size():
     assert make_config("single-human").input_size == [512, 384]  # [height, width] of a 384x512 (W,H) canvas
     assert make_config("multi-human").input_size is None

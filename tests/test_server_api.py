@@ -52,13 +52,27 @@ async def meta_of(client, version: str) -> dict:
     return await r.json()
 
 
+def decode_jpeg_b64(data: str) -> np.ndarray:
+    import base64
+
+    import cv2
+
+    raw = base64.b64decode(data, validate=True)
+    assert raw[:3] == b"\xff\xd8\xff", "not a JPEG"
+    img = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_COLOR)
+    assert img is not None, "JPEG does not decode"
+    return img
+
+
 def check_parse_body(body: dict, headers: dict, meta: dict, hw: tuple[int, int]) -> None:
     assert body["success"] is True
     assert headers["X-Model-Version"] == body["version"] == meta["version"]
     assert headers["X-Request-ID"] == body["request_id"]
     assert body["task"] == meta["task"]
     assert body["image"] == {"height": hw[0], "width": hw[1]}
-    vis = decode_png_b64(body["visualization"])
+    assert body["visualization_format"] == "jpeg"  # the default: JPEG, at most 1280 px (these images are smaller)
+    assert body["visualization_size"] == {"height": hw[0], "width": hw[1]}
+    vis = decode_jpeg_b64(body["visualization"])
     assert vis.shape == (hw[0], hw[1], 3) and vis.dtype == np.uint8
     assert isinstance(body["labels"], list) and isinstance(body["scores"], list)
     assert len(body["labels"]) == len(body["scores"])
@@ -66,8 +80,12 @@ def check_parse_body(body: dict, headers: dict, meta: dict, hw: tuple[int, int])
     assert all(isinstance(s, float) and 0.0 <= s <= 1.0 for s in body["scores"])
     assert set(body["classes_present"]) <= set(meta["classes"]) and body["classes_present"]
     t = body["timing"]
-    assert t["unit"] == "ms"
-    for step in ("queue", "decode", "preprocess", "inference", "postprocess", "render"):
+    assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in t.values()), t  # all ms
+    # the demo's random-init weights are said in every response, with the channel
+    assert body["channel"] == meta["channel"]
+    assert body["random_weights"] is meta["random_weights"] is True
+    assert body["weights_note"] == meta["weights_note"] and "m2fp-export" in body["weights_note"]
+    for step in ("queue", "decode", "preprocess", "inference", "postprocess", "render", "encode"):
         assert isinstance(t[step], (int, float)) and t[step] >= 0, step
     assert t["inference"] > 0
 
@@ -174,7 +192,8 @@ async def test_versions_listing(client):
     assert set(by["v1.0"]) == {  # the registry's 19 fields and the weight the server adds from its routes
         "version", "state", "reason", "update_error", "channel", "task", "compatible_api", "semver", "created_at",
         "notes", "aliases", "pinned", "loaded", "in_flight", "requests", "last_used_seconds_ago", "load_seconds",
-        "memory_bytes", "shared_weight_bytes", "weight"}
+        "memory_bytes", "shared_weight_bytes", "weight", "random_weights", "weights_note", "plan"}
+    assert all(v["random_weights"] is True and "random-init" in v["weights_note"] for v in by.values())
     # latest and aliased versions are loaded at start, the others on first use
     assert (by["v1.2"]["state"], by["v1.2"]["loaded"], by["v1.2"]["pinned"]) == ("ready", True, True)
     assert (by["v1.0"]["state"], by["v1.0"]["loaded"], by["v1.0"]["pinned"]) == ("ready", True, True)
@@ -219,11 +238,14 @@ async def test_meta(client):
             assert pre["resize"] == "center-canvas" and m["human_class"] is None
             assert m["input_size"] == [pre["canvas"][1], pre["canvas"][0]]
         assert m["compatible_api"] and m["semver"].startswith(version[1:])
+        assert m["random_weights"] is True and "Serving the real M2FP" in m["weights_note"]
     for name, status in (("auto", 404), ("v9.9", 404), ("nosuch", 404), ("Bad Name", 400)):
         r = await client.get(f"/api/{name}/meta")
         body = await r.json()
         assert r.status == status, (name, body)
         assert body["success"] is False and body["detail"]
+        if name in ("v9.9", "nosuch"):  # an unknown name's 404 lists what exists
+            assert "available versions: v1.0, v1.1, v1.2, v2.0-beta; aliases: latest, stable" in body["detail"], body
 
 
 # ========================================================================================== health
@@ -377,7 +399,7 @@ async def test_every_route_answers_without_a_server_error(client):
     """Each route of the router, called once as a client would (admin and other token-guarded routes refuse
     politely); a route added later is exercised too."""
     app: web.Application = client.server.app
-    concrete = {"version": "latest", "name": "v1.2.tar", "filename": "samples/one_person.png"}
+    concrete = {"version": "latest", "name": "v1.2.tar", "filename": "samples/one_person.png", "model": "m2fp"}
     seen = set()
     for route in app.router.routes():
         info = route.resource.get_info()
@@ -394,7 +416,10 @@ async def test_every_route_answers_without_a_server_error(client):
         assert r.status < 500, (route.method, path, r.status)
         if r.status >= 400 and route.method != "HEAD":
             body = await r.json()
-            assert body["success"] is False and body["error"] and body["request_id"], (route.method, path, body)
+            if path.startswith("/v2"):  # the Open Inference Protocol's error body: {"error": <reason>, …}
+                assert isinstance(body["error"], str) and body["error"], (route.method, path, body)
+            else:
+                assert body["success"] is False and body["error"] and body["request_id"], (route.method, path, body)
         seen.add((route.method, path))
     assert ("POST", "/api/latest/parse") in seen and ("GET", "/api/latest/meta") in seen
 
@@ -402,11 +427,15 @@ async def test_every_route_answers_without_a_server_error(client):
 # =================================================================================== compatible API
 async def test_compatible_api(client):
     image = png_bytes(96, 64)
-    # latest is v1.2 (API 1.0/1.1); a 2.0 client gets the only 2.0 version
-    body, headers = await parse_ok(client, "latest", image, "?visualization=0", **{"X-API-Version": "2.0"})
-    assert body["version"] == headers["X-Model-Version"] == "v2.0-beta"
-    body, _ = await parse_ok(client, "latest", image, "?visualization=0&api=2.0")
-    assert body["version"] == "v2.0-beta"
+    # latest is v1.2 (API 1.0/1.1); the only 2.0 version is experimental: latest does not fall back to it,
+    # the 409 names it, and asked for by name it answers with its channel
+    for query, headers in (("?visualization=0", {"X-API-Version": "2.0"}), ("?visualization=0&api=2.0", {})):
+        r = await client.post(f"/api/latest/parse{query}", data=image, headers={"Content-Type": "image/png", **headers})
+        body = await r.json()
+        assert r.status == 409 and body["error"] == "incompatible_api", body
+        assert "v2.0-beta" in body["detail"] and "experimental" in body["detail"], body
+    body, headers = await parse_ok(client, "v2.0-beta", image, "?visualization=0", **{"X-API-Version": "2.0"})
+    assert body["version"] == headers["X-Model-Version"] == "v2.0-beta" and body["channel"] == "experimental"
     body, _ = await parse_ok(client, "latest", image, "?visualization=0", **{"X-API-Version": "1.1"})
     assert body["version"] == "v1.2"
     body, _ = await parse_ok(client, "v1.0", image, "?visualization=0", **{"X-API-Version": "1.0"})

@@ -1,7 +1,9 @@
 """The WebUI in a real browser: Debian's headless Chromium driven by Playwright against ``m2fp-serve``.
 
 Needs ``apt-get install -y chromium`` and ``pip install playwright`` (never ``playwright install``:
-the browser is the system's, at /usr/bin/chromium). The screenshot lands in /tmp/webui.png.
+the browser is the system's, at /usr/bin/chromium). Screenshots land in ``$M2FP_WEBUI_SCREENSHOTS``
+(default /tmp/webui-screenshots; the README's pictures ``docs/webui-*.png`` are four of them).
+Every version of the demo root has random-init weights, so every result carries the demo banner.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from server_fixtures import SAMPLES, ServerProcess, copy_root  # noqa: E402
 CHROMIUM = Path(os.environ.get("M2FP_CHROMIUM", "/usr/bin/chromium"))
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-SCREENSHOT = Path("/tmp/webui.png")
+SHOTS = Path(os.environ.get("M2FP_WEBUI_SCREENSHOTS", "/tmp/webui-screenshots"))
+DESKTOP = {"width": 1280, "height": 900}
+PHONE = {"width": 390, "height": 844}
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +35,7 @@ def browser():
         from playwright.sync_api import sync_playwright
     except ImportError:
         pytest.fail("the playwright package is missing: pip install playwright (not `playwright install`)")
+    SHOTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True)
         try:
@@ -39,28 +44,60 @@ def browser():
             b.close()
 
 
-@pytest.fixture
-def server(demo_root: Path, tmp_path: Path):
-    root = copy_root(demo_root, tmp_path / "bundles")
+@pytest.fixture(scope="module")
+def server(demo_root: Path, tmp_path_factory: pytest.TempPathFactory):
+    work = tmp_path_factory.mktemp("webui")
+    root = copy_root(demo_root, work / "bundles")
     # a broken version: v1.1's bundle under another name does not verify (config says v1.1)
     shutil.copytree(root / "m2fp" / "v1.1", root / "m2fp" / "v0.9")
-    with ServerProcess(root, tmp_path / "server.log") as srv:
+    with ServerProcess(root, work / "server.log") as srv:
         yield srv
+
+
+def open_page(browser, server, viewport: dict):
+    """A page on the WebUI that records console errors and any request leaving the server."""
+    page = browser.new_page(viewport=viewport)
+    page.console_errors = []
+    page.on("console", lambda m: m.type == "error" and page.console_errors.append(m.text))
+    page.on("pageerror", lambda e: page.console_errors.append(str(e)))
+    page.outside = []
+    page.on("request", lambda r: r.url.startswith(server.url) or r.url.startswith(("data:", "blob:"))
+            or page.outside.append(r.url))
+    page.goto(server.url + "/")
+    return page
+
+
+def scroll_width(page) -> int:
+    return page.evaluate("() => Math.max(document.documentElement.scrollWidth, document.body.scrollWidth)")
+
+
+def choose_sample(page, name: str) -> None:
+    from playwright.sync_api import expect
+
+    page.locator("#sample").select_option(name)
+    expect(page.locator("#original-img")).to_have_attribute("src", re.compile(r"^blob:"), timeout=10_000)
+
+
+def compare(page, versions: tuple[str, ...]) -> None:
+    """Compare mode, exactly ``versions`` ticked, run on the chosen image; waits for every overlay."""
+    from playwright.sync_api import expect
+
+    page.locator("#mode-compare").check()
+    expect(page.locator("#compare-picker input[value='v1.0']")).to_have_count(1, timeout=30_000)
+    page.locator("#compare-none").click()
+    for v in versions:
+        page.locator(f"#compare-picker input[value='{v}']").check()
+    expect(page.locator("#parse")).to_have_text("Compare")
+    page.locator("#parse").click()
+    expect(page.locator("#compare-grid figure[data-version]")).to_have_count(len(versions), timeout=120_000)
 
 
 def test_webui_parses_a_sample_and_an_upload(browser, server):
     from playwright.sync_api import expect
 
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
-    console_errors: list[str] = []
-    page.on("console", lambda m: m.type == "error" and console_errors.append(m.text))
-    page.on("pageerror", lambda e: console_errors.append(str(e)))
-    outside: list[str] = []
-    page.on("request", lambda r: r.url.startswith(server.url) or r.url.startswith(("data:", "blob:"))
-            or outside.append(r.url))
-    page.goto(server.url + "/")
+    page = open_page(browser, server, DESKTOP)
 
-    # the dropdown lists latest, auto, the alias and every version with its channel and task
+    # the dropdown lists latest, auto, the alias and every version with its channel, task and demo weights
     version = page.locator("#version")
     expect(version.locator("option[value='v2.0-beta']")).to_have_count(1, timeout=30_000)
     options = {o.get_attribute("value"): (o.inner_text(), o.is_disabled())
@@ -69,7 +106,7 @@ def test_webui_parses_a_sample_and_an_upload(browser, server):
     for v, channel, task in (("v1.0", "stable", "multi-human"), ("v1.1", "stable", "single-human"),
                              ("v1.2", "recommended", "multi-human"), ("v2.0-beta", "experimental", "multi-human")):
         text, disabled = options[v]
-        assert channel in text and task in text and not disabled, (v, text)
+        assert channel in text and task in text and "demo weights" in text and not disabled, (v, text)
     assert "v1.2" in options["latest"][0] and "v1.0" in options["stable"][0]
     text, disabled = options["v0.9"]
     assert disabled and "failed" in text, text
@@ -86,33 +123,49 @@ def test_webui_parses_a_sample_and_an_upload(browser, server):
     version.select_option("v2.0-beta")
     expect(warning).to_be_visible()
 
-    # a bundled sample, parsed by the chosen version
-    page.locator("#sample").select_option("two_people.jpg")
-    expect(page.locator("#original-img")).to_have_attribute("src", re.compile(r"^blob:"), timeout=10_000)
+    # a bundled sample, parsed by the chosen version: v2.0-beta is not loaded yet, so the page says it loads
+    choose_sample(page, "two_people.jpg")
     expect(page.locator("#original-img")).to_be_visible()
+    banner = page.locator("#demo-banner")
+    expect(banner).to_be_hidden()
     page.locator("#parse").click()
+    expect(page.locator("#status")).to_contain_text("loading version v2.0-beta")
     result = page.locator("#result-img")
-    page.wait_for_function("document.querySelector('#result-img').src.startsWith('data:image/png;base64,')",
-                           timeout=120_000)
+    page.wait_for_function("document.querySelector('#result-img').src.startsWith('data:image/')", timeout=120_000)
     expect(result).to_be_visible()
     expect(page.locator("#answered-version")).to_have_text("v2.0-beta")
+    expect(page.locator("#answered-channel")).to_have_text("experimental")
     expect(page.locator("#latency")).to_contain_text("ms")
     expect(page.locator("#error")).to_be_hidden()
+    expect(page.locator("#status")).to_have_text("done")
+    # the random-weight result carries a banner (not grey text) with the one line that serves real M2FP
+    expect(banner).to_be_visible()
+    expect(banner).to_contain_text("Demo weights")
+    expect(banner).to_contain_text("m2fp-export v2.0-beta --source")
+    colours = page.evaluate("() => { const s = getComputedStyle(document.querySelector('#demo-banner'));"
+                            " return [s.backgroundColor, s.color]; }")
+    assert colours == ["rgb(122, 31, 0)", "rgb(255, 255, 255)"], colours
     assert page.locator("#legend li").count() >= 1
+    timing = page.locator("#timing").text_content()
+    assert "inference" in timing and "unit" not in timing, timing  # numbers only, all in ms
     size = page.evaluate("() => { const i = document.querySelector('#result-img');"
                          " return [i.naturalWidth, i.naturalHeight]; }")
     assert size == [320, 240], size  # the overlay has the sample's size
-    page.screenshot(path=str(SCREENSHOT), full_page=True)
+    page.screenshot(path=str(SHOTS / "webui-desktop.png"), full_page=True)
 
-    # a file upload through the alias
+    # choosing another image clears the result and the "done" status
     version.select_option("stable")
     expect(warning).to_be_hidden()
     page.locator("#file").set_input_files(str(SAMPLES / "one_person.png"))
-    page.locator("#parse").click()
+    expect(page.locator("#status")).to_have_text("")
+    expect(banner).to_be_hidden()
+    expect(page.locator("#answered-version")).to_have_text("–")
+    page.locator("#parse").click()  # a file upload through the alias
     expect(page.locator("#answered-version")).to_have_text("v1.0", timeout=120_000)
     size = page.evaluate("() => { const i = document.querySelector('#result-img');"
                          " return [i.naturalWidth, i.naturalHeight]; }")
     assert size == [240, 320], size
+    expect(banner).to_be_visible()
 
     # an error is shown readably
     page.locator("#file").set_input_files(files=[{"name": "notes.txt", "mimeType": "text/plain",
@@ -121,8 +174,81 @@ def test_webui_parses_a_sample_and_an_upload(browser, server):
     expect(page.locator("#error")).to_be_visible(timeout=30_000)
     expect(page.locator("#error")).to_contain_text("415")
     expect(page.locator("#error")).to_contain_text("unsupported")
-    page.screenshot(path=str(SCREENSHOT.with_name("webui-error.png")), full_page=True)
+    page.screenshot(path=str(SHOTS / "webui-error.png"), full_page=True)
 
-    assert not outside, f"the page reached outside the server: {outside}"
-    assert not [e for e in console_errors if "415" not in e], console_errors
+    assert not page.outside, f"the page reached outside the server: {page.outside}"
+    assert not [e for e in page.console_errors if "415" not in e], page.console_errors
+    page.close()
+
+
+def test_webui_compares_two_versions(browser, server):
+    from playwright.sync_api import expect
+
+    page = open_page(browser, server, DESKTOP)
+    choose_sample(page, "two_people.jpg")
+    expect(page.locator("#compare-panel")).to_be_hidden()
+    compare(page, ("v1.0", "v1.2"))
+    expect(page.locator("#result-panel")).to_be_hidden()
+    for v in ("v1.0", "v1.2"):  # each version's overlay, at the sample's size, with its latency and a demo badge
+        figure = page.locator(f"#compare-grid figure[data-version='{v}']")
+        expect(figure.locator("img")).to_be_visible()
+        expect(figure.locator("figcaption")).to_contain_text(re.compile(r"\d+ ms"))
+        expect(figure.locator(".demo-badge")).to_be_visible()
+        size = figure.locator("img").evaluate("i => [i.naturalWidth, i.naturalHeight]")
+        assert size == [320, 240], (v, size)
+    expect(page.locator("#compare-demo-banner")).to_be_visible()
+    expect(page.locator("#compare-demo-banner")).to_contain_text("v1.0, v1.2")
+    row = page.locator("#agreement tbody tr[data-pair='v1.0|v1.2']")
+    expect(row).to_have_count(1)
+    agreement = row.locator("td").nth(1).text_content()
+    assert re.fullmatch(r"\d{1,3}\.\d %", agreement), agreement
+    assert 0.0 <= float(agreement.split()[0]) <= 100.0
+    page.locator("#agreement-classes summary").first.click()
+    assert page.locator("#agreement-classes tbody tr").count() >= 1
+    expect(page.locator("#status")).to_have_text("done")
+    expect(page.locator("#error")).to_be_hidden()
+    page.screenshot(path=str(SHOTS / "webui-compare-desktop.png"), full_page=True)
+
+    # one version is refused in the page, before any request
+    page.locator("#compare-none").click()
+    page.locator("#compare-picker input[value='v1.0']").check()
+    page.locator("#parse").click()
+    expect(page.locator("#error")).to_contain_text("two or more")
+    assert not page.outside and not page.console_errors, (page.outside, page.console_errors)
+    page.close()
+
+
+def test_webui_fits_a_phone_in_every_state(browser, server):
+    """390×844: no horizontal scroll with the picker, a result, a compare, the versions table and an error."""
+    from playwright.sync_api import expect
+
+    page = open_page(browser, server, PHONE)
+    expect(page.locator("#version option[value='v2.0-beta']")).to_have_count(1, timeout=30_000)
+    widths = {"picker": scroll_width(page)}
+    choose_sample(page, "crowd.png")
+    page.locator("#version").select_option("v1.2")
+    page.locator("#parse").click()
+    expect(page.locator("#answered-version")).to_have_text("v1.2", timeout=120_000)
+    expect(page.locator("#demo-banner")).to_be_visible()
+    page.locator("#timing").evaluate("e => e.closest('details').open = true")
+    widths["result"] = scroll_width(page)
+    page.screenshot(path=str(SHOTS / "webui-phone.png"), full_page=True)
+    page.locator("#versions-details summary").click()
+    expect(page.locator("#versions-table")).to_be_visible()
+    widths["versions table"] = scroll_width(page)
+    page.locator("#versions-details summary").click()
+    compare(page, ("v1.0", "v1.1", "v1.2"))
+    expect(page.locator("#agreement tbody tr")).to_have_count(3)
+    for summary in page.locator("#agreement-classes summary").all():
+        summary.click()
+    widths["compare"] = scroll_width(page)
+    page.screenshot(path=str(SHOTS / "webui-compare-phone.png"), full_page=True)
+    page.locator("#mode-single").check()
+    page.locator("#file").set_input_files(files=[{"name": "notes.txt", "mimeType": "text/plain",
+                                                  "buffer": b"this is not a picture"}])
+    page.locator("#parse").click()
+    expect(page.locator("#error")).to_be_visible(timeout=30_000)
+    widths["error"] = scroll_width(page)
+    assert all(w <= PHONE["width"] for w in widths.values()), widths
+    assert not page.outside, page.outside
     page.close()

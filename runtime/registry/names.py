@@ -4,7 +4,10 @@ Aliases are the store's ``aliases.json``, overridden by the server's :class:`Rou
 whose target is not usable falls back to the target recorded in the last-known-good state, if that one is
 usable (an alias named nowhere any more is not brought back). ``latest`` is the ``latest`` alias if it
 names a usable (and API-compatible) version, else the newest *ready* release by semver, else the newest
-usable one (pre-releases only when there is nothing else).
+usable one (pre-releases only when there is nothing else). Under a client's API filter, ``latest`` never
+falls back to an *experimental* version (an explicit ``latest`` alias is the operator's choice and is
+kept): a client asking for API 2.0 gets 409 naming the experimental versions that declare it, to be
+asked for by name. An unknown name's error lists the names that exist.
 
 Invariants: resolution reads the slot table, ``aliases.json``, the overlay and the last-known-good
 aliases and changes nothing (it never loads); a name resolves only to a usable version, compatible with
@@ -76,6 +79,10 @@ class Names:
         config = self.config(version)
         return config is not None and api in config.compatible_api
 
+    def experimental(self, version: str) -> bool:
+        config = self.config(version)
+        return config is not None and config.channel == "experimental"
+
     def versions(self) -> list[str]:
         """Listed versions (not removed), oldest first by semver."""
         return sorted((n for n, s in self.slots.items() if not s.removed), key=SemVer.parse)
@@ -95,7 +102,8 @@ class Names:
         target = self.aliases().get("latest")
         if target and self.is_usable(target) and self.compatible(target, api):
             return target
-        usable = [n for n, s in self.slots.items() if s.usable and self.compatible(n, api)]
+        usable = [n for n, s in self.slots.items() if s.usable and self.compatible(n, api)
+                  and (api is None or not self.experimental(n))]
         ready = [n for n in usable if self.slots[n].active is not None]
         return _newest_release(ready or usable)
 
@@ -107,21 +115,34 @@ class Names:
             if target is not None:
                 return target
             if api is not None and self.latest() is not None:
-                raise IncompatibleAPI(f"no available version declares API {api!r} compatible")
+                experimental = [n for n in self.versions() if self.is_usable(n) and self.compatible(n, api)]
+                hint = (f" outside the experimental channel ({', '.join(experimental)} does: ask for it by name)"
+                        if experimental else "")
+                raise IncompatibleAPI(f"no available version declares API {api!r} compatible{hint}")
             raise VersionUnavailable("no versions yet" if not self.slots else "no version is available")
         target = name if is_version_name(name) else self.aliases().get(name)
         if target is None:
-            raise UnknownVersion(f"no version or alias named {name!r}")
+            raise UnknownVersion(f"no version or alias named {name!r}; {self.available()}")
         slot = self.slots.get(target)
         if slot is None or slot.removed:
             via = f" (alias {name!r})" if target != name else ""
-            raise UnknownVersion(f"version {target!r} does not exist{via}")
+            raise UnknownVersion(f"version {target!r} does not exist{via}; {self.available()}")
         if not slot.usable:
             raise VersionUnavailable(f"version {target} failed: {slot.reason}")
         if not self.compatible(target, api):
             declared = ", ".join(slot.config.compatible_api) if slot.config else "?"
             raise IncompatibleAPI(f"{target} is compatible with API {declared}, not {api!r}")
         return target
+
+    def available(self, limit: int = 20) -> str:
+        """The names a client may use, for an error message: listed versions, then aliases (bounded)."""
+        def listing(names: list[str]) -> str:
+            return ", ".join(names[:limit]) + (f", … ({len(names) - limit} more)" if len(names) > limit else "")
+        versions = self.versions()
+        if not versions:
+            return "no versions yet"
+        aliases = sorted({"latest", *self.aliases()})
+        return f"available versions: {listing(versions)}; aliases: {listing(aliases)}"
 
     # --------------------------------------------------------------------------------- pinned
     def pinned(self) -> set[str]:
