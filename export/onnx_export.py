@@ -1,10 +1,25 @@
-"""PyTorch M2FP → ONNX (dynamo exporter, dynamic height/width in multiples of 32, external weights)."""
+"""PyTorch M2FP → ONNX (dynamo exporter, dynamic height/width in multiples of 32, external weights).
+
+Optional graph cache, for test sessions that export the same model several times: with
+``$M2FP_EXPORT_CACHE`` naming a directory, a graph is stored there under a key that hashes everything
+it is a function of — the architecture config, every weight and buffer, the opset and example size,
+the source of the export code (``onnx_export.py`` and ``model/``) and the torch/onnx/onnxscript
+versions — and an export of an identical model copies it instead of tracing again. Entries are
+published by an atomic rename, so concurrent exports never see half a graph. Off when unset; the
+parity gate still compares every reused graph with the PyTorch model.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import io
+import json
 import logging
+import os
+import shutil
+import uuid
 import warnings
 from pathlib import Path
 
@@ -17,6 +32,9 @@ log = logging.getLogger(__name__)
 INPUT = "image"
 OUTPUTS = ("pred_logits", "pred_masks")
 MAX_SIDE_BLOCKS = 256  # dynamic sides up to 256 * 32 = 8192 px
+#: directory of the optional graph cache (see the module docstring)
+CACHE_ENV = "M2FP_EXPORT_CACHE"
+_CODE = (Path(__file__), *sorted(Path(__file__).with_name("model").glob("*.py")))
 
 
 def export_onnx(model: M2FP, path: Path, *, opset: int, example_hw: tuple[int, int] = (256, 320)) -> None:
@@ -24,7 +42,19 @@ def export_onnx(model: M2FP, path: Path, *, opset: int, example_hw: tuple[int, i
     h, w = example_hw
     if h % SIZE_DIVISIBILITY or w % SIZE_DIVISIBILITY:
         raise ValueError(f"example size {example_hw} must be a multiple of {SIZE_DIVISIBILITY}")
-    x = torch.zeros(1, 3, h, w)
+    path = Path(path)
+    cache = os.environ.get(CACHE_ENV)
+    entry = Path(cache) / cache_key(model, path.name, opset=opset, example_hw=example_hw) if cache else None
+    if entry is not None and _restore(entry, path):
+        log.info("ONNX graph reused from the export cache (%s)", entry.name[:16])
+        return
+    _export(model, path, opset=opset, example_hw=example_hw)
+    if entry is not None:
+        _store(entry, path)
+
+
+def _export(model: M2FP, path: Path, *, opset: int, example_hw: tuple[int, int]) -> None:
+    x = torch.zeros(1, 3, *example_hw)
     hd = torch.export.Dim("h32", min=1, max=MAX_SIDE_BLOCKS)
     wd = torch.export.Dim("w32", min=1, max=MAX_SIDE_BLOCKS)
     out = io.StringIO()
@@ -37,6 +67,47 @@ def export_onnx(model: M2FP, path: Path, *, opset: int, example_hw: tuple[int, i
         )
     for line in out.getvalue().splitlines():
         log.debug("torch.onnx: %s", line)
+
+
+def cache_key(model: M2FP, file_name: str, *, opset: int, example_hw: tuple[int, int]) -> str:
+    """SHA-256 of everything the exported graph depends on (see the module docstring)."""
+    import onnx
+    import onnxscript
+
+    from .sources import state_dict_sha256
+
+    h = hashlib.sha256()
+    h.update(json.dumps({"config": dataclasses.asdict(model.config), "file": file_name, "opset": opset,
+                         "example_hw": list(example_hw), "training": model.training, "torch": torch.__version__,
+                         "onnx": onnx.__version__, "onnxscript": onnxscript.__version__},
+                        sort_keys=True, default=str).encode())
+    h.update(state_dict_sha256(model.state_dict()).encode())
+    for code in _CODE:
+        h.update(code.name.encode() + b"\0" + code.read_bytes())
+    return h.hexdigest()
+
+
+def _files(path: Path) -> tuple[Path, Path]:
+    return path, path.with_name(path.name + ".data")
+
+
+def _restore(entry: Path, path: Path) -> bool:
+    if not entry.is_dir():
+        return False
+    for src, dst in zip(_files(entry / path.name), _files(path)):
+        shutil.copyfile(src, dst)
+    return True
+
+
+def _store(entry: Path, path: Path) -> None:
+    tmp = entry.with_name(f".tmp-{entry.name}-{uuid.uuid4().hex}")
+    tmp.mkdir(parents=True)
+    for src, dst in zip(_files(path), _files(tmp / path.name)):
+        shutil.copyfile(src, dst)
+    try:
+        tmp.rename(entry)
+    except OSError:  # another export stored the same entry first
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def set_metadata(path: Path, props: dict[str, str]) -> None:

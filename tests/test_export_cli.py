@@ -1,8 +1,9 @@
 """``m2fp-export``: the CLI (click's CliRunner and the installed console script) and the export's guarantees.
 
-Costs four tiny exports besides the session fixtures: the demo version (subprocess), ``--source``
-with a ModelScope directory, ``--force`` and the export after a killed one. Parity-gate failures
-reuse ``ms_multi``'s ONNX file instead of exporting again.
+Runs four tiny exports besides the session fixtures: the demo version (subprocess), ``--source``
+with a ModelScope directory, ``--force`` and the export after a killed one; all but the first trace of
+each model take its graph from the session's export cache (``conftest.export_cache``) and still run the
+parity gate. Parity-gate failures reuse ``ms_multi``'s ONNX file instead of exporting again.
 """
 
 from __future__ import annotations
@@ -527,3 +528,49 @@ def test_parity_failure_keeps_the_old_version_on_force(reuse_onnx, ms_multi, tmp
     reader.inspect(first.bundle_dir)
     assert BundleStore(tmp_bundles).versions() == ["v5.0"]
     assert dot_entries(tmp_bundles / "m2fp") == []
+
+
+# ------------------------------------------------------------------------------ the graph cache
+
+def test_graph_cache_traces_an_identical_model_once(tmp_path, monkeypatch):
+    """``$M2FP_EXPORT_CACHE``: the same config + weights + export code is traced once; any change of
+    weights, opset or file name traces again; entries appear whole; unset, nothing is cached."""
+    from m2fpkit.export.model import config as mcfg
+    from m2fpkit.export.model.m2fp import build as build_model
+
+    traced: list[Path] = []
+
+    def fake_trace(model, path, *, opset, example_hw):
+        traced.append(path)
+        path.write_bytes(f"graph {opset} {len(traced)}".encode())
+        path.with_name(path.name + ".data").write_bytes(f"weights {len(traced)}".encode())
+
+    monkeypatch.setattr(onnx_export, "_export", fake_trace)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(onnx_export.CACHE_ENV, str(cache))
+    cfg = mcfg.preset("tiny")
+
+    def export(name: str, seed: int = 1, opset: int = 18, file: str = "model.onnx") -> Path:
+        (tmp_path / name).mkdir()
+        path = tmp_path / name / file
+        onnx_export.export_onnx(build_model(cfg, seed=seed), path, opset=opset)
+        return path
+
+    first, again = export("a"), export("b")
+    assert len(traced) == 1
+    for f in ("model.onnx", "model.onnx.data"):
+        assert (first.parent / f).read_bytes() == (again.parent / f).read_bytes()
+    export("c", seed=2)
+    export("d", opset=19)
+    export("e", file="other.onnx")
+    assert len(traced) == 4
+    assert len([p for p in cache.iterdir() if not p.name.startswith(".")]) == 4
+    assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # no half-written entry left
+    model = build_model(cfg, seed=1)
+    with torch.no_grad():
+        model.sem_seg_head.predictor.class_embed.bias[0] += 1e-3
+    key = onnx_export.cache_key(model, "model.onnx", opset=18, example_hw=(256, 320))
+    assert key != onnx_export.cache_key(build_model(cfg, seed=1), "model.onnx", opset=18, example_hw=(256, 320))
+    monkeypatch.delenv(onnx_export.CACHE_ENV)
+    export("f")
+    assert len(traced) == 5

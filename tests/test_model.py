@@ -198,3 +198,63 @@ def test_modelscope_defaults_apply():
     assert cfg.single_human is True  # ModelScope's own default
     assert cfg.single_human_size == (384, 512)
     assert cfg.num_parsing == len(cfg.classes)
+
+
+# ------------------------------------------------------------------------------ the shallow preset
+
+def test_tiny_is_the_shallowest_preset_modelscope_accepts(tmp_path):
+    """Fewest blocks ModelScope's backbone builds, one decoder layer per level, fewer encoder layers."""
+    from m2fpkit.export.model.decoder import N_LEVELS
+
+    tiny, r101 = mcfg.preset("tiny"), mcfg.preset("r101")
+    assert tiny.encoder.transformer_enc_layers < r101.encoder.transformer_enc_layers
+    assert tiny.decoder.dec_layers == N_LEVELS < r101.decoder.dec_layers
+    assert tiny.backbone.depth == 50 < r101.backbone.depth
+    _modelscope_model(tiny, tmp_path / "ok")  # ModelScope's M2FP takes the preset as it is
+    shallower = mcfg.M2FPConfig(backbone=mcfg.BackboneConfig(depth=18))
+    with pytest.raises(KeyError):  # ModelScope's backbone knows depths 50, 101 and 152 only
+        _modelscope_model(shallower, tmp_path / "shallower")
+
+
+def _op_kinds(onnx_path) -> set[tuple[str, str]]:
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    assert not model.functions  # every node is in the main graph, so its op types are all there is
+    return {(n.domain, n.op_type) for n in model.graph.node}
+
+
+def _full_depth_graph(tmp_path):
+    """An ``r101`` bundle graph already built on this box by the same exporter versions (the benchmarks'
+    cache), else the full-depth graph exported here at tiny widths (r101's layer counts, same code paths)."""
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    import onnxscript
+
+    from m2fpkit.export import onnx_export
+
+    cache = Path(__file__).resolve().parent.parent / "benchmarks" / ".cache"
+    for config in sorted(cache.glob("*/bundles/m2fp/*/config.json")):
+        raw = json.loads(config.read_text())
+        if (raw.get("backbone") == "resnet101" and raw.get("tools", {}).get("torch") == torch.__version__
+                and raw["tools"].get("onnxscript") == onnxscript.__version__):
+            return config.with_name("model.onnx")
+    tiny, r101 = mcfg.preset("tiny"), mcfg.preset("r101")
+    deep = dataclasses.replace(
+        tiny, backbone=dataclasses.replace(tiny.backbone, depth=r101.backbone.depth),
+        encoder=dataclasses.replace(tiny.encoder, transformer_enc_layers=r101.encoder.transformer_enc_layers),
+        decoder=dataclasses.replace(tiny.decoder, dec_layers=r101.decoder.dec_layers))
+    path = tmp_path / "model.onnx"
+    onnx_export.export_onnx(build(deep, seed=0), path, opset=18)
+    return path
+
+
+def test_tiny_graph_has_every_operator_kind_of_the_full_depth_graph(ms_multi, tmp_path):
+    """Shallow is only a speed-up if nothing is left out: the tiny bundle's ONNX graph uses exactly the
+    operator kinds of the full-depth one, so onnxruntime runs the same kernels on both."""
+    tiny = _op_kinds(ms_multi.bundle_dir / "model.onnx")
+    full = _op_kinds(_full_depth_graph(tmp_path))
+    assert tiny == full, {"only in full depth": sorted(full - tiny), "only in tiny": sorted(tiny - full)}
+    assert len(tiny) > 20
