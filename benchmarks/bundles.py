@@ -25,12 +25,22 @@ permutation of their own values, so the weights differ byte for byte exactly whe
 export would differ, with the same graph and value distribution. Their outputs differ from
 ``multi``'s, so they carry no golden sample; the memory benchmark loads them with ``Predictor.load``.
 
+``multi`` also ships an int8 QDQ variant (``m2fp-export --int8``: calibrated at export, its golden
+agreement in ``config.json → plans``) for the runtime's int8 execution plans.
+
+A cached bundle is reused only while its stamp (``<mode>/stamps/<role>.json``) matches: the role's
+spec plus a digest of the export code (``export/**``), which decides both the weights a ``random:``
+source builds and the graph written; a derived role's stamp includes ``multi``'s. Hashing the export
+code costs milliseconds, where the source's own sha256 needs the model built, and it is the stricter
+key (a graph change with the same weights also rebuilds).
+
 Run ``python -m benchmarks.bundles --mode full`` to build the cache ahead of time.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import sys
@@ -39,6 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CACHE = Path(__file__).resolve().parent / ".cache"
+EXPORT_CODE = Path(__file__).resolve().parent.parent / "export"
 from m2fpkit.runtime.bundle.store import MODEL  # noqa: E402 - the one definition
 
 
@@ -53,6 +64,8 @@ class Variant:
     derive: str | None = None
     #: preprocessing overrides (quick mode shrinks the multi-human short side to keep runs short)
     preprocess: tuple[tuple[str, int], ...] = ()
+    #: also ship the int8 QDQ variant (the int8 execution plans run it)
+    int8: bool = False
 
     @property
     def source(self) -> str:
@@ -65,7 +78,7 @@ def variants(mode: str) -> dict[str, Variant]:
     else:
         p, v, s, pre = "r101", "v3", 101, ()
     out = [
-        Variant("multi", f"{v}.0-{p}", p, "multi-human", s, preprocess=pre),
+        Variant("multi", f"{v}.0-{p}", p, "multi-human", s, preprocess=pre, int8=True),
         Variant("single", f"{v}.1-{p}", p, "single-human", s + 10),
         Variant("heads-1", f"{v}.2-{p}", p, "multi-human", s + 1000, derive="heads"),
         Variant("heads-2", f"{v}.3-{p}", p, "multi-human", s + 2000, derive="heads"),
@@ -87,11 +100,48 @@ def modelscope_dir(mode: str, role: str) -> Path:
     return CACHE / mode / "modelscope" / variants(mode)[role].version
 
 
+def export_code_digest() -> str:
+    """sha256 over the export package's files (path and bytes), caches and bytecode excluded."""
+    h = hashlib.sha256()
+    for f in sorted(EXPORT_CODE.rglob("*")):
+        if f.is_file() and "__pycache__" not in f.parts and f.suffix != ".pyc":
+            h.update(f.relative_to(EXPORT_CODE).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def stamp_key(mode: str, role: str, code: str | None = None) -> str:
+    """What a cached ``role`` bundle must have been built from (see the module docstring)."""
+    code = code or export_code_digest()
+    v = variants(mode)[role]
+    parts = [repr(v), code]
+    if v.derive:
+        parts.append(stamp_key(mode, "multi", code))
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+
+def _stamp(mode: str, role: str) -> Path:
+    return CACHE / mode / "stamps" / f"{role}.json"
+
+
+def write_stamp(mode: str, role: str) -> None:
+    path = _stamp(mode, role)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"key": stamp_key(mode, role), "version": variants(mode)[role].version}))
+
+
+def stale(mode: str, role: str, code: str | None = None) -> bool:
+    try:
+        return json.loads(_stamp(mode, role).read_text()).get("key") != stamp_key(mode, role, code)
+    except (OSError, ValueError, AttributeError):
+        return True
+
+
 def missing(mode: str, roles: list[str] | None = None) -> list[str]:
+    """Roles whose cached bundle is absent, incomplete or built from other export code or spec."""
     vs = variants(mode)
     roles = roles or list(vs)
-    # a bundle cached before weight indexes existed cannot be loaded from memory: rebuild it
-    return [r for r in roles if not (bundle_dir(mode, r) / "weights.json").is_file()
+    code = export_code_digest()
+    return [r for r in roles if not (bundle_dir(mode, r) / "weights.json").is_file() or stale(mode, r, code)
             or (vs[r].derive is None and not (modelscope_dir(mode, r) / "pytorch_model.pt").is_file())]
 
 
@@ -105,7 +155,7 @@ def derive(mode: str, role: str) -> float:
 
     from m2fpkit.export.weights_index import external_tensors
     from m2fpkit.runtime.bundle import writer
-    from m2fpkit.runtime.bundle.config import BundleConfig
+    from m2fpkit.runtime.bundle.config import BundleConfig, Plans
     from m2fpkit.runtime.bundle.store import BundleStore
 
     t0 = time.perf_counter()
@@ -138,7 +188,7 @@ def derive(mode: str, role: str) -> float:
         model.metadata_props.add(key=k, value=val)
     cfg = BundleConfig.read(base)
     what = "decoder+heads weights" if v.derive == "heads" else "all weights"
-    cfg = dataclasses.replace(cfg, version=v.version, golden=None,
+    cfg = dataclasses.replace(cfg, version=v.version, golden=None, plans=Plans(),  # no variant graphs here
                               notes=f"benchmarks ({role}): {cfg.version} with {what} permuted (seed {v.seed})",
                               source={"kind": "derived", "uri": f"{cfg.version}:{v.derive}?seed={v.seed}",
                                       "sha256": "", "replaced_fraction": round(replaced / max(1, total), 4)})
@@ -147,6 +197,7 @@ def derive(mode: str, role: str) -> float:
                         all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=1024)
         data_file, tensors = external_tensors(staged.dir / "model.onnx")
         staged.finish(cfg, tensors=tensors, data_file=data_file)
+    write_stamp(mode, role)
     logging.getLogger("benchmarks").info("%s: %s derived, %.1f%% of weights replaced", role, v.version,
                                          100 * replaced / max(1, total))
     return time.perf_counter() - t0
@@ -154,6 +205,8 @@ def derive(mode: str, role: str) -> float:
 
 def build_one(mode: str, role: str) -> float:
     """Export ``role`` (and write its ModelScope directory); returns seconds."""
+    import dataclasses
+
     import torch
 
     from m2fpkit.export import sources
@@ -176,11 +229,12 @@ def build_one(mode: str, role: str) -> float:
     tmp.rename(ms_dir)
     del model
     spec = VersionSpec(version=v.version, source=v.source, task=v.task, channel="experimental",
-                       notes=f"benchmarks ({role})", preprocess=dict(v.preprocess))
+                       notes=f"benchmarks ({role})", preprocess=dict(v.preprocess), int8=v.int8)
     if mode == "full" and role == "multi":
         spec = load().get("v3.0-r101")  # exactly the spec named in versions.toml
         if sources.resolve(spec.source, task=spec.task).sha256 != ck.sha256:
             raise RuntimeError(f"versions.toml v3.0-r101 ({spec.source}) is not {v.source}")
+        spec = dataclasses.replace(spec, int8=v.int8)
     # the gate's element-wise tolerance can trip on the full-size model through the documented
     # attention-mask threshold flip (m2fp.md §5) while label maps agree: benchmark bundles ask the
     # export to record a failure in config.json → parity instead of stopping (the bundle says so)
@@ -190,6 +244,7 @@ def build_one(mode: str, role: str) -> float:
     if sources.state_dict_sha256(blob["model"]) != cfg.source.get("sha256"):  # same weights in both places?
         raise RuntimeError(f"{role}: ModelScope dir weights differ from the bundle's checkpoint")
     (ms_dir / "bundle.json").write_text(json.dumps({"version": v.version, "source": cfg.source}, indent=2))
+    write_stamp(mode, role)
     return time.perf_counter() - t0
 
 
@@ -199,6 +254,8 @@ def ensure(mode: str, roles: list[str] | None = None) -> dict[str, float]:
     todo = missing(mode, roles)
     if any(variants(mode)[r].derive for r in todo) and "multi" not in todo and missing(mode, ["multi"]):
         todo.insert(0, "multi")
+    if "multi" in todo:  # derived roles follow a rebuilt multi
+        todo += [r for r, v in variants(mode).items() if v.derive and r not in todo and (bundle_dir(mode, r)).exists()]
     for role in sorted(todo, key=lambda r: variants(mode)[r].derive is not None):
         logging.getLogger("benchmarks").info("exporting %s bundle %s (%s)", mode, role, variants(mode)[role].version)
         built[role] = build_one(mode, role)

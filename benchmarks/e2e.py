@@ -9,8 +9,11 @@ mmcv/timm/torchvision imports M2FP does not run on CPU).
 Each (system, task) runs in its own subprocess; sizes run in ascending order and the peak RSS
 (VmHWM) is reset before each size, so "peak RSS" is the high-water mark while parsing that size.
 Reported per size: latency p50/p95 (wall), CPU-seconds per image (user+sys, all threads), peak RSS,
-the per-stage split, and the ratio ModelScope/ours. Both results are compared (label-map pixel
-agreement, instance labels and scores) to show that the two systems computed the same thing.
+the per-stage split, and the ratio ModelScope/ours. Ours also times what the server adds after the
+prediction (not in the latency; ModelScope's pipeline has no counterpart): ``render`` (the overlay at
+the server's default bound) and ``encode`` (it as the default JPEG), through ``m2fpkit.server.render``.
+Both results are compared (label-map pixel agreement, instance labels and scores) to show that the two
+systems computed the same thing.
 
 Random-init weights give (almost) no multi-human instance above ModelScope's thresholds, which
 flatters our select-before-upsample postprocessing. So the multi-human postprocess alone is also
@@ -82,6 +85,7 @@ def _ours(task: str, bundle_dir: Path, images: list[Path], repeats: int, warmup:
 
     from m2fpkit.runtime.predictor import Predictor
     from m2fpkit.runtime.session import SessionFactory
+    from m2fpkit.server import render
 
     factory = SessionFactory()
     with Timer() as t:
@@ -102,6 +106,14 @@ def _ours(task: str, bundle_dir: Path, images: list[Path], repeats: int, warmup:
             cpus.append(t.cpu)
             for k, v in p.timings.items():
                 stages.setdefault(k, []).append(v)
+        rgb, opts = pred.decode(data), render.RenderOptions()
+        for _ in range(repeats):  # the server's overlay of this result: drawn, then encoded
+            with Timer() as t:
+                overlay = render.draw(pred, p.result, rgb, opts)
+            stages.setdefault("render", []).append(t.wall)
+            with Timer() as t:
+                render.encode_overlay(overlay, opts.visualization_format)
+            stages.setdefault("encode", []).append(t.wall)
         res = p.result
         entry = {"latency": summary(walls), "cpu": summary(cpus), "peak_rss": proc_status()["VmHWM"],
                  "stages": {k: summary(v)["p50"] for k, v in stages.items() if k != "total"},

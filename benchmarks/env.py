@@ -12,37 +12,23 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
 from importlib import metadata
 from pathlib import Path
 
+from m2fpkit.runtime import cpu
+
 from .common import REPO, Mode, log, run_child, write_json
 
-FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
-         "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
 PACKAGES = ("numpy", "onnxruntime", "onnx", "onnxscript", "torch", "modelscope", "opencv-python-headless",
             "pillow", "aiohttp", "matplotlib", "psutil")
 
 
 def cpu_info() -> dict:
-    model, flags = platform.processor() or "unknown", set()
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        for line in text.splitlines():
-            k, _, v = line.partition(":")
-            k = k.strip()
-            if k == "model name" and model in ("unknown", "", platform.processor()):
-                model = v.strip()
-            elif k == "flags" and not flags:
-                flags = set(v.split())
-    except OSError:
-        pass
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
+    """The runtime's own CPU detection (what plans are chosen by) plus the box's memory."""
     mem = 0
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -50,9 +36,27 @@ def cpu_info() -> dict:
                 mem = int(line.split()[1]) * 1024
     except OSError:
         pass
-    hyper = "hypervisor" in flags
-    return {"model": model, "cores": cores, "logical_cpus": os.cpu_count(), "memory_gb": round(mem / 2**30, 1),
-            "flags": {f: f in flags for f in FLAGS}, "virtualised": hyper}
+    info = cpu.detect().to_dict()
+    return {**info, "logical_cpus": os.cpu_count(), "memory_gb": round(mem / 2**30, 1), "key": cpu.detect().key}
+
+
+def cpu_slug(model: str, flags: set[str] | frozenset[str]) -> str:
+    """Results folder of a CPU: its model name lower-cased, non-alphanumerics → '-', plus its vector class
+    (``-amx``, ``-avx512``, ``-avx2``; nothing below AVX2). ``flags``: /proc/cpuinfo flag names."""
+    name = re.sub(r"[^a-z0-9]+", "-", model.lower()).strip("-") or "unknown-cpu"
+    cls = next((c for c, f in (("amx", "amx_tile"), ("avx512", "avx512f"), ("avx2", "avx2")) if f in flags), None)
+    return f"{name}-{cls}" if cls else name
+
+
+def this_cpu_slug() -> str:
+    info = cpu.detect()
+    return cpu_slug(info.model, info.flags)
+
+
+def recorded_cpu_slug(results: dict) -> str:
+    """The slug of the CPU a results JSON recorded in ``env.cpu`` (KeyError if it recorded none)."""
+    c = results["env"]["cpu"]
+    return cpu_slug(c["model"], {f for f, on in c.get("flags", {}).items() if on})
 
 
 def versions() -> dict:

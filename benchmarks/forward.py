@@ -19,6 +19,7 @@ through ``Predictor.run``. Runs alternate (torch, ort, torch, ort, …) so both 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -57,8 +58,8 @@ def profiling_factory(settings: "RuntimeSettings", prefix: str) -> "SessionFacto
     from m2fpkit.runtime.session import SessionFactory
 
     class ProfilingFactory(SessionFactory):
-        def options(self) -> ort.SessionOptions:
-            o = super().options()
+        def options(self, optimization: str | None = None) -> ort.SessionOptions:
+            o = super().options(optimization)
             o.enable_profiling = True
             o.profile_file_prefix = prefix
             return o
@@ -202,12 +203,13 @@ def child(bundle_dir: Path, images: list[tuple[int, int]], repeats: int, sgemm_n
     import torch
 
     from m2fpkit.export import sources
+    from m2fpkit.runtime.cpu import usable_cores
     from m2fpkit.runtime.predictor import Predictor
-    from m2fpkit.runtime.session import SessionFactory, cpu_count
+    from m2fpkit.runtime.session import SessionFactory
 
     from .env import sgemm
 
-    threads = cpu_count()
+    threads = usable_cores()
     torch.set_num_threads(1 if os.environ.get("M2FP_BENCH_QUICK") else threads)  # quick: see e2e
     factory = SessionFactory()
     pred = Predictor.load(bundle_dir, factory)
@@ -256,6 +258,8 @@ def child(bundle_dir: Path, images: list[tuple[int, int]], repeats: int, sgemm_n
             "max_abs_diff": {n: float(np.abs(r - g).max()) for n, r, g in zip(("pred_logits", "pred_masks"), ref, got)},
         }
         if i == 0:
+            # "after": the same graph at level ALL (the ort-fp32-nchwc plan), profiled the same way
+            entry["profile_nchwc"] = profile(pred, x, dataclasses.replace(factory.settings, optimization="all"))
             prof = profile(pred, x, factory.settings)
             conv_keys = ("aten.convolution", "aten.conv2d")
             conv_macs = sum(v for k, v in macs["by_aten_op"].items() if k in conv_keys)

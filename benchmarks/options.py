@@ -32,11 +32,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from m2fpkit.runtime import cpu
 
 from . import bundles
 from .common import Mode, Timer, graph_bundle, jpeg_bytes, log, person_image, run_all, run_child, summary, write_json
@@ -71,14 +74,6 @@ def option_root(mode: str, option: str) -> Path:
 
 # ------------------------------------------------------------------------- bundles of other graphs
 
-def _has_vnni() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_vnni" in flags or "avx_vnni" in flags
-
-
 def build_quantized(mode: str, base: "Predictor", kind: str, n_calib: int) -> Path:
     """The bundle of ``base``'s int8 graph (cached); ``kind`` is static-conv or dynamic-matmul."""
     from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quant_pre_process,
@@ -99,23 +94,34 @@ def build_quantized(mode: str, base: "Predictor", kind: str, n_calib: int) -> Pa
 
     def write_graph(model: Path) -> None:
         t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            _quantize(Path(tmp), model)
+        log(f"quantised {cfg.version} ({kind}) in {time.perf_counter() - t0:.0f} s")
+
+    def _quantize(tmp: Path, model: Path) -> None:
+        # a private copy of the graph: the quantiser writes beside its input (``*-inferred.onnx``), which
+        # must never land in the verified bundle, and onnx refuses external data with several hard links
+        own = tmp / "source"
+        own.mkdir()
+        for f in src.parent.iterdir():
+            if f.name == src.name or f.name.startswith(src.name + "."):
+                shutil.copyfile(f, own / f.name)
+        graph = own / src.name
         if kind == "dynamic-matmul":
-            quantize_dynamic(src, model, op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
+            quantize_dynamic(graph, model, op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
                              use_external_data_format=True)
         else:
-            with tempfile.TemporaryDirectory() as tmp:
-                pre = Path(tmp) / "preprocessed.onnx"
-                try:
-                    quant_pre_process(src, pre, save_as_external_data=True, all_tensors_to_one_file=True,
-                                      external_data_location="preprocessed.onnx.data")
-                except Exception as exc:  # symbolic shape inference can fail on dynamic graphs
-                    log(f"quant_pre_process with symbolic shapes failed ({type(exc).__name__}: {exc}); retrying without")
-                    quant_pre_process(src, pre, skip_symbolic_shape=True, save_as_external_data=True,
-                                      all_tensors_to_one_file=True, external_data_location="preprocessed.onnx.data")
-                quantize_static(pre, model, Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv"],
-                                per_channel=True, reduce_range=not _has_vnni(), activation_type=QuantType.QUInt8,
-                                weight_type=QuantType.QInt8, use_external_data_format=True)
-        log(f"quantised {cfg.version} ({kind}) in {time.perf_counter() - t0:.0f} s")
+            pre = tmp / "preprocessed.onnx"
+            try:
+                quant_pre_process(graph, pre, save_as_external_data=True, all_tensors_to_one_file=True,
+                                  external_data_location="preprocessed.onnx.data")
+            except Exception as exc:  # symbolic shape inference can fail on dynamic graphs
+                log(f"quant_pre_process with symbolic shapes failed ({type(exc).__name__}: {exc}); retrying without")
+                quant_pre_process(graph, pre, skip_symbolic_shape=True, save_as_external_data=True,
+                                  all_tensors_to_one_file=True, external_data_location="preprocessed.onnx.data")
+            quantize_static(pre, model, Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv"],
+                            per_channel=True, reduce_range=not cpu.detect().has("vnni"), activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8, use_external_data_format=True)
 
     return graph_bundle(option_root(mode, f"int8-{kind}"), base.content, f"int8 {kind}", write_graph)
 
@@ -127,8 +133,8 @@ def saving_factory(settings: "RuntimeSettings", target: Path) -> "SessionFactory
     from m2fpkit.runtime.session import SessionFactory
 
     class SavingFactory(SessionFactory):
-        def options(self) -> ort.SessionOptions:
-            o = super().options()
+        def options(self, optimization: str | None = None) -> ort.SessionOptions:
+            o = super().options(optimization)
             o.optimized_model_filepath = str(target)
             o.add_session_config_entry("session.optimized_model_external_initializers_file_name", target.name + ".data")
             o.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")

@@ -9,7 +9,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from . import quiet
 from .common import write_json
+
+BUSY_BANNER = "**BUSY — figures not usable**"
 
 
 def _f(x, nd: int = 2, unit: str = "") -> str:
@@ -43,7 +46,7 @@ def section_env(r: dict) -> list[str]:
     sg = env.get("sgemm_gflops", {})
     v = env.get("versions", {})
     la = r.get("load_average", {})
-    out = [f"# M2FP benchmarks — {r.get('mode')} mode", "",
+    out = [f"# M2FP benchmarks — {r.get('mode')} mode", "", *_run_banner(r),
            f"- Date: {env.get('date')} (UTC); git {env.get('git', {}).get('commit')}"
            f"{' (dirty)' if env.get('git', {}).get('dirty') else ''}; total run time {_f(r.get('seconds'), 0)} s",
            f"- CPU: {cpu.get('model')}, {cpu.get('cores')} cores, {cpu.get('memory_gb')} GB"
@@ -64,6 +67,102 @@ def section_env(r: dict) -> list[str]:
     if r.get("skipped"):
         out += [f"**Not run:** {', '.join(r['skipped'])}", ""]
     return out
+
+
+def _run_banner(r: dict) -> list[str]:
+    """The loud line at the top: the run's quiet-box verdict (benchmarks/quiet.py)."""
+    verdict = r.get("box_verdict")
+    if verdict == quiet.QUIET:
+        return ["Box: **quiet** at the start and end of every section (benchmarks/quiet.py).", ""]
+    return [f"> {BUSY_BANNER}: {verdict or 'no quiet-box record (run predates the guard)'}. "
+            "Sections marked BUSY below must not be quoted.", ""]
+
+
+def _box_line(box: dict | None) -> list[str]:
+    if not quiet.is_busy(box):
+        return []
+    if not box:
+        return [f"> {BUSY_BANNER}: no quiet-box record for this section.", ""]
+    return [f"> {BUSY_BANNER}: {box['verdict']}.", ""]
+
+
+def _box_footer(box: dict | None) -> str:
+    if not box:
+        return ""
+    a, b = box["start"], box["end"]
+    return (f"; box start util {100 * a['utilisation']:.0f} %, steal {100 * a['steal']:.1f} %, load1 {a['load1']}"
+            f" / end util {100 * b['utilisation']:.0f} %, steal {100 * b['steal']:.1f} %")
+
+
+def section_plans(p: dict) -> list[str]:
+    out = ["## Execution plans on this box (multi-human bundle, one process)", "",
+           f"Golden agreement with the export's PyTorch fp32 reference (floor {_pct(p.get('min_agreement'))}); forward "
+           f"on the {p.get('image')} image's input {p.get('input_shape')}, plans alternating, {p.get('repeats')} runs "
+           "each; speed-up = paired ratio ort-fp32 / plan (median).", "",
+           "| plan | engine / precision | status | build s | agreement label / semantic | forward p50 / p95 s "
+           "| **speed-up vs ort-fp32** |", "|---|---|---|---|---|---|---|"]
+    for name, e in p.get("plans", {}).items():
+        status = ("unavailable: " + e["unavailable"]) if "unavailable" in e else (
+            ("refused: " + e["refused"]) if "refused" in e else "verified")
+        ag = e.get("agreement") or {}
+        sp = e.get("speedup_vs_fp32") or {}
+        out.append(f"| {name} | {e.get('engine')} / {e.get('precision')} | {status} | {_f(e.get('build_seconds'), 1)} "
+                   f"| {_pct(ag.get('label'), 2)} / {_pct(ag.get('semantic'), 2)} | {_lat(e.get('forward'))} "
+                   f"| {_f(sp.get('p50'))}× |")
+    a = p.get("auto") or {}
+    out += ["", f"`--plan auto` chose **{a.get('chosen')}**; that load (every candidate built, verified, timed) "
+            f"took {_f(a.get('load_seconds'), 1)} s, a reload with the cached decision "
+            f"{_f(a.get('cached_reload_seconds'), 1)} s (cache used: {a.get('reload_used_cache')}).", ""]
+    return out
+
+
+def section_headline(h: dict) -> list[str]:
+    out = ["## Headline: r101 multi-human over HTTP vs the ModelScope pipeline (goal cell of issue 12)", "",
+           f"Image {h.get('image')}, concurrency 1, {h.get('requests_per_block')} requests per block after warm-up, "
+           f"default server settings (overlay rendered). Order: {', '.join(h.get('order', []))}. Ratios use the faster "
+           "ModelScope block.", "",
+           "| block | p50 / p95 s |", "|---|---|",
+           f"| ModelScope (1st) | {_lat(h['modelscope_1']['latency'])} |",
+           f"| direct `Predictor.predict` (fp32) | {_lat(h['direct']['latency'])} |",
+           f"| HTTP `--plan fp32` | {_lat(h['fp32']['http']['latency_ok'])} |",
+           f"| HTTP `--plan auto` ({(h['auto'].get('plan') or {}).get('name')}) "
+           f"| {_lat(h['auto']['http']['latency_ok'])} |",
+           f"| ModelScope (2nd; drift {_f(h.get('modelscope_drift'))}×) | {_lat(h['modelscope_2']['latency'])} |", "",
+           "| goal | measured | verdict |", "|---|---|---|"]
+    # a verdict only counts for the goal cell (full mode) measured on a quiet box
+    void = [why for why, bad in (("busy box", quiet.is_busy(h.get("box"))),
+                                 (f"{h.get('mode')} mode, not the goal cell", h.get("mode") != "full")) if bad]
+    suffix = f" — not usable ({'; '.join(void)})" if void else ""
+    for plan in ("auto", "fp32"):
+        r = h["ratios"][plan]
+        out.append(f"| ModelScope / ours ({plan}) ≥ {r['goal']}× | {_f(r['modelscope_over_ours_p50'])}× "
+                   f"(per block {', '.join(_f(x) for x in r['per_modelscope_block'])}) | **{r['verdict']}**{suffix} |")
+    o = h["http_overhead"]
+    out.append(f"| HTTP overhead ≤ {_pct(o['goal'], 0)} of end to end | {_pct(o['share_of_end_to_end'])} "
+               f"(HTTP {_f(o['http_p50'], 3)} s vs direct {_f(o['direct_p50'], 3)} s; includes the overlay) "
+               f"| **{o['verdict']}**{suffix} |")
+    c = h.get("auto_choice", {})
+    out += ["", f"Auto plan {c.get('plan')} (agreement {_pct(c.get('agreement'), 2)}): process start → ready "
+            f"{_f(c.get('selection_start_to_ready_seconds'), 1)} s with the selection, "
+            f"{_f(c.get('restart_start_to_ready_seconds'), 1)} s on restart "
+            f"(cached decision: {c.get('restart_cached')}).", ""]
+    return out
+
+
+def section_threads(t: dict) -> list[str]:
+    out = ["## Thread pools: versions busy at once", "",
+           f"One client thread per busy version looping `Predictor.predict` on the {t.get('image')} JPEG, "
+           f"{t.get('runs_per_client')} runs each; versions {', '.join(t.get('versions', []))}; each setting in its "
+           "own process. Throughput in images/s; latency p50 / p95 s (a client's wait for the admission slot "
+           "included).",
+           "", "| setting | 1 busy | 2 busy | 3 busy |", "|---|---|---|---|"]
+    for name, s in t.get("settings", {}).items():
+        cells = []
+        for n in ("1", "2", "3"):
+            c = s.get("busy", {}).get(n)
+            cells.append("–" if not c else f"{_f(c['throughput_ips'])} img/s, {_lat(c['latency'])}")
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    return out + [""]
 
 
 def section_e2e(e: dict) -> list[str]:
@@ -88,13 +187,15 @@ def section_e2e(e: dict) -> list[str]:
                        f"({row['cpu_ratio']:.2f}×) | {_mb(o['peak_rss'])} / {_mb(m['peak_rss'])} | "
                        f"{o['instances']} / {m['instances']} | {_pct(ag['label_map_agreement'], 2)} |")
     out += ["", "Where the time goes (p50 seconds per stage):", "",
-            "| task | image | system | decode | preprocess | inference | postprocess |", "|---|---|---|---|---|---|---|"]
+            "| task | image | system | decode | preprocess | inference | postprocess | render | encode |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for task, t in e["tasks"].items():
         for size, row in rows_of(t):
             for sysname in ("ours", "modelscope"):
                 st = row[sysname]["stages"]
                 out.append(f"| {task} | {size} | {sysname} | " + " | ".join(
-                    _f(st.get(k), 3) for k in ("decode", "preprocess", "inference", "postprocess")) + " |")
+                    _f(st.get(k), 3) for k in ("decode", "preprocess", "inference", "postprocess", "render",
+                                               "encode")) + " |")
     for cell, err in e.get("errors", {}).items():
         out += ["", f"**{cell} failed:** {err.strip().splitlines()[-1][:300]}"]
     rows = [(task, size, row["post_trained_like"]) for task, t in e["tasks"].items()
@@ -148,6 +249,17 @@ def section_forward(f: dict) -> list[str]:
                 out.append(f"| {part} | {100 * v['share']:.1f} % | {v['seconds']:.3f} |")
             out += ["", "Slowest nodes: " + "; ".join(f"{n['node']} ({n['op']}) {1000 * n['seconds']:.0f} ms"
                                                        for n in prof["top_nodes"][:6])]
+        after = first.get("profile_nchwc")
+        if prof and after:
+            out += ["", f"Before / after by op type: the runtime default (EXTENDED, {prof['kernel_seconds']:.3f} s of "
+                    f"kernels) vs level ALL, the `ort-fp32-nchwc` plan ({after['kernel_seconds']:.3f} s), one "
+                    "profiled run each:", "", "| op type | before s | after s |", "|---|---|---|"]
+            ops = sorted(set(prof["by_op"]) | set(after["by_op"]),
+                         key=lambda k: -max(prof["by_op"].get(k, {}).get("seconds", 0),
+                                            after["by_op"].get(k, {}).get("seconds", 0)))
+            for op in ops[:16]:
+                b, a = prof["by_op"].get(op, {}).get("seconds"), after["by_op"].get(op, {}).get("seconds")
+                out.append(f"| {op} | {_f(b, 3)} | {_f(a, 3)} |")
     return out + [""]
 
 
@@ -267,20 +379,24 @@ def section_swaps(s: dict) -> list[str]:
 
 
 SECTIONS = (("e2e", section_e2e), ("forward", section_forward), ("options", section_options),
-            ("server", section_server), ("memory", section_memory), ("swaps", section_swaps))
+            ("server", section_server), ("memory", section_memory), ("swaps", section_swaps),
+            ("plans", section_plans), ("headline", section_headline), ("threads", section_threads))
 
 
 def markdown(r: dict) -> str:
     lines = section_env(r)
     for key, fn in SECTIONS:
         if key in r.get("results", {}):
+            sec = r["results"][key]
             try:
-                lines += fn(r["results"][key])
-                sec = r["results"][key]
+                body = fn(sec)
+                # the section's title, then its busy banner, then the tables
+                lines += body[:2] + _box_line(sec.get("box")) + body[2:]
                 extra = r.get("section_env", {}).get(key, {})
                 la = (extra.get("load_average") or {})
                 lines += [f"_Measured {r.get('measured_at', {}).get(key)} in {sec.get('_seconds', '?')} s"
-                          + (f"; load average {la.get('start')} → {la.get('end')}" if la else "") + "._", ""]
+                          + (f"; load average {la.get('start')} → {la.get('end')}" if la else "")
+                          + _box_footer(sec.get("box")) + "._", ""]
             except (KeyError, TypeError, ValueError, StopIteration) as exc:
                 lines += [f"## {key}", "", f"(could not render: {type(exc).__name__}: {exc})", ""]
     return "\n".join(lines) + "\n"
