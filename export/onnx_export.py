@@ -53,12 +53,30 @@ def export_onnx(model: M2FP, path: Path, *, opset: int, example_hw: tuple[int, i
         _store(entry, path)
 
 
+#: loggers whose warnings say nothing about this model ("torchvision is not installed. Skipping
+#: torchvision::roi_align", "Skipping constant folding for op Split"): quiet while exporting
+_NOISY_LOGGERS = ("torch.onnx._internal.exporter._registration", "onnxscript.optimizer._constant_folding")
+
+
+@contextlib.contextmanager
+def _quiet_exporter_logs():
+    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def _export(model: M2FP, path: Path, *, opset: int, example_hw: tuple[int, int]) -> None:
     x = torch.zeros(1, 3, *example_hw)
     hd = torch.export.Dim("h32", min=1, max=MAX_SIDE_BLOCKS)
     wd = torch.export.Dim("w32", min=1, max=MAX_SIDE_BLOCKS)
     out = io.StringIO()
-    with warnings.catch_warnings(), contextlib.redirect_stdout(out), torch.no_grad():
+    with warnings.catch_warnings(), contextlib.redirect_stdout(out), torch.no_grad(), _quiet_exporter_logs():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             model, (x,), str(path), input_names=[INPUT], output_names=list(OUTPUTS), dynamo=True,

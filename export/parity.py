@@ -106,7 +106,10 @@ def check(model: M2FP, onnx_path: Path, sizes: list[tuple[int, int]], *, enforce
             if agree < MIN_LABEL_AGREEMENT:
                 failures.append(f"label map at {h}x{w}: {100 * agree:.3f}% pixels agree "
                                 f"(need {100 * MIN_LABEL_AGREEMENT}%)")
-        log.info("parity %dx%d: %s", h, w, {k: v for k, v in entry.items() if k not in ("height", "width")})
+        log.info("parity %dx%d: %s", h, w, "; ".join(
+            [f"{n} max |Δ| {entry[n]['max_abs']:.2g}, {100 * entry[n]['within_tolerance']:.2f}% within tolerance"
+             for n in names if n in entry]
+            + ([f"label maps agree {100 * entry['label_agreement']:.2f}%"] if "label_agreement" in entry else [])))
         results.append(entry)
     report = {"passed": not failures, "runtime": f"onnxruntime {ort.__version__}", "inputs": results,
               "tolerance": {"atol": ATOL, "rtol": RTOL, "min_within": MIN_WITHIN, "max_abs": MAX_ABS,

@@ -227,8 +227,9 @@ class Planner:
                 log.warning("%s: cached plan %s no longer verifies (%s); choosing again",
                             content.config.version, plan.name, exc)
             else:
-                return self._serve(predictor, plan, agreement, recorded.get("forward_seconds"), True, recorded,
-                                   "cache")
+                seconds = recorded[plan.name].get("forward_seconds")
+                return self._serve(predictor, plan, agreement, seconds if isinstance(seconds, float) else None,
+                                   True, recorded, "cache")
         previous = self._serving.get(content.config.version)
         if previous is not None and previous in viable and len(viable) > 1:
             try:
@@ -319,7 +320,7 @@ class Planner:
         digest = hashlib.sha256(jsonfile.dumps(key)).hexdigest()[:32]
         return base / CACHE_DIR / f"{digest}.json"
 
-    def _read_cache(self, key: dict[str, Any], viable: list[Plan]) -> tuple[Plan, dict[str, Any]] | None:
+    def _read_cache(self, key: dict[str, Any], viable: list[Plan]) -> tuple[Plan, dict[str, dict[str, Any]]] | None:
         path = self._cache_file(key)
         if path is None or not path.exists():
             return None
@@ -334,8 +335,11 @@ class Planner:
         if raw.get("key") != key or chosen not in {p.name for p in viable} or not isinstance(trials, dict):
             log.warning("plan cache %s does not match this bundle and box; choosing again", path.name)
             return None
-        recorded = trials.get(chosen)
-        return PLANS[chosen], (recorded if isinstance(recorded, dict) else {})
+        # what the timing round found, as recorded: only {name: {...}} entries of known plans are kept
+        recorded = {n: t for n, t in trials.items() if n in PLANS and isinstance(t, dict)}
+        if not isinstance(recorded.get(chosen), dict):
+            recorded[chosen] = {}
+        return PLANS[chosen], recorded
 
     def _write_cache(self, key: dict[str, Any], plan: Plan, trials: dict[str, Any]) -> None:
         path = self._cache_file(key)

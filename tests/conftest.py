@@ -34,6 +34,12 @@ from reference.cases import ReferenceCase, make_case
 from reference.modelscope_pipeline import Reference, reference, torch_threads
 
 
+# Execution plans: the suite runs the reference plan (onnxruntime fp32) unless a test asks for another.
+# With OpenVINO installed, ``auto`` builds and times every engine at each load — seconds per load, for
+# tests that are not about plans. tests/test_plans.py (and its server process) pass ``auto`` explicitly.
+os.environ.setdefault("M2FP_PLAN", "fp32")
+
+
 def pytest_configure(config: pytest.Config) -> None:
     logging.getLogger("m2fpkit").setLevel(logging.INFO)
 

@@ -143,6 +143,7 @@ def test_the_decision_is_cached_per_bundle_and_box(int8_src: Path, tmp_path: Pat
     second = again.load(reader.load(int8_src)).plan
     assert second is not None and second.cached and second.plan == chosen.plan
     assert again.built == [chosen.plan.name]  # only the cached plan built, and verified again
+    assert second.trials == chosen.trials and second.basis == "cache"  # the timing round's evidence, as recorded
     assert second.agreement is not None and second.agreement >= FLOOR
 
     other_box = planner(cache=tmp_path, box=cpu.CpuInfo("another CPU", EVERY_FLAG.flags, 2))
@@ -235,7 +236,8 @@ def test_any_cache_file_is_read_safely(tmp_path_factory: pytest.TempPathFactory,
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     got = p._read_cache(key, [REFERENCE, PLANS["ort-int8"]])
-    assert got is None or got[0] in (REFERENCE, PLANS["ort-int8"])
+    assert got is None or (got[0] in (REFERENCE, PLANS["ort-int8"]) and got[0].name in got[1]
+                           and all(n in PLANS and isinstance(t, dict) for n, t in got[1].items()))
 
 
 def test_a_tampered_cache_naming_an_unverifiable_plan_is_verified_again(int8_src: Path, tmp_path: Path) -> None:

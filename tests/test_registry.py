@@ -22,10 +22,11 @@ import pytest
 from m2fpkit.runtime.registry import lifecycle as lifecycle_mod
 from m2fpkit.runtime.api import Runtime
 from m2fpkit.runtime.errors import InvalidVersionName, UnknownVersion, VersionUnavailable
+from m2fpkit.runtime.plans import Planner
 from m2fpkit.runtime.predictor import Predictor
 from m2fpkit.runtime.registry import Registry, RegistryOptions, RouteOverlay, State, VersionStatus
 from m2fpkit.runtime.bundle.store import BundleStore
-from reference.bundles import add_golden, clone_bundle, corrupt, replace_bundle, synthetic_png
+from reference.bundles import add_golden, clone_bundle, corrupt, edit_config, replace_bundle, synthetic_png
 
 MB = 1 << 20
 IMAGE = synthetic_png(96, 128, seed=7)
@@ -132,13 +133,13 @@ async def test_states_lazy_load_and_warmup_before_ready(fast_multi_src, root, ma
     publish(fast_multi_src, root, "v1.0", "v2.0")
     seen: list[tuple[str, bool, State | None]] = []
     reg = await make_registry(root, start=False)
-    original = Predictor.warmup
+    original = Predictor.golden_agreement  # with a golden sample, its verification run is the warm-up
 
     def spy(self):
         seen.append((self.version, reg.is_ready(self.version), reg.status().states().get(self.version)))
         return original(self)
 
-    monkeypatch.setattr(Predictor, "warmup", spy)
+    monkeypatch.setattr(Predictor, "golden_agreement", spy)
     await reg.start()
     # latest (v2.0) is loaded at start and warmed up before it became ready; v1.0 only discovered
     assert seen == [("v2.0", False, State.LOADING)]
@@ -160,13 +161,16 @@ async def test_states_lazy_load_and_warmup_before_ready(fast_multi_src, root, ma
 
 @bounded(120)
 async def test_warmup_can_be_switched_off(fast_multi_src, root, make_registry, monkeypatch):
-    publish(fast_multi_src, root, "v1.0")
+    """A bundle without a golden sample gets a separate warm-up run (with one, the golden run is the warm-up)."""
+    clone_bundle(fast_multi_src, root, "v1.0", then=lambda stage: edit_config(stage, lambda raw: raw.update(golden=None)))
     calls: list[str] = []
     monkeypatch.setattr(Predictor, "warmup", lambda self: calls.append(self.version))
     reg = await make_registry(root, warmup=False)
     assert reg.is_ready("v1.0")
     assert (await reg.predict("latest", IMAGE)).version == "v1.0"
     assert calls == []
+    warm = await make_registry(root, warmup=True)
+    assert warm.is_ready("v1.0") and calls == ["v1.0"]
 
 
 @bounded(180)
@@ -175,13 +179,13 @@ async def test_concurrent_first_requests_load_once(fast_multi_src, root, make_re
     reg = await make_registry(root)
     assert reg.events["loads"] == 1  # latest
     loads: list[str] = []
-    original = Predictor.load.__func__
+    original = Planner.load
 
-    def counting_load(cls, bundle_dir, factory=None, trust=None):
-        loads.append(Path(bundle_dir).name)
-        return original(cls, bundle_dir, factory, trust)
+    def counting_load(self, content):
+        loads.append(content.config.version)
+        return original(self, content)
 
-    monkeypatch.setattr(Predictor, "load", classmethod(counting_load))
+    monkeypatch.setattr(Planner, "load", counting_load)
     preds = await asyncio.gather(*(reg.predict("v1.0", IMAGE) for _ in range(8)), reg.load("v1.0"), reg.load("v1.0"))
     assert [p.version for p in preds[:8]] == ["v1.0"] * 8
     assert preds[8:] == ["v1.0", "v1.0"]
@@ -625,7 +629,7 @@ async def test_the_status_is_a_frozen_snapshot(fast_multi_src, root, make_regist
         snap.aliases["x"] = "v1.0"  # type: ignore[index]
     rendered = snap.versions[0].to_dict()
     rendered["weight"] = 5.0  # a renderer adds to its own copy
-    assert "weight" not in snap.versions[0].to_dict() and len(snap.versions[0].to_dict()) == 19
+    assert "weight" not in snap.versions[0].to_dict() and len(snap.versions[0].to_dict()) == 22
     assert rendered["state"] == "ready" and rendered["aliases"] == ["latest"]
     await reg.predict("v1.0", IMAGE)
     assert snap.versions[0].requests == 0 and reg.status().get("v1.0").requests == 1
