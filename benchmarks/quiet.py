@@ -6,9 +6,11 @@ A *sample* is taken while this process sleeps (an idle window of :data:`WINDOW` 
 most CPU in the window (``/proc/<pid>/stat``; this process and its descendants excluded).
 
 The one rule (:func:`reasons`; benchmarks/README.md says the same): a section is **busy** if at its start
-or its end the window's utilisation exceeds :data:`MAX_UTILISATION`, or steal exceeds :data:`MAX_STEAL`,
-or — at the start only — the 1-minute load average exceeds :data:`MAX_LOAD_PER_4_CORES` per four
-logical CPUs (0.5 on a box with ≤ 4). A busy section's figures are not usable.
+or its end the window's utilisation exceeds :data:`MAX_UTILISATION`, or steal exceeds :data:`MAX_STEAL`;
+a run is busy if, before it starts anything, the 1-minute load average also exceeds
+:data:`MAX_LOAD_PER_4_CORES` per four logical CPUs (0.5 on a box with ≤ 4). The load average is judged at
+the run's start only: it trails the last minute, so after the run's own exports or sections it reports
+our own work, while the idle window reports only what else runs. A busy section's figures are not usable.
 """
 
 from __future__ import annotations
@@ -103,15 +105,16 @@ def reasons(s: dict[str, Any], at_start: bool) -> list[str]:
     return out
 
 
-def verdict(start: dict[str, Any], end: dict[str, Any]) -> str:
-    """``"quiet"`` or ``"busy: <reasons>"`` for a section that began at ``start`` and ended at ``end``."""
-    why = reasons(start, True) + reasons(end, False)
+def verdict(start: dict[str, Any], end: dict[str, Any], run_start: bool = True) -> str:
+    """``"quiet"`` or ``"busy: <reasons>"`` for a section that began at ``start`` and ended at ``end``;
+    ``run_start``: ``start`` was taken before the run did anything (its load average counts)."""
+    why = [r for r in reasons(start, True) if run_start or not r.startswith("start load1")] + reasons(end, False)
     return QUIET if not why else "busy: " + "; ".join(why)
 
 
-def box(start: dict[str, Any], end: dict[str, Any]) -> dict[str, Any]:
+def box(start: dict[str, Any], end: dict[str, Any], run_start: bool = True) -> dict[str, Any]:
     """The ``box`` entry of a section's JSON."""
-    return {"start": start, "end": end, "verdict": verdict(start, end)}
+    return {"start": start, "end": end, "verdict": verdict(start, end, run_start)}
 
 
 def is_busy(entry: dict[str, Any] | None) -> bool:

@@ -1,6 +1,6 @@
 """Results → ``<mode>.json``, a Markdown report ``<mode>.md`` and PNG plots.
 
-``python -m benchmarks.report benchmarks/results/full.json`` re-renders the Markdown and plots
+``python -m benchmarks.report benchmarks/results/<cpu>/full.json`` re-renders the Markdown and plots
 from a saved JSON.
 """
 

@@ -94,3 +94,11 @@ def test_bundle_stamp_follows_the_export_code_and_the_spec(tmp_path, monkeypatch
     assert not bundles.stale("quick", "multi")
     monkeypatch.setattr(bundles, "EXPORT_CODE", tmp_path)  # other export code → other digest
     assert bundles.stale("quick", "multi")
+
+
+def test_the_load_average_counts_only_before_the_run_starts() -> None:
+    """After the run's own exports or sections, the trailing load average is our own work: a section's
+    start is judged by the idle window alone."""
+    assert quiet.verdict(reading(load1=1.5), reading(), run_start=False) == quiet.QUIET
+    assert quiet.verdict(reading(load1=1.5), reading()) != quiet.QUIET
+    assert quiet.verdict(reading(util=0.5, load1=1.5), reading(), run_start=False) != quiet.QUIET
