@@ -43,7 +43,8 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 
 def _sigmoid(x: np.ndarray, inplace: bool = False) -> np.ndarray:
     out = np.negative(x, out=x if inplace else None)
-    np.exp(out, out=out)
+    with np.errstate(over="ignore"):  # exp(-x) → inf for x ≪ 0 gives exactly sigmoid 0, as intended
+        np.exp(out, out=out)
     out += 1.0
     return np.reciprocal(out, out=out)
 
