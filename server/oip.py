@@ -50,6 +50,7 @@ from .auth import require_bearer
 from .errors import HTTPProblem, error_body, public_reason
 from .handlers import choose_version, run_parse
 from .intake import read_body
+from .render import predicted
 from .render import summary as answer_summary
 
 log = logging.getLogger(__name__)
@@ -301,10 +302,8 @@ def outputs_of(task: str | None) -> list[str]:
 
 def render(predictor: Predictor, data: bytes, limits: ImageLimits) -> dict[str, Any]:
     """Decode, predict and build the output tensors (the worker thread's part of an ``infer``); timed in ms."""
-    t0 = time.perf_counter()
-    rgb = predictor.decode(data, limits)
-    timings = {"decode": time.perf_counter() - t0}
-    pred = predictor.predict_rgb(rgb, timings)
+    _, pred = predicted(predictor, data, limits)
+    timings = pred.timings
     t1 = time.perf_counter()
     res = pred.result
     hw = res.hw

@@ -88,6 +88,14 @@ def encode_mask(mask: np.ndarray, fmt: str) -> Any:
     return rle(mask) if fmt == "rle" else png_b64(mask.astype(np.uint8) * 255)
 
 
+def predicted(predictor: Predictor, data: bytes, limits: ImageLimits) -> tuple[np.ndarray, Prediction]:
+    """Decode and predict one request (the worker thread's part every answer shares); the decoded RGB
+    image and the prediction, whose ``timings`` hold decode and each stage in seconds."""
+    t0 = time.perf_counter()
+    rgb = predictor.decode(data, limits)
+    return rgb, predictor.predict_rgb(rgb, {"decode": time.perf_counter() - t0})
+
+
 def summary(predictor: Predictor, pred: Prediction) -> dict[str, Any]:
     """What every answer (``/parse``, OIP ``instances``) says of a prediction: which version, channel, task
     and plan answered, whether its weights are random, and the instances' labels and scores."""
@@ -103,10 +111,8 @@ def summary(predictor: Predictor, pred: Prediction) -> dict[str, Any]:
 
 def parse(predictor: Predictor, data: bytes, limits: ImageLimits, opts: RenderOptions) -> dict[str, Any]:
     """Decode, predict and render one request; every step timed."""
-    t0 = time.perf_counter()
-    rgb = predictor.decode(data, limits)
-    timings = {"decode": time.perf_counter() - t0}
-    pred = predictor.predict_rgb(rgb, timings)
+    rgb, pred = predicted(predictor, data, limits)
+    timings = pred.timings
     t1 = time.perf_counter()
     res = pred.result
     body: dict[str, Any] = {"success": True, **summary(predictor, pred),
