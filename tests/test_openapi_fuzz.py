@@ -58,7 +58,7 @@ def schemathesis_run(server: ServerProcess, work: Path, name: str, config: str, 
     env = {**os.environ, "SCHEMATHESIS_HOOKS": "openapi_fuzz_hooks",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
     cmd = [str(ST), "--no-color", "--config-file", str(cfg), "run", f"{server.url}/api/openapi.json",
-           "--checks", "all", "--seed", str(SEED), "--max-examples", "25", "--workers", "2",
+           "--checks", "all", "--seed", str(SEED), "--max-examples", "25", "--workers", "1",
            "--max-time", str(max_time), "--request-timeout", "20", *args]
     proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=timeout,
                           stdin=subprocess.DEVNULL, check=False)
