@@ -1,12 +1,21 @@
 """PyTorch M2FP → ONNX (dynamo exporter, dynamic height/width in multiples of 32, external weights).
 
-Optional graph cache, for test sessions that export the same model several times: with
-``$M2FP_EXPORT_CACHE`` naming a directory, a graph is stored there under a key that hashes everything
-it is a function of — the architecture config, every weight and buffer, the opset and example size,
-the source of the export code (``onnx_export.py`` and ``model/``) and the torch/onnx/onnxscript
-versions — and an export of an identical model copies it instead of tracing again. Entries are
-published by an atomic rename, so concurrent exports never see half a graph. Off when unset; the
-parity gate still compares every reused graph with the PyTorch model.
+An export is a trace (``torch.export``, decomposition, translation to ONNX: ~4/5 of its time), then
+torch.onnx's optimisation and save. The trace is a function of the architecture and the code, never of
+the weights' values (``torch.export`` traces with fake tensors), so it is cached: the translated, not
+yet optimised graph is stored **without its parameters** under a key that hashes everything the trace
+depends on — the config's architecture sections (backbone, encoder, decoder: all ``M2FP`` builds its
+modules from; class names, thresholds and preprocessing are not in the graph), the parameter names,
+shapes and dtypes, the opset and example size, the source of the export code (``onnx_export.py`` and
+``model/``) and the torch/onnx/onnxscript versions. An export whose key is stored loads that graph,
+gives it the model's own weights and runs the same optimisation and save as a fresh trace: the files
+are byte-identical to an uncached export (``tests/test_export_cli.py`` checks it), and the parity gate
+still compares every graph with the PyTorch model.
+
+The cache lives in ``$M2FP_EXPORT_CACHE``, else ``$XDG_CACHE_HOME/m2fpkit/onnx-graphs`` (``~/.cache``);
+``M2FP_EXPORT_CACHE=off`` disables it. Entries are published by an atomic rename (concurrent exports
+never see half a graph), the least recently used beyond :data:`CACHE_KEEP` are deleted, and a cache
+that cannot be written only costs the time of a trace.
 """
 
 from __future__ import annotations
@@ -22,18 +31,25 @@ import shutil
 import uuid
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .model.m2fp import M2FP, SIZE_DIVISIBILITY
+
+if TYPE_CHECKING:
+    import onnx
 
 log = logging.getLogger(__name__)
 
 INPUT = "image"
 OUTPUTS = ("pred_logits", "pred_masks")
 MAX_SIDE_BLOCKS = 256  # dynamic sides up to 256 * 32 = 8192 px
-#: directory of the optional graph cache (see the module docstring)
+#: directory of the graph cache (see the module docstring); "off" disables it
 CACHE_ENV = "M2FP_EXPORT_CACHE"
+#: entries kept: the most recently used (a tiny graph without weights is ~5 MB, r101's ~20 MB)
+CACHE_KEEP = 16
+_GRAPH = "graph.onnx"  # the traced graph, parameters as inputs without values
 _CODE = (Path(__file__), *sorted(Path(__file__).with_name("model").glob("*.py")))
 
 
@@ -42,15 +58,32 @@ def export_onnx(model: M2FP, path: Path, *, opset: int, example_hw: tuple[int, i
     h, w = example_hw
     if h % SIZE_DIVISIBILITY or w % SIZE_DIVISIBILITY:
         raise ValueError(f"example size {example_hw} must be a multiple of {SIZE_DIVISIBILITY}")
-    path = Path(path)
-    cache = os.environ.get(CACHE_ENV)
-    entry = Path(cache) / cache_key(model, path.name, opset=opset, example_hw=example_hw) if cache else None
-    if entry is not None and _restore(entry, path):
-        log.info("ONNX graph reused from the export cache (%s)", entry.name[:16])
-        return
-    _export(model, path, opset=opset, example_hw=example_hw)
-    if entry is not None:
-        _store(entry, path)
+    cache = cache_dir()
+    entry = cache / cache_key(model, opset=opset, example_hw=example_hw) if cache else None
+    stored = _load(entry) if entry is not None else None
+    program = _with_weights(stored, model) if stored is not None else None
+    if program is not None:
+        log.info("ONNX graph reused from the export cache, the model's weights applied")
+    else:
+        graph = _without_weights(_trace(model, opset=opset, example_hw=example_hw), model)
+        if entry is not None:
+            _store(entry, graph)
+        program = _with_weights(graph, model)
+        assert program is not None, "a fresh trace always fits its own model"
+    with _quiet_exporter_logs(), contextlib.redirect_stdout(io.StringIO()):
+        program.optimize()
+    program.save(str(path), external_data=True)
+
+
+def cache_dir() -> Path | None:
+    """The graph cache's directory, or None when ``$M2FP_EXPORT_CACHE`` is ``off``."""
+    configured = os.environ.get(CACHE_ENV, "")
+    if configured.lower() == "off":
+        return None
+    if configured:
+        return Path(configured)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "m2fpkit" / "onnx-graphs"
 
 
 #: loggers whose warnings say nothing about this model ("torchvision is not installed. Skipping
@@ -71,61 +104,113 @@ def _quiet_exporter_logs():
             lg.setLevel(level)
 
 
-def _export(model: M2FP, path: Path, *, opset: int, example_hw: tuple[int, int]) -> None:
+def _trace(model: M2FP, *, opset: int, example_hw: tuple[int, int]) -> torch.onnx.ONNXProgram:
+    """The translated graph, not optimised (initializers named after the model's state-dict keys)."""
     x = torch.zeros(1, 3, *example_hw)
     hd = torch.export.Dim("h32", min=1, max=MAX_SIDE_BLOCKS)
     wd = torch.export.Dim("w32", min=1, max=MAX_SIDE_BLOCKS)
     out = io.StringIO()
     with warnings.catch_warnings(), contextlib.redirect_stdout(out), torch.no_grad(), _quiet_exporter_logs():
         warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model, (x,), str(path), input_names=[INPUT], output_names=list(OUTPUTS), dynamo=True,
-            opset_version=opset, external_data=True, optimize=True, verbose=False,
+        program = torch.onnx.export(
+            model, (x,), None, input_names=[INPUT], output_names=list(OUTPUTS), dynamo=True,
+            opset_version=opset, optimize=False, verbose=False,
             dynamic_shapes={"image": {2: SIZE_DIVISIBILITY * hd, 3: SIZE_DIVISIBILITY * wd}},
         )
     for line in out.getvalue().splitlines():
         log.debug("torch.onnx: %s", line)
+    assert program is not None
+    return program
 
 
-def cache_key(model: M2FP, file_name: str, *, opset: int, example_hw: tuple[int, int]) -> str:
-    """SHA-256 of everything the exported graph depends on (see the module docstring)."""
+def cache_key(model: M2FP, *, opset: int, example_hw: tuple[int, int]) -> str:
+    """SHA-256 of everything the traced graph depends on (see the module docstring): no weight values."""
     import onnx
     import onnxscript
 
-    from .sources import state_dict_sha256
-
     h = hashlib.sha256()
-    h.update(json.dumps({"config": dataclasses.asdict(model.config), "file": file_name, "opset": opset,
+    arch = {part: dataclasses.asdict(getattr(model.config, part)) for part in ("backbone", "encoder", "decoder")}
+    h.update(json.dumps({"architecture": arch, "opset": opset,
                          "example_hw": list(example_hw), "training": model.training, "torch": torch.__version__,
-                         "onnx": onnx.__version__, "onnxscript": onnxscript.__version__},
+                         "onnx": onnx.__version__, "onnxscript": onnxscript.__version__,
+                         "state": [(k, str(t.dtype), list(t.shape)) for k, t in sorted(model.state_dict().items())]},
                         sort_keys=True, default=str).encode())
-    h.update(state_dict_sha256(model.state_dict()).encode())
     for code in _CODE:
         h.update(code.name.encode() + b"\0" + code.read_bytes())
     return h.hexdigest()
 
 
-def _files(path: Path) -> tuple[Path, Path]:
-    return path, path.with_name(path.name + ".data")
+def _without_weights(program: torch.onnx.ONNXProgram, model: M2FP) -> onnx.ModelProto:
+    """The traced graph with every parameter turned into an extra graph input (name, dtype, shape; no values).
+
+    Fresh and cached exports both continue from this form, so they cannot differ.
+    """
+    import onnx_ir as ir
+
+    graph = program.model.graph
+    for name in [name for name in model.state_dict() if name in graph.initializers]:
+        graph.inputs.append(graph.initializers.pop(name))
+    return ir.serde.serialize_model(program.model)
 
 
-def _restore(entry: Path, path: Path) -> bool:
-    if not entry.is_dir():
-        return False
-    for src, dst in zip(_files(entry / path.name), _files(path)):
-        shutil.copyfile(src, dst)
-    return True
+def _with_weights(graph: onnx.ModelProto, model: M2FP) -> torch.onnx.ONNXProgram | None:
+    """``graph`` with ``model``'s weights as its initializers; None if its parameters are not ``model``'s."""
+    import onnx_ir as ir
+
+    ir_model = ir.serde.deserialize_model(graph)
+    state = model.state_dict()
+    inputs = ir_model.graph.inputs
+    params = [value for value in inputs if value.name != INPUT]
+    for value in params:
+        tensor = state.get(value.name or "")
+        if tensor is None or tuple(tensor.shape) != tuple(value.shape or ()) \
+                or value.dtype != ir.DataType.from_numpy(tensor.numpy(force=True).dtype):
+            log.warning("cached ONNX graph does not fit the model (parameter %s): tracing again", value.name)
+            return None
+    for value in params:
+        inputs.remove(value)
+        name = value.name or ""
+        value.const_value = ir.Tensor(state[name].numpy(force=True), name=name)
+        ir_model.graph.register_initializer(value)
+    return torch.onnx.ONNXProgram(ir_model, None)
 
 
-def _store(entry: Path, path: Path) -> None:
-    tmp = entry.with_name(f".tmp-{entry.name}-{uuid.uuid4().hex}")
-    tmp.mkdir(parents=True)
-    for src, dst in zip(_files(path), _files(tmp / path.name)):
-        shutil.copyfile(src, dst)
+def _load(entry: Path) -> onnx.ModelProto | None:
+    import onnx
+
     try:
+        graph = onnx.load(str(entry / _GRAPH))
+        os.utime(entry)  # recently used: kept by _prune
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except Exception as exc:  # noqa: BLE001 - a damaged entry is a cache miss, never a failed export
+        log.warning("export cache entry %s unreadable (%s): tracing again", entry.name[:16], exc)
+        shutil.rmtree(entry, ignore_errors=True)
+        return None
+    return graph
+
+
+def _store(entry: Path, graph: onnx.ModelProto) -> None:
+    import onnx
+
+    tmp = entry.with_name(f".tmp-{entry.name}-{uuid.uuid4().hex}")
+    try:
+        tmp.mkdir(parents=True)
+        onnx.save(graph, str(tmp / _GRAPH))
         tmp.rename(entry)
-    except OSError:  # another export stored the same entry first
+        _prune(entry.parent)
+    except OSError as exc:  # another export stored the same entry first, or the cache is not writable
+        if not entry.is_dir():
+            log.warning("export cache %s not written (%s): the next export traces again", entry.parent, exc)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _prune(cache: Path) -> None:
+    entries = sorted((p for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                     key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in entries[CACHE_KEEP:]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def set_metadata(path: Path, props: dict[str, str]) -> None:

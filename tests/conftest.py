@@ -9,11 +9,11 @@ Session fixtures (built once, read-only — copy a bundle with ``shutil.copytree
     multi-human / single-human) with seeded random weights (``ms_model``, eval mode), those weights as
     a ModelScope model directory (``model_dir``) and the bundle ``export_version`` made of it
     (``bundle_dir`` = ``bundles_root/m2fp/v9.0`` resp. ``v9.1``, ``config`` its ``BundleConfig``).
-    Each costs one tiny export (~30 s on 2 idle cores).
+    Each costs one tiny export (~20 s when its architecture is not in the export cache yet, else ~5 s).
 
 ``export_cache`` (autouse)
-    ``$M2FP_EXPORT_CACHE`` for the session: exporting a model identical to one already exported
-    (same config, weights and export code) copies its graph instead of tracing it again (~30 s).
+    ``$M2FP_EXPORT_CACHE`` for the session, empty at its start: an architecture is traced once
+    (~20 s), every later export of it applies its own weights to the cached graph.
 
 Function fixtures:
 
@@ -47,7 +47,7 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.fixture(scope="session", autouse=True)
 def export_cache(tmp_path_factory: pytest.TempPathFactory):
     """One ONNX graph cache for the session (``onnx_export.CACHE_ENV``; subprocesses inherit it): an
-    identical model is traced once, every export still runs its parity gate against PyTorch."""
+    architecture is traced once, every export still runs its parity gate against PyTorch."""
     from m2fpkit.export.onnx_export import CACHE_ENV
 
     before = os.environ.get(CACHE_ENV)

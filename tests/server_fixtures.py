@@ -6,7 +6,7 @@ Session fixture (built once, read-only — copy it with :func:`copy_root` before
     A bundle root holding the demo versions of ``versions.toml`` — v1.0 (multi-human, stable),
     v1.1 (single-human, stable), v1.2 (multi-human, recommended, ``latest``) and v2.0-beta
     (experimental, API 2.0 only) — plus their aliases (``latest`` → v1.2, ``stable`` → v1.0), built
-    with the library's ``export_version`` (~30 s per version on 2 idle cores). Setting
+    with the library's ``export_version`` (the graph cache traces each architecture once). Setting
     ``M2FP_TEST_DEMO_BUNDLES`` to a root that already holds those versions (e.g. one made by
     ``m2fp-export v1.0 v1.1 v1.2 v2.0-beta --bundles DIR``) reuses it instead; it is never written to.
 

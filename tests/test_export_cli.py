@@ -532,45 +532,122 @@ def test_parity_failure_keeps_the_old_version_on_force(reuse_onnx, ms_multi, tmp
 
 # ------------------------------------------------------------------------------ the graph cache
 
-def test_graph_cache_traces_an_identical_model_once(tmp_path, monkeypatch):
-    """``$M2FP_EXPORT_CACHE``: the same config + weights + export code is traced once; any change of
-    weights, opset or file name traces again; entries appear whole; unset, nothing is cached."""
+def test_graph_cache_traces_an_architecture_once_for_any_weights(export_cache, tmp_path, monkeypatch, caplog):
+    """The graph cache (the session's, ``conftest.export_cache``): one trace per architecture + export code,
+    whatever the weights. A reused graph carries the new model's weights (the parity gate passes against
+    that model) and its files equal an uncached export of the same model byte for byte; ``off`` caches
+    nothing."""
     from m2fpkit.export.model import config as mcfg
     from m2fpkit.export.model.m2fp import build as build_model
 
-    traced: list[Path] = []
+    traced: list[int] = []
+    real_trace = onnx_export._trace
 
-    def fake_trace(model, path, *, opset, example_hw):
-        traced.append(path)
-        path.write_bytes(f"graph {opset} {len(traced)}".encode())
-        path.with_name(path.name + ".data").write_bytes(f"weights {len(traced)}".encode())
+    def counting_trace(model, **kwargs):
+        traced.append(1)
+        return real_trace(model, **kwargs)
 
-    monkeypatch.setattr(onnx_export, "_export", fake_trace)
-    cache = tmp_path / "cache"
-    monkeypatch.setenv(onnx_export.CACHE_ENV, str(cache))
+    monkeypatch.setattr(onnx_export, "_trace", counting_trace)
     cfg = mcfg.preset("tiny")
 
-    def export(name: str, seed: int = 1, opset: int = 18, file: str = "model.onnx") -> Path:
+    def export(name: str, seed: int) -> Path:
         (tmp_path / name).mkdir()
-        path = tmp_path / name / file
-        onnx_export.export_onnx(build_model(cfg, seed=seed), path, opset=opset)
+        path = tmp_path / name / "model.onnx"
+        onnx_export.export_onnx(build_model(cfg, seed=seed), path, opset=18)
         return path
 
-    first, again = export("a"), export("b")
-    assert len(traced) == 1
-    for f in ("model.onnx", "model.onnx.data"):
-        assert (first.parent / f).read_bytes() == (again.parent / f).read_bytes()
-    export("c", seed=2)
-    export("d", opset=19)
-    export("e", file="other.onnx")
-    assert len(traced) == 4
-    assert len([p for p in cache.iterdir() if not p.name.startswith(".")]) == 4
-    assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # no half-written entry left
-    model = build_model(cfg, seed=1)
+    def files(path: Path) -> list[bytes]:
+        return [path.read_bytes(), path.with_name(path.name + ".data").read_bytes()]
+
+    first = export("a", seed=101)  # traced here unless an earlier test exported this architecture
+    with caplog.at_level("INFO", logger="m2fpkit.export.onnx_export"):
+        second = export("b", seed=102)
+    assert len(traced) <= 1 and "reused from the export cache" in caplog.text
+    assert files(first)[1] != files(second)[1]  # the weights are the new model's
+    report = parity.check(build_model(cfg, seed=102), second, [(256, 320), (320, 256), (320, 320)], enforce=True)
+    assert report["passed"] is True
+    assert (export_cache / onnx_export.cache_key(build_model(cfg), opset=18, example_hw=(256, 320))).is_dir()
+    entries = sorted(export_cache.iterdir())
+    monkeypatch.setenv(onnx_export.CACHE_ENV, "off")
+    before = len(traced)
+    uncached = export("c", seed=102)
+    assert len(traced) == before + 1
+    assert files(uncached) == files(second)
+    assert sorted(export_cache.iterdir()) == entries
+
+
+def test_graph_cache_key_follows_the_architecture_not_the_weights():
+    import dataclasses
+
+    from m2fpkit.export.model import config as mcfg
+    from m2fpkit.export.model.m2fp import build as build_model
+
+    tiny = mcfg.preset("tiny")
+
+    def key(cfg=tiny, seed=1, opset=18, example_hw=(256, 320)) -> str:
+        return onnx_export.cache_key(build_model(cfg, seed=seed), opset=opset, example_hw=example_hw)
+
+    assert key(seed=1) == key(seed=2)
+    model = build_model(tiny, seed=1)
     with torch.no_grad():
-        model.sem_seg_head.predictor.class_embed.bias[0] += 1e-3
-    key = onnx_export.cache_key(model, "model.onnx", opset=18, example_hw=(256, 320))
-    assert key != onnx_export.cache_key(build_model(cfg, seed=1), "model.onnx", opset=18, example_hw=(256, 320))
-    monkeypatch.delenv(onnx_export.CACHE_ENV)
-    export("f")
-    assert len(traced) == 5
+        model.sem_seg_head.predictor.class_embed.bias[0] += 1.0
+    assert onnx_export.cache_key(model, opset=18, example_hw=(256, 320)) == key()
+    others = {key(opset=19), key(example_hw=(320, 320)), key(mcfg.preset("tiny", "single-human")),
+              key(dataclasses.replace(tiny, decoder=dataclasses.replace(tiny.decoder, dec_layers=6)))}
+    assert key() not in others and len(others) == 4
+    # what only pre- and postprocessing read is not part of the graph
+    assert key(dataclasses.replace(tiny, parsing_ins_score_thr=0.9, single_human_size=(256, 256))) == key()
+
+
+def test_graph_cache_survives_damage_and_an_unwritable_directory(tmp_path, monkeypatch, caplog):
+    """A damaged entry is a miss (traced again, the entry stored anew); a cache that cannot be
+    written costs only the trace; old entries beyond CACHE_KEEP are pruned, the most recently used kept."""
+    from m2fpkit.export.model import config as mcfg
+    from m2fpkit.export.model.m2fp import build as build_model
+
+    graph = tmp_path / "graph.onnx"  # a tiny stand-in for a traced graph: parameters as inputs
+    traced: list[int] = []
+
+    def fake_trace(model, **kwargs):
+        traced.append(1)
+        import onnx_ir as ir
+
+        bias = model.state_dict()["sem_seg_head.predictor.class_embed.bias"]
+        value = ir.Value(name="sem_seg_head.predictor.class_embed.bias", shape=ir.Shape(bias.shape),
+                         type=ir.TensorType(ir.DataType.FLOAT),
+                         const_value=ir.Tensor(bias.numpy(force=True), name="sem_seg_head.predictor.class_embed.bias"))
+        image = ir.Value(name=onnx_export.INPUT, shape=ir.Shape([1, 3, 32, 32]), type=ir.TensorType(ir.DataType.FLOAT))
+        node = ir.node("Identity", [value], num_outputs=1)
+        node.outputs[0].name = "pred_logits"
+        g = ir.Graph([image], node.outputs, nodes=[node], initializers=[value], opset_imports={"": 18})
+        return torch.onnx.ONNXProgram(ir.Model(g, ir_version=10), None)
+
+    monkeypatch.setattr(onnx_export, "_trace", fake_trace)
+    cfg = mcfg.preset("tiny")
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(onnx_export.CACHE_ENV, str(cache))
+    model = build_model(cfg, seed=1)
+    onnx_export.export_onnx(model, graph, opset=18)
+    (entry,) = cache.iterdir()
+    (entry / "graph.onnx").write_bytes(b"\x00not a graph")
+    with caplog.at_level("WARNING", logger="m2fpkit.export.onnx_export"):
+        onnx_export.export_onnx(model, graph, opset=18)
+    assert len(traced) == 2 and "unreadable" in caplog.text
+    onnx_export.export_onnx(model, graph, opset=18)
+    assert len(traced) == 2  # the damaged entry was replaced by a good one
+
+    caplog.clear()
+    (blocked := tmp_path / "blocked").write_text("a file where the cache directory should be")
+    monkeypatch.setenv(onnx_export.CACHE_ENV, str(blocked / "cache"))
+    with caplog.at_level("WARNING", logger="m2fpkit.export.onnx_export"):
+        onnx_export.export_onnx(model, graph, opset=18)
+    assert len(traced) == 3 and "not written" in caplog.text
+
+    monkeypatch.setenv(onnx_export.CACHE_ENV, str(cache))
+    monkeypatch.setattr(onnx_export, "CACHE_KEEP", 2)
+    os.utime(entry, (1, 1))  # the first entry is the oldest ...
+    onnx_export.export_onnx(model, graph, opset=15)
+    onnx_export.export_onnx(model, graph, opset=18)  # ... until it is used again
+    assert len(traced) == 4
+    onnx_export.export_onnx(model, graph, opset=16)
+    assert len(traced) == 5 and entry.exists() and len(list(cache.iterdir())) == 2  # the opset-15 one went
