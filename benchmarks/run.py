@@ -2,7 +2,7 @@
 
 Builds (or reuses) the bundles of the mode, records the environment and the box's SGEMM rate,
 then runs the benchmarks in order — e2e, forward, options, server, memory, swaps, plans, headline,
-threads — each isolated so that one failure is reported without sinking the others. Results are
+threads, devloop — each isolated so that one failure is reported without sinking the others. Results are
 written after every benchmark: ``<out>/<mode>.json``, ``<out>/<mode>.md`` and PNG plots; ``<out>``
 defaults to ``benchmarks/results/<cpu-slug>/`` (results are kept per CPU model). With ``--only``, the
 results of the other benchmarks already in ``<mode>.json`` are kept (each section says when it was
@@ -26,11 +26,12 @@ from pathlib import Path
 from . import bundles, env, quiet, report
 from .common import MODES, REPO, child_env, log, run_all
 
-BENCHMARKS = ("e2e", "forward", "options", "server", "memory", "swaps", "plans", "headline", "threads")
+BENCHMARKS = ("e2e", "forward", "options", "server", "memory", "swaps", "plans", "headline", "threads",
+              "devloop")
 ROLES = {"e2e": ("multi", "single"), "forward": ("multi",), "options": ("multi", "single"),
          "server": ("single",), "memory": ("multi", "heads-1", "heads-2", "seed-1", "seed-2"),
          "swaps": ("single",), "plans": ("multi",), "headline": ("multi",),
-         "threads": ("multi", "heads-1", "heads-2")}
+         "threads": ("multi", "heads-1", "heads-2"), "devloop": ()}
 #: exit status when ``--require-quiet`` never saw a quiet box
 NOT_QUIET = 3
 
