@@ -20,6 +20,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -131,8 +132,10 @@ class Planner:
 
     def __init__(self, factory: SessionFactory, mode: str = AUTO, *,
                  cache_dir: Callable[[], Path | None] = lambda: None, cpu: cpu_mod.CpuInfo | None = None,
-                 timing_runs: int = 3) -> None:
+                 timing_runs: int = 3, forward_gate: contextlib.AbstractContextManager[Any] | None = None) -> None:
         self.factory = factory
+        #: given to every predictor built here: verification and timing forwards take it like served ones
+        self.forward_gate = forward_gate
         self.mode = normalise_mode(mode)
         self.cache_dir = cache_dir
         self.cpu = cpu or cpu_mod.detect()
@@ -181,7 +184,7 @@ class Planner:
         else:
             session = openvino_engine.OpenVINOSession(content, model_file or content.config.model_file,
                                                       plan.precision, self.factory.settings.threads())
-        return Predictor.with_session(content, session)
+        return Predictor.with_session(content, session, self.forward_gate)
 
     def verify(self, plan: Plan, predictor: Predictor) -> float | None:
         """Golden agreement of ``predictor`` (the worst of label map and semantic map for a non-reference

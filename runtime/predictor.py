@@ -8,6 +8,7 @@ and the golden sample it checks itself against are the bytes that were hashed at
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -75,12 +76,15 @@ class Prediction:
 class Predictor:
     """A verified bundle with its onnxruntime session; every stage is thread-safe."""
 
-    def __init__(self, content: reader.BundleContent, session: Any) -> None:
+    def __init__(self, content: reader.BundleContent, session: Any,
+                 forward_gate: contextlib.AbstractContextManager[Any] | None = None) -> None:
         self.content = content
         self.config: BundleConfig = content.config
         self.session = session
         #: the execution plan serving this predictor (set by ``plans.Planner``; None: built directly, ort-fp32)
         self.plan: PlanChoice | None = None
+        #: held around every forward pass (the registry's ``forward_slots``, shared by all its predictors)
+        self.forward_gate = forward_gate if forward_gate is not None else contextlib.nullcontext()
         self._input = self.config.inputs[0].name
         self._outputs = [o.name for o in self.config.outputs]
 
@@ -96,10 +100,11 @@ class Predictor:
         return cls.with_session(content, (factory or SessionFactory()).create(content))
 
     @classmethod
-    def with_session(cls, content: reader.BundleContent, session: Any) -> Predictor:
+    def with_session(cls, content: reader.BundleContent, session: Any,
+                     forward_gate: contextlib.AbstractContextManager[Any] | None = None) -> Predictor:
         """A predictor on ``session`` (any engine with onnxruntime's session interface), graph ⇄ config checked."""
         reader.check_graph(content.config, session)
-        return cls(content, session)
+        return cls(content, session, forward_gate)
 
     @property
     def version(self) -> str:
@@ -128,8 +133,9 @@ class Predictor:
         return prepare(rgb, self.config.preprocess)
 
     def run(self, tensor: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The forward pass: input tensor → (class logits, mask logits)."""
-        logits, masks = self.session.run(self._outputs, {self._input: tensor})
+        """The forward pass: input tensor → (class logits, mask logits), inside ``forward_gate``."""
+        with self.forward_gate:
+            logits, masks = self.session.run(self._outputs, {self._input: tensor})
         return logits, masks
 
     def postprocess(self, outputs: tuple[np.ndarray, np.ndarray], prepared: Prepared) -> ParseResult:

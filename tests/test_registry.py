@@ -194,6 +194,49 @@ async def test_concurrent_first_requests_load_once(fast_multi_src, root, make_re
     assert status_of(reg, "v1.0").requests == 8
 
 
+@bounded(180)
+async def test_a_loads_golden_run_never_overlaps_a_served_forward(fast_multi_src, root, make_registry, monkeypatch):
+    """At ``concurrent_runs`` 1 (the default), a version loading while another serves takes a forward slot
+    for its golden run like a request does: no two forward passes of the registry ever overlap."""
+    import onnxruntime as ort
+
+    publish(fast_multi_src, root, "v1.0", "v2.0")
+    reg = await make_registry(root)  # v2.0 (latest) loaded and serving
+    runs: list[tuple[str, float, float]] = []
+    lock = threading.Lock()
+    real_run = ort.InferenceSession.run
+
+    def recorded_run(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        out = real_run(self, *args, **kwargs)
+        time.sleep(0.03)  # a wider window for an overlap to show
+        with lock:
+            runs.append((threading.current_thread().name, t0, time.perf_counter()))
+        return out
+
+    monkeypatch.setattr(ort.InferenceSession, "run", recorded_run)
+    loaded = asyncio.Event()
+
+    async def serve() -> int:
+        n = 0
+        while not loaded.is_set() or n < 3:
+            assert (await reg.predict("v2.0", IMAGE)).version == "v2.0"
+            n += 1
+        return n
+
+    server = asyncio.create_task(serve())
+    await wait_until(lambda: len(runs) >= 2, "v2.0 to serve")
+    await reg.load("v1.0")
+    loaded.set()
+    await server
+    served = [r for r in runs if r[0].startswith("m2fp-infer")]
+    golden = [r for r in runs if r[0].startswith("m2fp-load")]
+    assert golden and served[0][1] < golden[0][1] < served[-1][2], runs  # the load ran while v2.0 served
+    ordered = sorted(runs, key=lambda r: r[1])
+    overlaps = [(a, b) for a, b in zip(ordered, ordered[1:]) if b[1] < a[2]]
+    assert not overlaps, overlaps
+
+
 # ------------------------------------------------------------------------- latest and aliases
 
 @bounded(120)

@@ -13,6 +13,9 @@ Invariants:
   active only after verification, the graph check, a warm-up run and (if present) the golden
   self-test. A replacement that fails to load never displaces a working predictor: its error is the
   slot's ``update_error``, not its ``reason``.
+- At most ``settings.concurrent_runs`` forward passes run at once (``forward_slots``), served ones and a
+  load's golden and timing runs alike: a swap's runs wait for a free slot instead of halving the cores
+  of the forwards being served.
 - All bookkeeping runs on the event loop thread; only verification and loading run in the executor.
 """
 
@@ -22,6 +25,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -130,7 +134,10 @@ class Lifecycle:
                  cache_dir: Callable[[], Path | None] = lambda: None) -> None:
         self.factory = factory
         self.options = options
-        self.planner = Planner(factory, options.plan, cache_dir=cache_dir)
+        #: at most ``concurrent_runs`` forward passes at once, a load's verification and timing runs included:
+        #: a swap's golden run takes its turn between served forwards instead of sharing the cores with them
+        self.forward_slots = threading.BoundedSemaphore(options.settings.concurrent_runs)
+        self.planner = Planner(factory, options.plan, cache_dir=cache_dir, forward_gate=self.forward_slots)
         self.slots: dict[str, Slot] = {}
         self.events: dict[str, int] = dict.fromkeys(EVENTS, 0)
         #: verification and loading: one at a time (session construction holds the GIL anyway)
