@@ -1,5 +1,8 @@
 """Hot swaps under steady load, over HTTP: failed requests, p99 during swaps vs steady, load time, cold start.
 
+Run twice, with ``m2fp-serve --plan auto`` (the default: the engine the box serves fastest, whose build
+each swap repeats) and ``--plan fp32`` (onnxruntime, the reference).
+
 ``m2fp-serve`` serves one version V (the single-human bundle) with its file watcher on; a load
 generator process keeps ``swap_clients`` closed-loop clients busy the whole time. After a steady
 phase, V's bundle is replaced on disk ``swaps`` times with ``bundle.writer.stage(store, V, force=True)``
@@ -64,8 +67,16 @@ def version_status(url: str, version: str) -> dict:
     return next((v for v in json.loads(body)["versions"] if v["version"] == version), {})
 
 
+#: execution plans compared: the default (``auto``, whichever engine the box serves fastest) and the reference
+PLANS = ("auto", "fp32")
+
+
 def run(mode: Mode, out_dir: Path) -> dict:
-    scratch = out_dir / "tmp" / mode.name / "swaps"
+    return {"plans": {plan: _run_plan(mode, out_dir, plan) for plan in PLANS}}
+
+
+def _run_plan(mode: Mode, out_dir: Path, plan: str) -> dict:
+    scratch = out_dir / "tmp" / mode.name / "swaps" / plan
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True, exist_ok=True)
     v = bundles.variants(mode.name)[ROLE]
@@ -75,8 +86,9 @@ def run(mode: Mode, out_dir: Path) -> dict:
     w, h = mode.sizes[0]
     image = scratch / f"{w}x{h}.jpg"
     image.write_bytes(jpeg_bytes(person_image(w, h, seed=11)))
-    proc, url, cold = start_server(root, v.version, scratch / "server.log")
-    res: dict = {"bundle": v.version, "image": f"{w}x{h}", "clients": mode.swap_clients,
+    proc, url, cold = start_server(root, v.version, scratch / "server.log", ["--plan", plan])
+    res: dict = {"plan_mode": plan, "served_plan": version_status(url, v.version).get("plan"),
+                 "bundle": v.version, "image": f"{w}x{h}", "clients": mode.swap_clients,
                  "cold_start_to_ready_seconds": cold, "swaps_requested": mode.swaps}
     stop = scratch / "stop"
     swap_log: list[dict] = []
