@@ -17,7 +17,7 @@ serve: bundles  ## build the demo bundles if missing, then run the server (the m
 test: $(VENV)/.stamp-test /usr/bin/chromium /usr/sbin/nginx /usr/bin/promtool  ## lint, type-check, then the whole test suite
 	$(VENV)/bin/ruff check m2fpkit/__init__.py runtime server export
 	$(VENV)/bin/mypy m2fpkit
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --durations=25
 
 bundles: $(VENV)/.stamp-base  ## export the demo versions (tiny random-init models) into bundles/
 	$(VENV)/bin/m2fp-export --all --bundles $(BUNDLES)
