@@ -25,20 +25,23 @@ def deformable_attention(value: torch.Tensor, shapes: list[tuple[int, int]], loc
     value ``[B, S, heads, d]`` (levels concatenated), locations ``[B, Q, heads, L, P, 2]`` in [0, 1],
     weights ``[B, Q, heads, L, P]``; returns ``[B, Q, heads * d]``. Each level is bilinearly sampled
     with ``grid_sample(align_corners=False, padding zeros)`` at ``2 * loc - 1`` and the samples are
-    summed with the attention weights.
+    summed with the attention weights, level by level: the levels' samples are never stacked into one
+    ``[B·heads, d, Q, L·P]`` tensor (at r101 sizes ~100 MB per layer, copied once more by the stack).
     """
     b, _, heads, d = value.shape
-    q, n_levels, n_points = locations.shape[1], locations.shape[3], locations.shape[4]
+    q, n_points = locations.shape[1], locations.shape[4]
     grids = 2 * locations - 1
-    samples = []
+    out: torch.Tensor | None = None
     start = 0
     for level, (h, w) in enumerate(shapes):
         v = value[:, start:start + h * w].flatten(2).transpose(1, 2).reshape(b * heads, d, h, w)
         start = start + h * w
         g = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
-        samples.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
-    w_ = weights.transpose(1, 2).reshape(b * heads, 1, q, n_levels * n_points)
-    out = (torch.stack(samples, dim=-2).flatten(-2) * w_).sum(-1)
+        sampled = F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)
+        w_ = weights[:, :, :, level].transpose(1, 2).reshape(b * heads, 1, q, n_points)
+        term = (sampled * w_).sum(-1)
+        out = term if out is None else out + term
+    assert out is not None, "at least one level"
     return out.view(b, heads * d, q).transpose(1, 2).contiguous()
 
 
