@@ -34,15 +34,19 @@ $(VENV)/.stamp-bench: $(VENV)/.stamp-test
 
 setup: $(VENV)/.stamp-test /usr/bin/chromium /usr/sbin/nginx /usr/bin/promtool
 
+# the venv (created if missing) with the target's EXTRAS, in one pip pass
+INSTALL = test -x $(PY) || $(PYTHON) -m venv $(VENV); \
+	$(PIP) install -q --upgrade pip && $(PIP) install -q $(TORCH) -e '.[$(EXTRAS)]'
+
+$(VENV)/.stamp-base: EXTRAS = export
 $(VENV)/.stamp-base: pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	$(PIP) install -q $(TORCH) -e '.[export]'
+	$(INSTALL)
 	touch $@
 
-$(VENV)/.stamp-test: $(VENV)/.stamp-base
-	$(PIP) install -q $(TORCH) -e '.[export,test,openvino]'
-	touch $@
+$(VENV)/.stamp-test: EXTRAS = export,test,openvino
+$(VENV)/.stamp-test: pyproject.toml  # a superset of base: one pip pass, both stamps
+	$(INSTALL)
+	touch $(VENV)/.stamp-base $@
 
 /usr/bin/chromium:  ## headless browser for the WebUI test (Debian's build; no downloads by test tools)
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null

@@ -77,7 +77,7 @@ def test_openapi_matches_the_server(fuzz_server) -> None:
         server, work, "with_tokens",
         f'[auth.openapi.bearerAuth]\nbearer = "{ADMIN_TOKEN}"\n'
         f'[auth.openapi.distributionAuth]\nbearer = "{DISTRIBUTION_TOKEN}"\n',
-        max_time=60, timeout=150)
+        max_time=45, timeout=130)
     assert re.search(r"Operations:\s+(\d+) selected / \1 total", authed), "every documented operation is fuzzed"
     anonymous = schemathesis_run(server, work, "without_tokens", "", "--include-tag", "admin",
                                  "--include-tag", "distribution", max_time=20, timeout=90)
