@@ -16,8 +16,11 @@ serve: bundles  ## build the demo bundles if missing, then run the server (the m
 
 test: $(VENV)/.stamp-test /usr/bin/chromium /usr/sbin/nginx /usr/bin/promtool  ## lint, type-check, then the whole test suite
 	$(VENV)/bin/ruff check m2fpkit/__init__.py runtime server export
-	$(VENV)/bin/mypy m2fpkit
-	$(VENV)/bin/pytest -q --durations=25
+	@# mypy (one core, ~20 s from a cold cache) runs beside pytest's start; both must pass
+	$(VENV)/bin/mypy m2fpkit > $(VENV)/mypy.log 2>&1 & mypy=$$!; \
+	$(VENV)/bin/pytest -q --durations=25; tests=$$?; \
+	wait $$mypy; typed=$$?; echo "mypy m2fpkit:"; cat $(VENV)/mypy.log; \
+	test $$tests -eq 0 && test $$typed -eq 0
 
 bundles: $(VENV)/.stamp-base  ## export the demo versions (tiny random-init models) into bundles/
 	$(VENV)/bin/m2fp-export --all --bundles $(BUNDLES)
