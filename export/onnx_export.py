@@ -160,17 +160,18 @@ def _with_weights(graph: onnx.ModelProto, model: M2FP) -> torch.onnx.ONNXProgram
     ir_model = ir.serde.deserialize_model(graph)
     state = model.state_dict()
     inputs = ir_model.graph.inputs
-    params = [value for value in inputs if value.name != INPUT]
-    for value in params:
+    fitted = []  # (parameter input, the model's array for it): all checked before the graph changes
+    for value in [value for value in inputs if value.name != INPUT]:
         tensor = state.get(value.name or "")
-        if tensor is None or tuple(tensor.shape) != tuple(value.shape or ()) \
-                or value.dtype != ir.DataType.from_numpy(tensor.numpy(force=True).dtype):
+        array = None if tensor is None else tensor.numpy(force=True)
+        if array is None or array.shape != tuple(value.shape or ()) \
+                or value.dtype != ir.DataType.from_numpy(array.dtype):
             log.warning("cached ONNX graph does not fit the model (parameter %s): tracing again", value.name)
             return None
-    for value in params:
+        fitted.append((value, array))
+    for value, array in fitted:
         inputs.remove(value)
-        name = value.name or ""
-        value.const_value = ir.Tensor(state[name].numpy(force=True), name=name)
+        value.const_value = ir.Tensor(array, name=value.name)
         ir_model.graph.register_initializer(value)
     return torch.onnx.ONNXProgram(ir_model, None)
 
@@ -180,13 +181,14 @@ def _load(entry: Path) -> onnx.ModelProto | None:
 
     try:
         graph = onnx.load(str(entry / _GRAPH))
-        os.utime(entry)  # recently used: kept by _prune
     except (FileNotFoundError, NotADirectoryError):
         return None
     except Exception as exc:  # noqa: BLE001 - a damaged entry is a cache miss, never a failed export
         log.warning("export cache entry %s unreadable (%s): tracing again", entry.name[:16], exc)
         shutil.rmtree(entry, ignore_errors=True)
         return None
+    with contextlib.suppress(OSError):  # a read-only cache is still used, only never pruned by use
+        os.utime(entry)  # recently used: kept by _prune
     return graph
 
 

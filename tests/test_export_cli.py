@@ -651,3 +651,10 @@ def test_graph_cache_survives_damage_and_an_unwritable_directory(tmp_path, monke
     assert len(traced) == 4
     onnx_export.export_onnx(model, graph, opset=16)
     assert len(traced) == 5 and entry.exists() and len(list(cache.iterdir())) == 2  # the opset-15 one went
+
+    def read_only(*args, **kwargs):
+        raise PermissionError("read-only file system")
+
+    monkeypatch.setattr(onnx_export.os, "utime", read_only)  # a cache on a read-only volume is still read
+    onnx_export.export_onnx(model, graph, opset=18)
+    assert len(traced) == 5 and entry.exists()
