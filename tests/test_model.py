@@ -225,21 +225,21 @@ def _op_kinds(onnx_path) -> set[tuple[str, str]]:
 
 
 def _full_depth_graph(tmp_path):
-    """An ``r101`` bundle graph already built on this box by the same exporter versions (the benchmarks'
-    cache), else the full-depth graph exported here at tiny widths (r101's layer counts, same code paths)."""
+    """The benchmarks' cached ``r101`` multi-human graph when it was built from this export code by these
+    exporter versions (its stamp is current), else the full-depth graph exported here at tiny widths
+    (r101's layer counts, same code paths)."""
     import dataclasses
     import json
-    from pathlib import Path
 
     import onnxscript
 
+    from benchmarks import bundles as bench
     from m2fpkit.export import onnx_export
 
-    cache = Path(__file__).resolve().parent.parent / "benchmarks" / ".cache"
-    for config in sorted(cache.glob("*/bundles/m2fp/*/config.json")):
-        raw = json.loads(config.read_text())
-        if (raw.get("backbone") == "resnet101" and raw.get("tools", {}).get("torch") == torch.__version__
-                and raw["tools"].get("onnxscript") == onnxscript.__version__):
+    config = bench.bundle_dir("full", "multi") / "config.json"
+    if config.is_file() and not bench.stale("full", "multi"):
+        tools = json.loads(config.read_text()).get("tools", {})
+        if tools.get("torch") == torch.__version__ and tools.get("onnxscript") == onnxscript.__version__:
             return config.with_name("model.onnx")
     tiny, r101 = mcfg.preset("tiny"), mcfg.preset("r101")
     deep = dataclasses.replace(

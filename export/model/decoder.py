@@ -95,15 +95,23 @@ class MaskedTransformerDecoder(nn.Module):
         self.mask_embed = MLP(d, d, cfg.mask_dim, 3)
         self.num_pos_feats = d // 2
 
-    def _masks(self, output: torch.Tensor, mask_features: torch.Tensor) -> torch.Tensor:
-        x = self.decoder_norm(output).transpose(0, 1)
-        return torch.einsum("bqc,bchw->bqhw", self.mask_embed(x), mask_features)
+    def _mask_embedding(self, output: torch.Tensor) -> torch.Tensor:
+        """``[Q, B, C]`` decoder state → ``[B, Q, mask_dim]`` per-query mask embeddings."""
+        return self.mask_embed(self.decoder_norm(output).transpose(0, 1))
 
-    def _attention_mask(self, masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """Where a query may not look: resized mask probability < 0.5, rows that hide everything opened."""
-        m = F.interpolate(masks, size=size, mode="bilinear", align_corners=False)
-        m = m.sigmoid().flatten(2).unsqueeze(1).repeat(1, self.num_heads, 1, 1).flatten(0, 1) < 0.5
-        return m & ~m.all(-1, keepdim=True)
+    def _attention_mask(self, embedding: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """Additive mask ``[B·heads, Q, h·w]``: −inf where a query may not look, 0 elsewhere.
+
+        Mask2Former resizes each query's stride-4 mask logits to the level size, hides pixels whose
+        probability is < 0.5 and re-opens rows that would hide everything. The resize is linear per
+        channel, so resizing the mask features once per level (``features``) and projecting them gives
+        the same logits without a stride-4 projection per layer. The rule runs on ``[B, Q, h·w]`` and is
+        only broadcast over the heads at the end.
+        """
+        m = torch.matmul(embedding, features.flatten(2)).sigmoid() < 0.5
+        m = m & ~m.all(-1, keepdim=True)
+        bias = torch.zeros_like(m, dtype=embedding.dtype).masked_fill(m, float("-inf"))
+        return bias.unsqueeze(1).expand(-1, self.num_heads, -1, -1).flatten(0, 1)
 
     def forward(self, feats: list[torch.Tensor], mask_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         sizes = [(f.shape[2], f.shape[3]) for f in feats]
@@ -114,14 +122,17 @@ class MaskedTransformerDecoder(nn.Module):
         b = src[0].shape[1]
         query_pos = self.query_embed.weight.unsqueeze(1).repeat(1, b, 1)
         output = self.query_feat.weight.unsqueeze(1).repeat(1, b, 1)
-        masks = self._masks(output, mask_features)
-        n_layers = len(self.transformer_ffn_layers)
-        for i in range(n_layers):
+        level_features: dict[int, torch.Tensor] = {}  # mask features resized to a level, made once
+        for i in range(len(self.transformer_ffn_layers)):
             level = i % N_LEVELS
-            attn_mask = self._attention_mask(masks, sizes[level])
+            if level not in level_features:
+                level_features[level] = F.interpolate(mask_features, size=sizes[level], mode="bilinear",
+                                                      align_corners=False)
+            attn_mask = self._attention_mask(self._mask_embedding(output), level_features[level])
             output = self.transformer_cross_attention_layers[i](output, src[level], attn_mask, pos[level], query_pos)
             output = self.transformer_self_attention_layers[i](output, query_pos)
             output = self.transformer_ffn_layers[i](output)
-            masks = self._masks(output, mask_features)
-        logits = self.class_embed(self.decoder_norm(output).transpose(0, 1))
-        return logits, masks
+        x = self.decoder_norm(output).transpose(0, 1)
+        # a plain MatMul: onnxruntime's Einsum runs the same product ~1.5× slower
+        masks = torch.matmul(self.mask_embed(x), mask_features.flatten(2)).unflatten(2, mask_features.shape[2:])
+        return self.class_embed(x), masks
