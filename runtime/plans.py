@@ -15,8 +15,8 @@ Invariants:
   :data:`TIE_MARGIN` faster. A smaller difference is within the timing round's noise on a shared
   2-core box, and the earlier plans are the cheaper ones to build at every start and hot swap
   (onnxruntime ~0.5 s for r101; OpenVINO compiles for 2-5 s). The decision is cached per (bundle
-  content, CPU, threads, engine versions, candidate set) in the state directory; a restart builds only
-  the cached plan and re-verifies it (the verification run is also the warm-up).
+  content, CPU, threads, engine versions, candidate set, margin) in the state directory; a restart
+  builds only the cached plan and re-verifies it (the verification run is also the warm-up).
 * New content for a version that already serves (a hot swap) is served at once with the plan the
   previous content chose, if it verifies: ready after one forward instead of a full timing round. That
   choice is not cached for the new content, so the next start times the candidates again.
@@ -322,7 +322,7 @@ class Planner:
     def _cache_key(self, content: BundleContent, viable: list[Plan]) -> dict[str, Any]:
         return {"identity": content.info.identity, "cpu": self.cpu.key, "cpu_model": self.cpu.model,
                 "threads": self.factory.settings.threads(), "engines": engine_versions(),
-                "candidates": sorted(p.name for p in viable)}
+                "candidates": sorted(p.name for p in viable), "tie_margin": TIE_MARGIN}
 
     def _cache_file(self, key: dict[str, Any]) -> Path | None:
         base = self.cache_dir()
