@@ -4,7 +4,9 @@ One subprocess holds both: the PyTorch M2FP (built from the bundle's own source,
 the bundle's: the state-dict hash is checked) and the bundle loaded with ``Predictor.load`` and the
 runtime's default settings. The input tensor of each size is what the bundle's own
 ``Predictor.prepare`` makes of a synthetic person image (``Mode.forward_images``); onnxruntime runs
-through ``Predictor.run``. Runs alternate (torch, ort, torch, ort, …) so both see the same load.
+through ``Predictor.run``, once with the runtime's settings (the ``ort-fp32`` reference) and once at
+level ALL (the ``ort-fp32-nchwc`` plan, same content). Runs alternate (torch, ort, ort-nchwc, torch, …)
+so all see the same load.
 
 - MACs: a small ``TorchDispatchMode`` counter over one forward (convolutions, matmuls, bmm/einsum,
   attention; GridSample and elementwise ops are not counted), split by module.
@@ -219,6 +221,9 @@ def child(bundle_dir: Path, images: list[tuple[int, int]], repeats: int, sgemm_n
     if ck.sha256 != cfg.source.get("sha256"):
         raise RuntimeError("PyTorch weights are not the bundle's")
     peak = sgemm(sgemm_n, 5 if sgemm_n >= 1024 else 2)
+    # the same content at level ALL: the ort-fp32-nchwc plan, timed beside the reference
+    nchwc = Predictor.from_content(pred.content, SessionFactory(dataclasses.replace(factory.settings,
+                                                                                    optimization="all")))
     out: dict = {"threads": threads, "settings": str(factory.settings), "sgemm_gflops": peak,
                  "parameters": sum(p.numel() for p in model.parameters()), "sizes": {}}
     for i, (iw, ih) in enumerate(images):
@@ -229,32 +234,31 @@ def child(bundle_dir: Path, images: list[tuple[int, int]], repeats: int, sgemm_n
         with torch.inference_mode():
             ref = [t.numpy() for t in model(xt)]
         got = pred.run(x)
-        tt, to, ct, co = [], [], [], []
+        nchwc.run(x)  # its first run (layout transformation's buffers) is not timed
+        wall: dict[str, list[float]] = {"torch": [], "onnxruntime": [], "onnxruntime_nchwc": []}
+        cpu: dict[str, list[float]] = {k: [] for k in wall}
         for _ in range(repeats):
-            with Timer() as t, torch.inference_mode():
-                model(xt)
-            tt.append(t.wall)
-            ct.append(t.cpu)
-            with Timer() as t:
-                pred.run(x)
-            to.append(t.wall)
-            co.append(t.cpu)
-        st, so = summary(tt), summary(to)
-        sct, sco = summary(ct), summary(co)
+            for name, fn in (("torch", lambda: model(xt)), ("onnxruntime", lambda: pred.run(x)),
+                             ("onnxruntime_nchwc", lambda: nchwc.run(x))):
+                with Timer() as t, torch.inference_mode():
+                    fn()
+                wall[name].append(t.wall)
+                cpu[name].append(t.cpu)
         gflop = 2 * macs["total"] / 1e9
         pcs = peak.get("peak_per_cpu_second")
+
+        def rates(name: str) -> dict:
+            lat, used = summary(wall[name]), summary(cpu[name])
+            return {"latency": lat, "cpu": used, "gflops": gflop / lat["p50"],
+                    "pct_of_sgemm": 100 * gflop / lat["p50"] / peak["peak"],
+                    "gflops_per_cpu_second": gflop / used["p50"],
+                    "pct_of_sgemm_cpu": 100 * gflop / used["p50"] / pcs if pcs else None}
+
         entry = {
-            "gmacs": macs["total"] / 1e9, "macs": macs,
-            "torch": {"latency": st, "cpu": sct, "gflops": gflop / st["p50"],
-                      "pct_of_sgemm": 100 * gflop / st["p50"] / peak["peak"],
-                      "gflops_per_cpu_second": gflop / sct["p50"],
-                      "pct_of_sgemm_cpu": 100 * gflop / sct["p50"] / pcs if pcs else None},
-            "onnxruntime": {"latency": so, "cpu": sco, "gflops": gflop / so["p50"],
-                            "pct_of_sgemm": 100 * gflop / so["p50"] / peak["peak"],
-                            "gflops_per_cpu_second": gflop / sco["p50"],
-                            "pct_of_sgemm_cpu": 100 * gflop / sco["p50"] / pcs if pcs else None},
-            "speedup_p50": st["p50"] / so["p50"],
-            "paired_speedups": summary([a / b for a, b in zip(tt, to)]),
+            "gmacs": macs["total"] / 1e9, "macs": macs, **{name: rates(name) for name in wall},
+            "speedup_p50": summary(wall["torch"])["p50"] / summary(wall["onnxruntime"])["p50"],
+            "paired_speedups": summary([a / b for a, b in zip(wall["torch"], wall["onnxruntime"])]),
+            "nchwc_paired_speedups": summary([a / b for a, b in zip(wall["onnxruntime"], wall["onnxruntime_nchwc"])]),
             "max_abs_diff": {n: float(np.abs(r - g).max()) for n, r, g in zip(("pred_logits", "pred_masks"), ref, got)},
         }
         if i == 0:
@@ -276,6 +280,7 @@ def child(bundle_dir: Path, images: list[tuple[int, int]], repeats: int, sgemm_n
             entry["profile"] = prof
         entry["image_wh"] = [iw, ih]
         out["sizes"][f"{h}x{w}"] = entry
+        st, so = entry["torch"]["latency"], entry["onnxruntime"]["latency"]
         log(f"forward {h}x{w}: {macs['total'] / 1e9:.1f} GMAC; torch {st['p50']:.3f} s, ort {so['p50']:.3f} s "
             f"({entry['onnxruntime']['pct_of_sgemm']:.0f}% of SGEMM {peak['peak']} GFLOP/s)")
     return out

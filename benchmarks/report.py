@@ -231,19 +231,25 @@ def section_forward(f: dict) -> list[str]:
         sg = r["sgemm_gflops"]
         out += [f"Bundle {r.get('bundle')} ({r['parameters'] / 1e6:.2f} M parameters), {r['threads']} threads; "
                 f"SGEMM measured in the same process just before: {sg['peak']} GFLOP/s wall-clock, "
-                f"{_f(sg.get('peak_per_cpu_second'), 1)} GFLOP per CPU-second. Runs alternate torch / ort. "
+                f"{_f(sg.get('peak_per_cpu_second'), 1)} GFLOP per CPU-second. Runs alternate torch / ort / "
+                "ort at level ALL (the `ort-fp32-nchwc` plan). "
                 "'% of SGEMM (CPU)' compares GFLOP per CPU-second of the forward with SGEMM's: the same "
                 "ratio as wall-clock on an idle box, but much less disturbed by other processes.", "",
                 "| input (h×w) | GMAC | torch p50 / p95 s | ORT p50 / p95 s | ORT speed-up (paired) | ORT GFLOP/s | "
-                "ORT % of SGEMM (wall) | **ORT % of SGEMM (CPU)** | torch % (wall / CPU) | max |Δ| logits / masks |",
-                "|---|---|---|---|---|---|---|---|---|---|"]
+                "ORT % of SGEMM (wall) | **ORT % of SGEMM (CPU)** | torch % (wall / CPU) | max |Δ| logits / masks |"
+                " `ort-fp32-nchwc` p50 s, paired vs ORT, % of SGEMM (wall / CPU) |",
+                "|---|---|---|---|---|---|---|---|---|---|---|"]
         for size, e in r["sizes"].items():
             d = e["max_abs_diff"]
             o, t = e["onnxruntime"], e["torch"]
+            n = e.get("onnxruntime_nchwc")
+            nchwc = (f"{n['latency']['p50']:.3f}, {e['nchwc_paired_speedups']['p50']:.2f}×, "
+                     f"{n['pct_of_sgemm']:.0f} % / {_f(n.get('pct_of_sgemm_cpu'), 0, ' %')}") if n else "–"
             out.append(f"| {size} | {e['gmacs']:.1f} | {_lat(t['latency'])} | {_lat(o['latency'])} | "
                        f"{e['paired_speedups']['p50']:.2f}× | {o['gflops']:.1f} | {o['pct_of_sgemm']:.0f} % | "
                        f"**{_f(o.get('pct_of_sgemm_cpu'), 0, ' %')}** | {t['pct_of_sgemm']:.0f} % / "
-                       f"{_f(t.get('pct_of_sgemm_cpu'), 0, ' %')} | {d['pred_logits']:.1e} / {d['pred_masks']:.1e} |")
+                       f"{_f(t.get('pct_of_sgemm_cpu'), 0, ' %')} | {d['pred_logits']:.1e} / {d['pred_masks']:.1e} | "
+                       f"{nchwc} |")
         first = next(iter(r["sizes"].values()))
         parts = first["macs"]["by_part"]
         out += ["", "MACs by part: " + ", ".join(f"{k} {v / 1e9:.1f} G" for k, v in parts.items())
