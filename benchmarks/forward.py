@@ -156,15 +156,17 @@ def node_parts(model_bytes: bytes) -> dict[str, str]:
 
 
 def profile(pred: "Predictor", x: "np.ndarray", settings: "RuntimeSettings") -> dict:
-    """Per-node times of the last of two profiled runs, aggregated by op type and by model part.
+    """Per-node times of the last of three profiled runs, aggregated by op type and by model part.
 
-    The profiled predictor is built from ``pred``'s verified content with the same ``settings``.
+    The profiled predictor is built from ``pred``'s verified content with the same ``settings``. A new
+    session settles in its second run (its memory pattern is planned in the first; the first two runs
+    take ~90 k page faults, later ones none), so two runs are warm-up.
     """
     from m2fpkit.runtime.predictor import Predictor
 
     prefix = str(Path(os.environ.get("TMPDIR", "/tmp")) / f"m2fp_profile_{os.getpid()}")
     profiled = Predictor.from_content(pred.content, profiling_factory(settings, prefix))
-    for _ in range(2):
+    for _ in range(3):
         profiled.run(x)
     path = profiled.session.end_profiling()
     profiled.close()

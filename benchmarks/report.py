@@ -256,7 +256,7 @@ def section_forward(f: dict) -> list[str]:
                 + "; by aten op: " + ", ".join(f"{k} {v / 1e9:.1f} G" for k, v in first["macs"]["by_aten_op"].items()), ""]
         prof = first.get("profile")
         if prof:
-            out += [f"onnxruntime per-node profile at {next(iter(r['sizes']))} (one run: {prof['run_seconds']:.3f} s, "
+            out += [f"onnxruntime per-node profile at {next(iter(r['sizes']))} (the third run of a new session: {prof['run_seconds']:.3f} s, "
                     f"kernels {prof['kernel_seconds']:.3f} s):", "",
                     "| op type | share of kernel time | seconds | nodes | achieved GFLOP/s (op family) | % of SGEMM |",
                     "|---|---|---|---|---|---|"]
