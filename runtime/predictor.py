@@ -19,7 +19,7 @@ import numpy as np
 
 from .agreement import pixel_agreement, semantic_labels
 from .bundle import reader
-from .bundle.config import BundleConfig
+from .bundle.config import GOLDEN_MIN_AGREEMENT, BundleConfig
 from .bundle.signature import NO_KEYS, TrustPolicy
 from .errors import BundleError
 from .imageio import DEFAULT_MAX_PIXELS, decode_image
@@ -204,7 +204,7 @@ class Predictor:
         agreement = self.golden_agreement()
         if agreement is None:
             return None
-        need = float((self.config.golden or {}).get("min_agreement", 0.995))
+        need = float((self.config.golden or {}).get("min_agreement", GOLDEN_MIN_AGREEMENT))
         if agreement.label < need:
             raise BundleError(f"golden self-test: {100 * agreement.label:.2f}% of pixels agree, "
                               f"need {100 * need:.1f}%")

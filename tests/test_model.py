@@ -224,37 +224,10 @@ def _op_kinds(onnx_path) -> set[tuple[str, str]]:
     return {(n.domain, n.op_type) for n in model.graph.node}
 
 
-def _full_depth_graph(tmp_path):
-    """The benchmarks' cached ``r101`` multi-human graph when it was built from this export code by these
-    exporter versions (its stamp is current), else the full-depth graph exported here at tiny widths
-    (r101's layer counts, same code paths)."""
-    import dataclasses
-    import json
-
-    import onnxscript
-
-    from benchmarks import bundles as bench
-    from m2fpkit.export import onnx_export
-
-    config = bench.bundle_dir("full", "multi") / "config.json"
-    if config.is_file() and not bench.stale("full", "multi"):
-        tools = json.loads(config.read_text()).get("tools", {})
-        if tools.get("torch") == torch.__version__ and tools.get("onnxscript") == onnxscript.__version__:
-            return config.with_name("model.onnx")
-    tiny, r101 = mcfg.preset("tiny"), mcfg.preset("r101")
-    deep = dataclasses.replace(
-        tiny, backbone=dataclasses.replace(tiny.backbone, depth=r101.backbone.depth),
-        encoder=dataclasses.replace(tiny.encoder, transformer_enc_layers=r101.encoder.transformer_enc_layers),
-        decoder=dataclasses.replace(tiny.decoder, dec_layers=r101.decoder.dec_layers))
-    path = tmp_path / "model.onnx"
-    onnx_export.export_onnx(build(deep, seed=0), path, opset=18)
-    return path
-
-
-def test_tiny_graph_has_every_operator_kind_of_the_full_depth_graph(ms_multi, tmp_path):
+def test_tiny_graph_has_every_operator_kind_of_the_full_depth_graph(ms_multi, full_depth_graph):
     """Shallow is only a speed-up if nothing is left out: the tiny bundle's ONNX graph uses exactly the
     operator kinds of the full-depth one, so onnxruntime runs the same kernels on both."""
     tiny = _op_kinds(ms_multi.bundle_dir / "model.onnx")
-    full = _op_kinds(_full_depth_graph(tmp_path))
+    full = _op_kinds(full_depth_graph)
     assert tiny == full, {"only in full depth": sorted(full - tiny), "only in tiny": sorted(tiny - full)}
     assert len(tiny) > 20

@@ -79,6 +79,8 @@ class Variant:
 
 #: lowest golden-sample agreement a non-reference plan needs unless the bundle declares its own
 PLAN_MIN_AGREEMENT = 0.995
+#: lowest golden self-test agreement of the reference when ``golden`` declares no ``min_agreement``
+GOLDEN_MIN_AGREEMENT = 0.995
 PRECISIONS = ("int8",)
 
 
@@ -434,6 +436,6 @@ def _check_golden(golden: Any) -> None:
         _file_name(golden.get(key), f"golden → {key}")
     if golden.get("semantic") is not None:
         _file_name(golden["semantic"], "golden → semantic")
-    agree = golden.get("min_agreement", 0.995)
+    agree = golden.get("min_agreement", GOLDEN_MIN_AGREEMENT)
     if isinstance(agree, bool) or not isinstance(agree, (int, float)) or not 0 < agree <= 1:
         raise _err("golden → min_agreement", f"expected a number in (0, 1], got {jsonfile.brief(agree)}")
