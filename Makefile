@@ -15,7 +15,7 @@ serve: bundles  ## build the demo bundles if missing, then run the server (the m
 	$(VENV)/bin/m2fp-serve --bundles $(BUNDLES) --host $(HOST) --port $(PORT)
 
 test: $(VENV)/.stamp-test /usr/bin/chromium /usr/sbin/nginx /usr/bin/promtool  ## lint, type-check, then the whole test suite
-	$(VENV)/bin/ruff check m2fpkit/__init__.py runtime server export
+	$(VENV)/bin/ruff check m2fpkit/__init__.py runtime server export tests benchmarks
 	@# mypy (one core, ~20 s from a cold cache) runs beside pytest's start; both must pass
 	$(VENV)/bin/mypy m2fpkit > $(VENV)/mypy.log 2>&1 & mypy=$$!; \
 	$(VENV)/bin/pytest -q --durations=25; tests=$$?; \

@@ -137,10 +137,10 @@ def person_image(width: int, height: int, seed: int = 0, people: int = 2):
                           [cx + s * 0.5, top + s * 3.2], [cx - s * 0.5, top + s * 3.2]], np.int32)
         cv2.fillPoly(img, [torso], shirt)
         for side in (-1, 1):
-            cv2.line(img, (int(cx + side * s * 0.6), int(top + s * 1.3)), (int(cx + side * s * 1.0), int(top + s * 2.9)),
-                     skin, max(2, int(s * 0.22)))
-            cv2.line(img, (int(cx + side * s * 0.25), int(top + s * 3.2)), (int(cx + side * s * 0.35), int(top + s * 5.6)),
-                     pants, max(2, int(s * 0.3)))
+            cv2.line(img, (int(cx + side * s * 0.6), int(top + s * 1.3)),
+                     (int(cx + side * s * 1.0), int(top + s * 2.9)), skin, max(2, int(s * 0.22)))
+            cv2.line(img, (int(cx + side * s * 0.25), int(top + s * 3.2)),
+                     (int(cx + side * s * 0.35), int(top + s * 5.6)), pants, max(2, int(s * 0.3)))
             cv2.ellipse(img, (int(cx + side * s * 0.4), int(top + s * 5.7)), (int(s * 0.25), int(s * 0.12)), 0, 0, 360,
                         (20, 20, 20), -1)
     noise = rng.normal(0, 6, img.shape)
@@ -162,7 +162,7 @@ def test_jpeg(width: int, height: int, seed: int = 0) -> bytes:
 
 # ------------------------------------------------------------------------ bundles of another graph
 
-def graph_bundle(root: Path, base: "BundleContent", what: str, write_graph: Callable[[Path], None]) -> Path:
+def graph_bundle(root: Path, base: BundleContent, what: str, write_graph: Callable[[Path], None]) -> Path:
     """``base``'s bundle around another graph, published by the bundle writer under ``root``; its directory.
 
     ``write_graph(path)`` saves the graph at ``path`` (the config's model file), with at most one
@@ -235,7 +235,7 @@ def mb(n: float | int | None) -> float | None:
 class Timer:
     """Wall and CPU seconds of a block."""
 
-    def __enter__(self) -> "Timer":
+    def __enter__(self) -> Timer:
         self.t0, self.c0 = time.perf_counter(), cpu_seconds()
         return self
 

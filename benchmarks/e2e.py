@@ -31,8 +31,19 @@ import sys
 from pathlib import Path
 
 from . import bundles
-from .common import (Mode, Timer, log, mb, proc_status, reset_peak_rss, run_all, run_child, summary, test_jpeg,
-                     write_json)
+from .common import (
+    Mode,
+    Timer,
+    log,
+    mb,
+    proc_status,
+    reset_peak_rss,
+    run_all,
+    run_child,
+    summary,
+    test_jpeg,
+    write_json,
+)
 
 SYSTEMS = ("ours", "modelscope")
 TASKS = ("multi", "single")
@@ -253,7 +264,8 @@ def run(mode: Mode, out_dir: Path) -> dict:
             log(f"e2e {'+'.join(tasks)}: {system}")
             runs = []
             for task in tasks:
-                src = bundles.bundle_dir(mode.name, task) if system == "ours" else bundles.modelscope_dir(mode.name, task)
+                src = (bundles.bundle_dir(mode.name, task) if system == "ours"
+                       else bundles.modelscope_dir(mode.name, task))
                 runs += ["--run", f"{task}={src}"]
             return run_child("e2e", ["--system", system, *runs, *common], out_dir / "tmp" / mode.name,
                              label=f"e2e_{system}_{'+'.join(tasks)}")

@@ -81,7 +81,7 @@ def git_state() -> dict:
 def describe() -> dict:
     """Everything but the SGEMM measurement (cheap; the parent process calls this)."""
     return {
-        "date": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
+        "date": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
         "host": platform.node(), "kernel": platform.release(), "platform": platform.platform(),
         "cpu": cpu_info(), "versions": versions(), "git": git_state(),
         "load_average": [round(x, 2) for x in os.getloadavg()],

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
     from m2fpkit.runtime.session import RuntimeSettings, SessionFactory
 
 
-def input_tensor(pred: "Predictor", width: int, height: int, seed: int = 0) -> "np.ndarray":
+def input_tensor(pred: Predictor, width: int, height: int, seed: int = 0) -> np.ndarray:
     """The graph input ``pred.prepare`` makes of a ``width``×``height`` synthetic person image."""
     import numpy as np
 
@@ -53,7 +54,7 @@ def input_tensor(pred: "Predictor", width: int, height: int, seed: int = 0) -> "
     return np.ascontiguousarray(pred.prepare(person_image(width, height, seed)).tensor)
 
 
-def profiling_factory(settings: "RuntimeSettings", prefix: str) -> "SessionFactory":
+def profiling_factory(settings: RuntimeSettings, prefix: str) -> SessionFactory:
     """A :class:`SessionFactory` with ``settings`` whose sessions also record onnxruntime's profile."""
     import onnxruntime as ort
 
@@ -155,7 +156,7 @@ def node_parts(model_bytes: bytes) -> dict[str, str]:
     return out
 
 
-def profile(pred: "Predictor", x: "np.ndarray", settings: "RuntimeSettings") -> dict:
+def profile(pred: Predictor, x: np.ndarray, settings: RuntimeSettings) -> dict:
     """Per-node times of the last of three profiled runs, aggregated by op type and by model part.
 
     The profiled predictor is built from ``pred``'s verified content with the same ``settings``. A new
@@ -240,8 +241,10 @@ def child(bundle_dir: Path, images: list[tuple[int, int]], repeats: int, sgemm_n
         wall: dict[str, list[float]] = {"torch": [], "onnxruntime": [], "onnxruntime_nchwc": []}
         cpu: dict[str, list[float]] = {k: [] for k in wall}
         for _ in range(repeats):
-            for name, fn in (("torch", lambda: model(xt)), ("onnxruntime", lambda: pred.run(x)),
-                             ("onnxruntime_nchwc", lambda: nchwc.run(x))):
+            # partial binds this image's tensors (the calls run within this iteration anyway)
+            for name, fn in (("torch", functools.partial(model, xt)),
+                             ("onnxruntime", functools.partial(pred.run, x)),
+                             ("onnxruntime_nchwc", functools.partial(nchwc.run, x))):
                 with Timer() as t, torch.inference_mode():
                     fn()
                 wall[name].append(t.wall)
@@ -249,7 +252,9 @@ def child(bundle_dir: Path, images: list[tuple[int, int]], repeats: int, sgemm_n
         gflop = 2 * macs["total"] / 1e9
         pcs = peak.get("peak_per_cpu_second")
 
-        def rates(name: str) -> dict:
+        # the defaults bind this image's values (rates is only called within this iteration anyway)
+        def rates(name: str, *, wall: dict[str, list[float]] = wall, cpu: dict[str, list[float]] = cpu,
+                  gflop: float = gflop, pcs: float | None = pcs) -> dict:
             lat, used = summary(wall[name]), summary(cpu[name])
             return {"latency": lat, "cpu": used, "gflops": gflop / lat["p50"],
                     "pct_of_sgemm": 100 * gflop / lat["p50"] / peak["peak"],

@@ -133,10 +133,12 @@ def run(mode: Mode, out_dir: Path) -> dict:
                 row["vs_sum_of_versions"] = row["after_run"]["Rss"] / row["sum_of_versions_rss"]
             log(f"memory {kind} {st}: " + ", ".join(f"{n}: {mb(r['after_run']['Rss'])} MB" for n, r in rows.items()))
     log(f"memory: {mode.leak_cycles} load/unload cycles")
-    r = run_child("memory", ["--settings", "default", "--cycles", mode.leak_cycles, bundles.bundle_dir(mode.name, "multi")],
+    r = run_child("memory", ["--settings", "default", "--cycles", mode.leak_cycles,
+                             bundles.bundle_dir(mode.name, "multi")],
                   out_dir / "tmp" / mode.name, label="memory_cycles")
     cyc = r["cycles"]
-    res["leak"] = {"cycles": len(cyc), "empty_rss": r["empty"]["Rss"], "after_first_close_rss": cyc[0]["after_close_rss"],
+    res["leak"] = {"cycles": len(cyc), "empty_rss": r["empty"]["Rss"],
+                   "after_first_close_rss": cyc[0]["after_close_rss"],
                    "after_last_close_rss": cyc[-1]["after_close_rss"],
                    "growth_first_to_last": cyc[-1]["after_close_rss"] - cyc[0]["after_close_rss"],
                    "loaded_rss_first": cyc[0]["loaded_rss"], "loaded_rss_last": cyc[-1]["loaded_rss"],

@@ -74,10 +74,16 @@ def option_root(mode: str, option: str) -> Path:
 
 # ------------------------------------------------------------------------- bundles of other graphs
 
-def build_quantized(mode: str, base: "Predictor", kind: str, n_calib: int) -> Path:
+def build_quantized(mode: str, base: Predictor, kind: str, n_calib: int) -> Path:
     """The bundle of ``base``'s int8 graph (cached); ``kind`` is static-conv or dynamic-matmul."""
-    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quant_pre_process,
-                                          quantize_dynamic, quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quant_pre_process,
+        quantize_dynamic,
+        quantize_static,
+    )
 
     cfg = base.config
     src = base.content.info.path / cfg.model_file  # the verified bundle's graph: the quantiser's input
@@ -86,8 +92,9 @@ def build_quantized(mode: str, base: "Predictor", kind: str, n_calib: int) -> Pa
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
             sizes = [(384, 512), (480, 640), (360, 640), (512, 512)][:n_calib]
-            self.items = iter([{input_name: base.prepare(base.decode(jpeg_bytes(person_image(w, h, seed=100 + i)))).tensor}
-                               for i, (w, h) in enumerate(sizes)])
+            self.items = iter([
+                {input_name: base.prepare(base.decode(jpeg_bytes(person_image(w, h, seed=100 + i)))).tensor}
+                for i, (w, h) in enumerate(sizes)])
 
         def get_next(self) -> dict | None:
             return next(self.items, None)
@@ -120,13 +127,14 @@ def build_quantized(mode: str, base: "Predictor", kind: str, n_calib: int) -> Pa
                 quant_pre_process(graph, pre, skip_symbolic_shape=True, save_as_external_data=True,
                                   all_tensors_to_one_file=True, external_data_location="preprocessed.onnx.data")
             quantize_static(pre, model, Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv"],
-                            per_channel=True, reduce_range=not cpu.detect().has("vnni"), activation_type=QuantType.QUInt8,
-                            weight_type=QuantType.QInt8, use_external_data_format=True)
+                            per_channel=True, reduce_range=not cpu.detect().has("vnni"),
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            use_external_data_format=True)
 
     return graph_bundle(option_root(mode, f"int8-{kind}"), base.content, f"int8 {kind}", write_graph)
 
 
-def saving_factory(settings: "RuntimeSettings", target: Path) -> "SessionFactory":
+def saving_factory(settings: RuntimeSettings, target: Path) -> SessionFactory:
     """A :class:`SessionFactory` whose sessions also have onnxruntime save the optimised graph to ``target``."""
     import onnxruntime as ort
 
@@ -143,7 +151,7 @@ def saving_factory(settings: "RuntimeSettings", target: Path) -> "SessionFactory
     return SavingFactory(settings)
 
 
-def build_preoptimized(mode: str, base: "Predictor", settings: "RuntimeSettings") -> Path:
+def build_preoptimized(mode: str, base: Predictor, settings: RuntimeSettings) -> Path:
     """The bundle of the graph onnxruntime optimises from ``base``'s content with ``settings`` (cached)."""
     def write_graph(model: Path) -> None:
         saving_factory(settings, model).create(base.content)  # the session itself is not kept
@@ -154,7 +162,7 @@ def build_preoptimized(mode: str, base: "Predictor", settings: "RuntimeSettings"
 
 # ------------------------------------------------------------------------------------------ child
 
-def _semantic(logits: "np.ndarray", masks: "np.ndarray", prepared: "Prepared") -> "np.ndarray":
+def _semantic(logits: np.ndarray, masks: np.ndarray, prepared: Prepared) -> np.ndarray:
     import numpy as np
 
     x0, y0, x1, y1 = prepared.content_box
@@ -165,7 +173,7 @@ def _semantic(logits: "np.ndarray", masks: "np.ndarray", prepared: "Prepared") -
     return np.einsum("qc,qhw->chw", p, sig).argmax(0)
 
 
-def _load(bundle_dir: Path, settings: "RuntimeSettings") -> tuple["Predictor", float]:
+def _load(bundle_dir: Path, settings: RuntimeSettings) -> tuple[Predictor, float]:
     """``Predictor.load`` with a factory of ``settings``, and its wall seconds."""
     from m2fpkit.runtime.predictor import Predictor
     from m2fpkit.runtime.session import SessionFactory
@@ -215,7 +223,7 @@ def child(option: str, mode: str, images: list[Path], repeats: int, n_calib: int
         canvas = (max(p.padded_hw[0] for p in prepared), max(p.padded_hw[1] for p in prepared))
         extra["canvas_hw"] = list(canvas)
 
-    def opt_input(p: "Prepared") -> "Prepared":
+    def opt_input(p: Prepared) -> Prepared:
         """The option's input: the prepared tensor, padded further to the fixed canvas if there is one."""
         if canvas is None:
             return p
@@ -300,7 +308,8 @@ def _combine(option: str, base: dict, opt: dict) -> dict:
     worst = min(min(x["semantic"], x["label_map"]) for x in agreement)
     sp = base["latency"]["p50"] / opt["latency"]["p50"]
     return {"option": option, "bundle": opt["bundle"], "what": OPTIONS[option][1], "input_hw": opt["input_hw"],
-            "option_input_hw": opt["input_hw"], "baseline": {"latency": base["latency"], "load_seconds": base["load_seconds"]},
+            "option_input_hw": opt["input_hw"],
+            "baseline": {"latency": base["latency"], "load_seconds": base["load_seconds"]},
             "option_run": {"latency": opt["latency"], "load_seconds": opt["load_seconds"]}, "speedup_p50": sp,
             "paired_speedups": {"p50": sp, "min": sp, "max": sp, "n": 0}, "not_interleaved": True,
             "agreement": agreement, "worst_agreement": worst, "loses_agreement": worst < AGREEMENT_BAR}
@@ -354,7 +363,8 @@ def run(mode: Mode, out_dir: Path, only: list[str] | None = None) -> dict:
             r = {"option": option, "error": str(r)[-2000:]}
         res["options"][option] = r
         if "speedup_p50" in r:
-            log(f"options {option}: {r['speedup_p50']:.2f}× vs default, worst agreement {100 * r['worst_agreement']:.2f}%")
+            log(f"options {option}: {r['speedup_p50']:.2f}× vs default, "
+                f"worst agreement {100 * r['worst_agreement']:.2f}%")
     return res
 
 

@@ -217,7 +217,7 @@ def section_e2e(e: dict) -> list[str]:
         out += ["", "Multi-human postprocessing alone on *trained-like* outputs (3 people, 15 parts; random "
                 "weights give no instance above the thresholds, which flatters select-before-upsample):", "",
                 "| image | ours p50 s | ModelScope p50 s | speed-up | instances ours / MS |", "|---|---|---|---|---|"]
-        for task, size, p in rows:
+        for _task, size, p in rows:
             out.append(f"| {size} | {p['ours']['latency']['p50']:.3f} | {p['modelscope']['latency']['p50']:.3f} | "
                        f"{p['speedup_p50']:.2f}× | {p['ours']['instances']} / {p['modelscope']['instances']} |")
     return out + [""]
@@ -225,7 +225,7 @@ def section_e2e(e: dict) -> list[str]:
 
 def section_forward(f: dict) -> list[str]:
     out = ["## Forward only: PyTorch eager vs onnxruntime, against the SGEMM peak", ""]
-    for role, r in f.items():
+    for r in f.values():
         if not isinstance(r, dict) or "sizes" not in r:
             continue
         sg = r["sgemm_gflops"]
@@ -253,11 +253,12 @@ def section_forward(f: dict) -> list[str]:
         first = next(iter(r["sizes"].values()))
         parts = first["macs"]["by_part"]
         out += ["", "MACs by part: " + ", ".join(f"{k} {v / 1e9:.1f} G" for k, v in parts.items())
-                + "; by aten op: " + ", ".join(f"{k} {v / 1e9:.1f} G" for k, v in first["macs"]["by_aten_op"].items()), ""]
+                + "; by aten op: "
+                + ", ".join(f"{k} {v / 1e9:.1f} G" for k, v in first["macs"]["by_aten_op"].items()), ""]
         prof = first.get("profile")
         if prof:
-            out += [f"onnxruntime per-node profile at {next(iter(r['sizes']))} (the third run of a new session: {prof['run_seconds']:.3f} s, "
-                    f"kernels {prof['kernel_seconds']:.3f} s):", "",
+            out += [f"onnxruntime per-node profile at {next(iter(r['sizes']))} (the third run of a new session: "
+                    f"{prof['run_seconds']:.3f} s, kernels {prof['kernel_seconds']:.3f} s):", "",
                     "| op type | share of kernel time | seconds | nodes | achieved GFLOP/s (op family) | % of SGEMM |",
                     "|---|---|---|---|---|---|"]
             for op, v in sorted(prof["by_op"].items(), key=lambda kv: -kv[1]["seconds"])[:14]:
@@ -285,11 +286,13 @@ def section_forward(f: dict) -> list[str]:
 def section_options(o: dict) -> list[str]:
     out = ["## onnxruntime options (speed and agreement vs the fp32 default)", "",
            f"Each option in its own process next to a default session; runs alternate. Agreement bar: "
-           f"{100 * o['agreement_bar']:.1f} % of pixels (semantic argmax at mask resolution, and the final label map).", "",
+           f"{100 * o['agreement_bar']:.1f} % of pixels (semantic argmax at mask resolution, and the final "
+           "label map).", "",
            "With random-init weights one class tends to win everywhere (see 'classes'), so pixel agreement is weak "
            "evidence on its own; the largest logit difference is the sharper one.", "",
-           "| option | bundle, input | default p50 s | option p50 s | **speed-up** (paired median) | load s default / option "
-           "| worst agreement (classes) | max abs Δ logits | verdict |", "|---|---|---|---|---|---|---|---|---|"]
+           "| option | bundle, input | default p50 s | option p50 s | **speed-up** (paired median) "
+           "| load s default / option | worst agreement (classes) | max abs Δ logits | verdict |",
+           "|---|---|---|---|---|---|---|---|---|"]
     from .options import OPTIONS  # the benchmark's own order (the JSON's keys are sorted)
 
     names = [n for n in OPTIONS if n in o["options"]] + [n for n in o["options"] if n not in OPTIONS]
@@ -326,12 +329,14 @@ def section_server(s: dict) -> list[str]:
            f"Bundle {s['bundle']}, image {s['image']}; load generator: {s['load_generator']}. Direct "
            f"`Predictor.predict` p50 {d['p50']:.3f} s (p99 {d['p99']:.3f} s). Cold start to /readyz 200: "
            f"{s['cold_start_to_ready_seconds']:.1f} s.", "",
-           "| concurrency | requests | HTTP p50 s | HTTP p99 s | throughput req/s | status codes | server: queue / render p50 s |",
+           "| concurrency | requests | HTTP p50 s | HTTP p99 s | throughput req/s | status codes "
+           "| server: queue / render p50 s |",
            "|---|---|---|---|---|---|---|"]
     for c, lv in s["levels"].items():
         st = lv["server_timing_p50"]
-        out.append(f"| {c} | {lv['requests']} | {_f(lv['latency_ok'].get('p50'), 3)} | {_f(lv['latency_ok'].get('p99'), 3)} "
-                   f"| {lv['throughput_rps']:.3f} | {lv['status_counts']} | {_f(st.get('queue'), 3)} / {_f(st.get('render'), 3)} |")
+        out.append(f"| {c} | {lv['requests']} | {_f(lv['latency_ok'].get('p50'), 3)} "
+                   f"| {_f(lv['latency_ok'].get('p99'), 3)} | {lv['throughput_rps']:.3f} | {lv['status_counts']} "
+                   f"| {_f(st.get('queue'), 3)} / {_f(st.get('render'), 3)} |")
     out += ["", f"HTTP overhead at concurrency 1: **{s.get('overhead_ratio_p50', 0):.3f}×** the direct call "
                 f"(+{s.get('overhead_ms_p50', 0):.0f} ms p50, including the base64 PNG overlay; the direct call and "
                 "the HTTP runs are measured one after the other, so run-to-run noise is in this figure)."]
@@ -340,23 +345,27 @@ def section_server(s: dict) -> list[str]:
         st = first["server_timing_p50"]
         inside = sum(v for k, v in st.items() if v and k != "queue")
         out += [f"Same requests, from the server's own timing: decode + preprocess + inference + postprocess + "
-                f"render = {inside:.3f} s (render {_f(st.get('render'), 3)} s) of {first['latency_ok']['p50']:.3f} s, so "
-                f"HTTP transport + JSON + aiohttp ≈ **{1000 * (first['latency_ok']['p50'] - inside):.0f} ms** per request "
+                f"render = {inside:.3f} s (render {_f(st.get('render'), 3)} s) of "
+                f"{first['latency_ok']['p50']:.3f} s, so HTTP transport + JSON + aiohttp ≈ "
+                f"**{1000 * (first['latency_ok']['p50'] - inside):.0f} ms** per request "
                 f"({100 * (first['latency_ok']['p50'] - inside) / first['latency_ok']['p50']:.1f} %)."]
     ov = s.get("overload")
     if ov:
         out += ["", f"At 4× capacity ({ov['offered_rps']:.2f} req/s offered for {ov['duration_seconds']:.0f} s; "
                     f"capacity {ov['capacity_rps']:.3f} req/s): status {ov['status_counts']}, "
-                    f"{ov['retry_after_on_503']} × 503 with Retry-After; admitted p50 {_f(ov['latency_ok'].get('p50'), 2)} s, "
-                    f"p99 **{_f(ov['latency_ok'].get('p99'), 2)} s**; server RSS max {_mb(ov.get('server_rss_max'))} MB "
+                    f"{ov['retry_after_on_503']} × 503 with Retry-After; admitted p50 "
+                    f"{_f(ov['latency_ok'].get('p50'), 2)} s, p99 **{_f(ov['latency_ok'].get('p99'), 2)} s**; "
+                    f"server RSS max {_mb(ov.get('server_rss_max'))} MB "
                     f"(VmHWM {_mb(ov.get('server_vmhwm'))} MB, idle {_mb(s.get('server_rss_idle'))} MB)."]
     return out + [""]
 
 
 def section_memory(m: dict) -> list[str]:
+    cells_run = ("a fresh process per cell" if m["fresh_process_each"]
+                 else "versions loaded one after another in one process")
     out = ["## Versions and memory", "",
            f"RSS / PSS in MB after loading n versions and running each once at {m['input_hw'][0]}×{m['input_hw'][1]} "
-           f"({'a fresh process per cell' if m['fresh_process_each'] else 'versions loaded one after another in one process'}); "
+           f"({cells_run}); "
            "'sum' = the seed's sum of versions (n × one version + empty process).", "",
            "| kind | settings | 1 version RSS / PSS | 2 versions | 3 versions | 3 vs sum of versions |",
            "|---|---|---|---|---|---|"]
@@ -374,8 +383,9 @@ def section_memory(m: dict) -> list[str]:
             out.append(f"| {kind} | {st} | " + " | ".join(cells) + f" | {_pct(last['vs_sum_of_versions'], 0)} |")
     lk = m.get("leak")
     if lk:
-        out += ["", f"Leak check: {lk['cycles']} load → run → close cycles: RSS after close {_mb(lk['after_first_close_rss'])} MB "
-                    f"(cycle 1) → {_mb(lk['after_last_close_rss'])} MB (cycle {lk['cycles']}), growth "
+        out += ["", f"Leak check: {lk['cycles']} load → run → close cycles: RSS after close "
+                    f"{_mb(lk['after_first_close_rss'])} MB (cycle 1) → {_mb(lk['after_last_close_rss'])} MB "
+                    f"(cycle {lk['cycles']}), growth "
                     f"**{lk['growth_first_to_last'] / 2**20:+.0f} MB**; empty process {_mb(lk['empty_rss'])} MB."]
     return out + [""]
 
@@ -384,9 +394,10 @@ def section_swaps(sw: dict) -> list[str]:
     runs = sw["plans"]
     first = next(iter(runs.values()))
     out = ["## Hot swaps under load", "",
-           f"Bundle {first.get('bundle')}, {first.get('clients')} closed-loop HTTP clients, image {first.get('image')}; "
-           f"{first.get('swaps_requested')} swaps back to back after a steady phase, each waited for; one server per "
-           "plan mode. Latency of answered requests; load = verify + build + golden self-test (its run is the warm-up).",
+           f"Bundle {first.get('bundle')}, {first.get('clients')} closed-loop HTTP clients, image "
+           f"{first.get('image')}; {first.get('swaps_requested')} swaps back to back after a steady phase, each "
+           "waited for; one server per plan mode. Latency of answered requests; load = verify + build + golden "
+           "self-test (its run is the warm-up).",
            "", "| plan mode (served plan) | swaps done | failed | steady p50 / p99 s | during swaps p50 / p99 s "
            "| **p99 during / steady** | load p50 / max s | publish → swapped p50 s | cold start s |",
            "|---|---|---|---|---|---|---|---|---|"]
@@ -466,7 +477,8 @@ def plots(r: dict, out_dir: Path, mode: str) -> list[str]:
                             label=f"{'ours' if sysname == 'ours' else 'ModelScope'} {task}-human")
         ax.set_xlabel("image size (megapixels): " + ", ".join(sizes))
         ax.set_ylabel("latency p50 (s), bar to p95")
-        made.append(_save(fig, ax, f"End-to-end latency vs image size ({mode})", out_dir / f"{mode}_latency_vs_size.png"))
+        made.append(_save(fig, ax, f"End-to-end latency vs image size ({mode})",
+                          out_dir / f"{mode}_latency_vs_size.png"))
     if "memory" in res:
         m = res["memory"]
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -484,7 +496,8 @@ def plots(r: dict, out_dir: Path, mode: str) -> list[str]:
         ax.set_xlabel("versions loaded")
         ax.set_ylabel("RSS (MB) after one run each")
         ax.set_xticks([1, 2, 3])
-        made.append(_save(fig, ax, f"Memory vs number of versions ({mode})", out_dir / f"{mode}_memory_vs_versions.png"))
+        made.append(_save(fig, ax, f"Memory vs number of versions ({mode})",
+                          out_dir / f"{mode}_memory_vs_versions.png"))
     return made
 
 

@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                 if quiet.is_busy(section_box):
                     log(f"{name}: BUSY box — {section_box['verdict']}")
                 r["results"][name] = out
-                r["measured_at"][name] = dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
+                r["measured_at"][name] = dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat()
         r["seconds"] = round(time.perf_counter() - t0, 1)
         r["load_average"]["end"] = round(os.getloadavg()[0], 2)
         r["box_verdict"] = _overall(r)

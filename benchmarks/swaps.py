@@ -118,7 +118,8 @@ def _run_plan(mode: Mode, out_dir: Path, plan: str) -> dict:
             while swaps_done(url) < before + n and time.perf_counter() < deadline and lg.poll() is None:
                 time.sleep(0.1)
             st = version_status(url, v.version)
-            swap_log.append({"n": n, "publish_seconds": published, "publish_to_swapped_seconds": time.perf_counter() - t0,
+            swap_log.append({"n": n, "publish_seconds": published,
+                             "publish_to_swapped_seconds": time.perf_counter() - t0,
                              "load_seconds": st.get("load_seconds"), "state": st.get("state")})
             log(f"swaps: {n}/{mode.swaps} swapped in {swap_log[-1]['publish_to_swapped_seconds']:.1f} s "
                 f"(load {st.get('load_seconds')} s)")

@@ -41,7 +41,6 @@ from reference.bundles import clone_bundle
 from reference.cases import ReferenceCase, make_case
 from reference.modelscope_pipeline import Reference, reference, torch_threads
 
-
 # Execution plans: the suite runs the reference plan (onnxruntime fp32) unless a test asks for another.
 # With OpenVINO installed, ``auto`` builds and times every engine at each load — seconds per load, for
 # tests that are not about plans. tests/test_plans.py (and its server process) pass ``auto`` explicitly.

@@ -172,7 +172,7 @@ class ServerProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, ready_timeout: float = 90.0, until: str = "/readyz") -> "ServerProcess":
+    def start(self, ready_timeout: float = 90.0, until: str = "/readyz") -> ServerProcess:
         """Start and wait until ``until`` answers 200 (``/healthz`` for a server with nothing to serve yet)."""
         self._log = open(self.log_path, "ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -213,7 +213,7 @@ class ServerProcess:
             self._log.close()
         return self.proc.returncode
 
-    def __enter__(self) -> "ServerProcess":
+    def __enter__(self) -> ServerProcess:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

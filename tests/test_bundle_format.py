@@ -471,7 +471,8 @@ def test_aliases_junk_entries_are_dropped(tmp_bundles):
     assert store.read_aliases() == {"latest": "v1.2", "ok": "v2.0-beta"}
 
 
-@pytest.mark.parametrize("alias,target", [("../x", "v1.0"), ("latest", "latest"), ("v1.0", "v1.0"), ("latest", "../v1")])
+@pytest.mark.parametrize("alias,target",
+                         [("../x", "v1.0"), ("latest", "latest"), ("v1.0", "v1.0"), ("latest", "../v1")])
 def test_aliases_write_rejects_bad_names(tmp_bundles, alias, target):
     with pytest.raises(BundleError):
         BundleStore(tmp_bundles).write_aliases({alias: target})

@@ -55,7 +55,8 @@ def _tiff(pages: list[dict]) -> bytes:
         out += struct.pack("<H", len(entries))
         for tag, typ, value in entries:
             value = data_off if value == -1 else value
-            out += struct.pack("<HHIHH", tag, typ, 1, value, 0) if typ == 3 else struct.pack("<HHII", tag, typ, 1, value)
+            out += (struct.pack("<HHIHH", tag, typ, 1, value, 0) if typ == 3
+                    else struct.pack("<HHII", tag, typ, 1, value))
         out += struct.pack("<I", end if i + 1 < len(pages) else 0) + data + b"\x00" * (len(data) % 2)
     return bytes(out)
 
@@ -248,7 +249,8 @@ def test_multipage_tiff_decodes_the_first_page_only(tiff_bomb, tmp_path):
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")), first)
     path = tmp_path / "pages.tiff"
     path.write_bytes(data)
-    got = _measure(path, "from m2fpkit.runtime.imageio import decode_image", "out['shape'] = list(decode_image(data).shape)")
+    got = _measure(path, "from m2fpkit.runtime.imageio import decode_image",
+                   "out['shape'] = list(decode_image(data).shape)")
     assert got.get("shape") == [48, 64, 3], got
     assert got["rss_growth_mb"] < RSS_BOUND_MB and got["seconds"] < 1, got
 

@@ -29,9 +29,9 @@ from m2fpkit.export import build, onnx_export, parity, sources
 from m2fpkit.export.cli import main
 from m2fpkit.export.specs import VersionSpec
 from m2fpkit.export.specs import load as load_specs
-from m2fpkit.runtime.bundle.config import SCHEMA_VERSION, BundleConfig
-from m2fpkit.runtime.bundle import reader
 from m2fpkit.runtime.bundle import manifest as bundle_manifest
+from m2fpkit.runtime.bundle import reader
+from m2fpkit.runtime.bundle.config import SCHEMA_VERSION, BundleConfig
 from m2fpkit.runtime.bundle.manifest import MANIFEST
 from m2fpkit.runtime.bundle.store import ALIASES, BundleStore
 from reference.cases import normalise_and_pad, sample_image

@@ -23,15 +23,16 @@ from dataclasses import dataclass
 
 import pytest
 
+from m2fpkit.runtime.bundle.store import BundleStore
 from m2fpkit.runtime.errors import VersionUnavailable
 from m2fpkit.runtime.predictor import ImageLimits, Predictor
 from m2fpkit.runtime.registry import Registry, RegistryOptions, VersionStatus
-from m2fpkit.runtime.bundle.store import BundleStore
 from reference.bundles import clone_bundle, corrupt, replace_bundle, synthetic_png
 
 IMAGES = [synthetic_png(h, w, seed=i) for i, (h, w) in enumerate([(96, 128), (72, 96), (128, 96), (100, 100)])]
 PHASE_TIMEOUT = 45.0
 TEST_TIMEOUT = 300.0
+DEFAULT_LIMITS = ImageLimits()  # the spy's default, as Predictor.predict's (a frozen dataclass: one instance is enough)
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class PredictorSpy:
         predict, close = Predictor.predict, Predictor.close
         spy = self
 
-        def spy_predict(self: Predictor, data: bytes, limits: ImageLimits = ImageLimits()):
+        def spy_predict(self: Predictor, data: bytes, limits: ImageLimits = DEFAULT_LIMITS):
             with spy.lock:
                 if id(self) in spy.closed:
                     spy.bad.append(f"prediction started on closed predictor of {self.version}")
@@ -92,7 +93,8 @@ def _status(reg: Registry) -> dict[str, VersionStatus]:
 
 
 @pytest.mark.parametrize("watch_polling", [False, True], ids=["inotify", "polling"])
-async def test_swaps_under_load_never_fail_a_request(fast_multi_src, fast_single_src, tmp_path, monkeypatch, watch_polling):
+async def test_swaps_under_load_never_fail_a_request(fast_multi_src, fast_single_src, tmp_path, monkeypatch,
+                                                     watch_polling):
     root = tmp_path / "bundles"
     for v in ("v1.0", "v2.0"):
         clone_bundle(fast_multi_src, root, v)
@@ -167,8 +169,10 @@ async def test_swaps_under_load_never_fail_a_request(fast_multi_src, fast_single
             assert {(a.version, a.task) for a in since(t_swapped, "v1.0")} == {("v1.0", "single-human")}
 
             # 3. corrupted bundles under new names: refused, nothing else changes
-            await asyncio.to_thread(clone_bundle, fast_multi_src, root, "v4.0", then=lambda s: corrupt(s, "flip-byte"))
-            await asyncio.to_thread(clone_bundle, fast_multi_src, root, "v5.0", then=lambda s: corrupt(s, "extra-class"))
+            await asyncio.to_thread(clone_bundle, fast_multi_src, root, "v4.0",
+                                    then=lambda s: corrupt(s, "flip-byte"))
+            await asyncio.to_thread(clone_bundle, fast_multi_src, root, "v5.0",
+                                    then=lambda s: corrupt(s, "extra-class"))
             await _wait(lambda: getattr(_status(reg).get("v4.0"), "state", None) == "failed", "v4.0 to be refused", log)
             await _wait(lambda: "v5.0" in _status(reg), "the watcher to discover v5.0", log)
             with pytest.raises(VersionUnavailable, match="does not match config.json"):
@@ -181,8 +185,10 @@ async def test_swaps_under_load_never_fail_a_request(fast_multi_src, fast_single
 
             # 4. corrupted replacements of working versions: the old content keeps serving
             failures_before = reg.events["load_failures"]
-            await asyncio.to_thread(replace_bundle, fast_multi_src, root, "v3.0", then=lambda s: corrupt(s, "flip-byte"))
-            await asyncio.to_thread(replace_bundle, fast_multi_src, root, "v1.0", then=lambda s: corrupt(s, "extra-class"))
+            await asyncio.to_thread(replace_bundle, fast_multi_src, root, "v3.0",
+                                    then=lambda s: corrupt(s, "flip-byte"))
+            await asyncio.to_thread(replace_bundle, fast_multi_src, root, "v1.0",
+                                    then=lambda s: corrupt(s, "extra-class"))
             t_refused = await _wait(
                 lambda: (_status(reg)["v3.0"].update_error or "").startswith("model.onnx.data")
                 and "pred_logits" in (_status(reg)["v1.0"].update_error or ""),

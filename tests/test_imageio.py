@@ -12,8 +12,14 @@ import pytest
 from PIL import Image, ImageOps
 
 from m2fpkit.runtime import imageio
-from m2fpkit.runtime.errors import (BadAspectRatio, EmptyImage, ImageTooLarge, InputError, UndecodableImage,
-                                    UnsupportedImageFormat)
+from m2fpkit.runtime.errors import (
+    BadAspectRatio,
+    EmptyImage,
+    ImageTooLarge,
+    InputError,
+    UndecodableImage,
+    UnsupportedImageFormat,
+)
 from m2fpkit.runtime.imageio import decode_image, probe
 
 

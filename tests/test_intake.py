@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from m2fpkit.server import keys
 from m2fpkit.server.app import make_app
 from m2fpkit.server.config import ServerConfig
@@ -118,7 +119,8 @@ async def test_other_fields_are_read_and_dropped(aiohttp_client, latest_only_roo
 # ================================================================================= fault 3: limits
 async def test_body_over_the_cap_is_413_from_content_length_or_while_streaming(aiohttp_client, latest_only_root):
     client = await start(aiohttp_client, latest_only_root, max_body_bytes=10_000)
-    r = await client.post("/api/latest/parse", data=b"\x89PNG" + b"\x00" * 20_000, headers={"Content-Type": "image/png"})
+    r = await client.post("/api/latest/parse", data=b"\x89PNG" + b"\x00" * 20_000,
+                          headers={"Content-Type": "image/png"})
     assert r.status == 413 and (await r.json())["error"] == "body_too_large"
 
     async def chunks():  # chunked: no Content-Length, the cap holds while reading

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from m2fpkit.server.app import make_app
 from m2fpkit.server.config import ServerConfig
 

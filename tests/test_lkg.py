@@ -196,5 +196,6 @@ def test_a_failed_write_turns_it_off_once(tmp_path, monkeypatch, caplog):
             keeper.record({"v1.0": "1" * 64}, {}, {})
     assert keeper.status == "off: the record cannot be written (No space left on device)"
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    assert len(warnings) == 1 and warnings[0].startswith("last-known-good off: cannot write ") and "No space left" in warnings[0]
+    assert (len(warnings) == 1 and warnings[0].startswith("last-known-good off: cannot write ")
+            and "No space left" in warnings[0])
     assert lkg.load(store.dir).versions == {"v1.0": "0" * 64}  # the previous record stays

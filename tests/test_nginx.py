@@ -65,7 +65,7 @@ class Nginx:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> "Nginx":
+    def start(self) -> Nginx:
         cmd = [nginx_binary(), "-p", str(self.prefix), "-c", str(self.conf), "-e", str(self.prefix / "error.log")]
         check = subprocess.run([*cmd, "-t"], capture_output=True, text=True, timeout=30)
         assert check.returncode == 0, check.stderr
@@ -196,7 +196,7 @@ class Stream:
             with self._lock:
                 self.results.append((time.monotonic(), self.phase, status, time.perf_counter() - t0, served))
 
-    def start(self) -> "Stream":
+    def start(self) -> Stream:
         self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(self.clients)]
         for t in self._threads:
             t.start()

@@ -24,7 +24,7 @@ import pytest
 
 pytest.register_assert_rewrite("server_fixtures")
 pytest_plugins = ["server_fixtures"]
-from server_fixtures import ServerProcess, copy_root
+from server_fixtures import ServerProcess, copy_root  # noqa: E402
 
 log = logging.getLogger(__name__)
 

@@ -26,8 +26,7 @@ from m2fpkit.runtime.errors import MalformedFile
 from m2fpkit.runtime.plans import PLANS, REFERENCE, Planner
 from m2fpkit.runtime.registry.options import RegistryOptions
 from m2fpkit.runtime.session import SessionFactory
-from reference.bundles import clone_bundle, edit_config, graph_metadata, set_graph_metadata
-from reference.bundles import write_manifest
+from reference.bundles import clone_bundle, edit_config, graph_metadata, set_graph_metadata, write_manifest
 from server_fixtures import ServerProcess, http_json, jpeg_bytes
 
 EVERY_FLAG = cpu.CpuInfo("test CPU with every flag", frozenset(cpu.FLAGS), 2)

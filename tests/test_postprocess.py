@@ -14,8 +14,7 @@ from m2fpkit.runtime import postprocess as post
 from m2fpkit.runtime.postprocess import postprocess, topk_unsorted
 from m2fpkit.runtime.preprocess import prepare
 from m2fpkit.runtime.result import ParseResult
-from reference.modelscope_pipeline import (bundle_config, our_outputs, run_pipeline, synthetic_image)
-
+from reference.modelscope_pipeline import bundle_config, our_outputs, run_pipeline, synthetic_image
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -10,7 +10,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-
 from server_fixtures import copy_root, free_port, http_json, png_bytes
 
 pytest_plugins = ["server_fixtures"]

@@ -19,13 +19,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from m2fpkit.runtime.registry import lifecycle as lifecycle_mod
 from m2fpkit.runtime.api import Runtime
+from m2fpkit.runtime.bundle.store import BundleStore
 from m2fpkit.runtime.errors import InvalidVersionName, UnknownVersion, VersionUnavailable
 from m2fpkit.runtime.plans import Planner
 from m2fpkit.runtime.predictor import Predictor
 from m2fpkit.runtime.registry import Registry, RegistryOptions, RouteOverlay, State, VersionStatus
-from m2fpkit.runtime.bundle.store import BundleStore
+from m2fpkit.runtime.registry import lifecycle as lifecycle_mod
 from reference.bundles import add_golden, clone_bundle, corrupt, edit_config, replace_bundle, synthetic_png
 
 MB = 1 << 20
@@ -97,7 +97,8 @@ def publish(src: Path, root: Path, *versions: str, **kw) -> None:
 # -------------------------------------------------------------------------------- discovery
 
 @bounded(120)
-async def test_discovery_ignores_hidden_staging_and_non_version_entries(fast_multi_src, fast_single_src, root, make_registry):
+async def test_discovery_ignores_hidden_staging_and_non_version_entries(fast_multi_src, fast_single_src, root,
+                                                                         make_registry):
     publish(fast_multi_src, root, "v1.0")
     publish(fast_single_src, root, "v1.1-rc.1", channel="experimental")
     d = root / "m2fp"
@@ -162,7 +163,8 @@ async def test_states_lazy_load_and_warmup_before_ready(fast_multi_src, root, ma
 @bounded(120)
 async def test_warmup_can_be_switched_off(fast_multi_src, root, make_registry, monkeypatch):
     """A bundle without a golden sample gets a separate warm-up run (with one, the golden run is the warm-up)."""
-    clone_bundle(fast_multi_src, root, "v1.0", then=lambda stage: edit_config(stage, lambda raw: raw.update(golden=None)))
+    clone_bundle(fast_multi_src, root, "v1.0",
+                 then=lambda stage: edit_config(stage, lambda raw: raw.update(golden=None)))
     calls: list[str] = []
     monkeypatch.setattr(Predictor, "warmup", lambda self: calls.append(self.version))
     reg = await make_registry(root, warmup=False)
@@ -583,7 +585,8 @@ async def test_with_trusted_keys_only_correctly_signed_bundles_load(fast_multi_s
     publish(fast_multi_src, root, "v1.3", then=tamper)
     reg = await make_registry(root, trust=TrustPolicy.from_keys([tmp_path / "ours.pub"]))
     assert (await reg.predict("v1.0", IMAGE)).version == "v1.0"
-    for version, reason in (("v1.1", "unsigned: manifest.sig is missing"), ("v1.2", "wrong signature: signed by key"), ("v1.3", "wrong signature")):
+    for version, reason in (("v1.1", "unsigned: manifest.sig is missing"), ("v1.2", "wrong signature: signed by key"),
+                            ("v1.3", "wrong signature")):
         with pytest.raises(VersionUnavailable):
             await reg.predict(version, IMAGE)
         assert states(reg)[version] == "failed" and reason in status_of(reg, version).reason, status_of(reg, version)

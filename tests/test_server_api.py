@@ -106,8 +106,8 @@ async def test_parse_raw_body_on_exact_versions(client):
     assert headers["X-Route-Rule"] == "exact"
     check_parse_body(body, headers, await meta_of(client, "v1.1"), (200, 144))
     # application/octet-stream is an image body too (sniffed by content)
-    body, headers = await parse_ok(client, "v2.0-beta", png_bytes(100, 80), **{"Content-Type": "application/octet-stream",
-                                                                               "X-API-Version": "2.0"})
+    body, headers = await parse_ok(client, "v2.0-beta", png_bytes(100, 80),
+                                   **{"Content-Type": "application/octet-stream", "X-API-Version": "2.0"})
     check_parse_body(body, headers, await meta_of(client, "v2.0-beta"), (80, 100))
 
 
@@ -145,7 +145,8 @@ async def test_parse_includes_label_map_persons_and_masks(client):
     image = png_bytes(128, 96, seed=5)
     meta = await meta_of(client, "v1.2")
     rle_body, _ = await parse_ok(client, "v1.2", image, "?include=label_map,persons,masks,person_map&mask_format=rle")
-    png_body, _ = await parse_ok(client, "v1.2", image, "?include=label_map,persons,masks&mask_format=png&visualization=0")
+    png_body, _ = await parse_ok(client, "v1.2", image,
+                                 "?include=label_map,persons,masks&mask_format=png&visualization=0")
     assert "visualization" not in png_body and "person_map" not in png_body
 
     label_map = decode_png_b64(rle_body["label_map"])

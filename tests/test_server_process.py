@@ -119,7 +119,7 @@ async def stream(session: aiohttp.ClientSession, url: str, target: str, image: b
                 body = await r.json()
                 out.append(Answer(target, sent, time.monotonic(), r.status, r.headers.get("X-Model-Version"),
                                   None if r.status == 200 else body.get("error")))
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             out.append(Answer(target, sent, time.monotonic(), 0, None, f"{type(exc).__name__}: {exc}"))
         await asyncio.sleep(0.05)
 

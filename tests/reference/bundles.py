@@ -80,8 +80,9 @@ def write_clone(src_dir: Path, dest_dir: Path, version: str, *, channel: str | N
 
     ``preprocess`` updates keys of ``config.json → preprocess`` (e.g. a small ``short_edge`` keeps tests
     fast; the graph's spatial axes are dynamic); the bundle's golden label map, if any, is then
-    recomputed by the runtime, since the export's no longer applies. ``graph_metadata_too=False`` leaves the ONNX metadata at the source's version, which makes a
-    bundle whose manifest and config are fine but whose graph disagrees with config.json.
+    recomputed by the runtime, since the export's no longer applies. ``graph_metadata_too=False``
+    leaves the ONNX metadata at the source's version, which makes a bundle whose manifest and config
+    are fine but whose graph disagrees with config.json.
     """
     src_dir, dest_dir = Path(src_dir), Path(dest_dir)
     SemVer.parse(version)  # a version name, not an alias

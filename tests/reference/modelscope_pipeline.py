@@ -99,8 +99,8 @@ def modelscope_input(pipe: Any, rgb: np.ndarray, min_size: int = 640,
                      max_size: int = 1333) -> tuple[np.ndarray, tuple[int, int], list[int] | None]:
     """The tensor ModelScope's model feeds its backbone: pipeline preprocess, then the model's own
     normalisation and ``ImageList.from_tensors`` (the first lines of ``M2FP.forward``)."""
-    from PIL import Image
     from modelscope.models.cv.image_instance_segmentation.maskdino_swin import ImageList
+    from PIL import Image
     model = pipe.model
     inputs = pipe.preprocess(Image.fromarray(rgb), min_size=min_size, max_size=max_size)
     item = inputs["batched_inputs"][0]
