@@ -2,7 +2,8 @@
 
 Each option runs in its own subprocess next to a baseline predictor with the runtime's defaults
 (``RuntimeSettings()``: extended optimisation, per-session pool of all cores, spinning off); runs
-alternate baseline/option on the same input, so the ratio sees the same machine load. Both sides are
+alternate baseline/option on the same input, so the ratio sees the same machine load (the options in
+:data:`ALONE` cannot share a process with the baseline: they run in processes of their own). Both sides are
 :class:`~m2fpkit.runtime.predictor.Predictor` s from ``Predictor.load`` (a settings option is the same
 bundle with other ``RuntimeSettings``); inputs come from ``Predictor.decode`` → ``Predictor.prepare``,
 the forward pass is ``Predictor.run`` and label maps are ``Predictor.postprocess``. The option's
@@ -65,6 +66,10 @@ OPTIONS: dict[str, tuple[str, str]] = {
     "int8-dynamic-matmul": ("single", "dynamic int8 on MatMul only"),
     "fixed-canvas": ("multi", "every multi-human input padded to one canvas (largest test size) vs /32 padding"),
 }
+#: options measured in a process of their own, compared with a default session in another process (not
+#: interleaved): a global pool excludes per-session pools, and a spinning pool's idle threads keep its
+#: cores busy, which slows a default session beside it instead of speeding up the option
+ALONE = ("global-pool", "spinning=on")
 
 
 def option_root(mode: str, option: str) -> Path:
@@ -190,8 +195,7 @@ def child(option: str, mode: str, images: list[Path], repeats: int, n_calib: int
 
     role = OPTIONS.get(option, ("single",))[0]
     bdir = bundles.bundle_dir(mode, role)
-    if option in ("global-pool", "baseline"):
-        # with a global pool every session of the process must use it: no default session beside it
+    if option in ALONE or option == "baseline":
         return _alone(option, bdir, images, repeats)
     settings = RuntimeSettings()
     base, base_load = _load(bdir, settings)
@@ -203,8 +207,6 @@ def child(option: str, mode: str, images: list[Path], repeats: int, n_calib: int
             path = build_preoptimized(mode, base, settings)
         extra["build_seconds"] = t.wall
         opt, load = _load(path, dataclasses.replace(settings, optimization="disable"))
-    elif option == "spinning=on":
-        opt, load = _load(bdir, dataclasses.replace(settings, allow_spinning=True))
     elif option == "memory-tuned":
         opt, load = _load(bdir, dataclasses.replace(settings, shared_arena=True, disable_prepacking=True,
                                                     optimization="basic"))
@@ -267,12 +269,14 @@ def child(option: str, mode: str, images: list[Path], repeats: int, n_calib: int
 
 
 def _alone(option: str, bdir: Path, images: list[Path], repeats: int) -> dict:
-    """One predictor (default settings, or on the global pool); outputs saved for the parent to compare."""
+    """One predictor (default settings, or one of :data:`ALONE`); outputs saved for the parent to compare."""
     import numpy as np
 
     from m2fpkit.runtime.session import RuntimeSettings
 
-    pred, load = _load(bdir, RuntimeSettings(thread_pool="global" if option == "global-pool" else "per-session"))
+    settings = {"baseline": RuntimeSettings(), "global-pool": RuntimeSettings(thread_pool="global"),
+                "spinning=on": RuntimeSettings(allow_spinning=True)}[option]
+    pred, load = _load(bdir, settings)
     prepared = [pred.prepare(pred.decode(p.read_bytes())) for p in images]
     main = prepared[min(1, len(prepared) - 1)]
     times = []
@@ -334,9 +338,10 @@ def run(mode: Mode, out_dir: Path, only: list[str] | None = None) -> dict:
     def job(option: str):
         def run_one() -> dict:
             log(f"options: {option}")
-            if option == "global-pool":  # separate processes: a global pool excludes per-session pools
+            if option in ALONE:  # separate processes, one after the other
                 base = run_child("options", ["--option", "baseline", *args], tmp, label="options_baseline")
-                opt = run_child("options", ["--option", option, *args], tmp, label="options_global-pool")
+                opt = run_child("options", ["--option", option, *args], tmp,
+                                label=f"options_{option.replace('=', '_')}")
                 return _combine(option, base, opt)
             return run_child("options", ["--option", option, *args], tmp, label=f"options_{option.replace('=', '_')}")
         return run_one
@@ -344,16 +349,14 @@ def run(mode: Mode, out_dir: Path, only: list[str] | None = None) -> dict:
     names = list(only or OPTIONS)
     if mode.name == "full":  # one fresh process per option, one at a time
         results = run_all([job(n) for n in names])
-    else:  # quick: all per-session options in one process, beside the global-pool pair (start-up dominates)
-        rest = [n for n in names if n != "global-pool"]
+    else:  # quick: the other options in one process, beside the ALONE pairs (start-up dominates)
+        rest = [n for n in names if n not in ALONE]
+        alone = [n for n in names if n in ALONE]
         jobs = [lambda: run_child("options", ["--option", ",".join(rest), *args], tmp, label="options_all")]
-        if "global-pool" in names:
-            jobs.append(job("global-pool"))
-        outs = run_all(jobs, parallel=2)
+        outs = run_all(jobs + [job(n) for n in alone], parallel=2)
         many = outs[0] if not isinstance(outs[0], Exception) else {n: outs[0] for n in rest}
         by_name = {n: many.get(n, RuntimeError("missing")) if isinstance(many, dict) else many for n in rest}
-        if "global-pool" in names:
-            by_name["global-pool"] = outs[1]
+        by_name.update(zip(alone, outs[1:]))
         results = [by_name[n] for n in names]
     for option, r in zip(names, results):
         if isinstance(r, dict) and "error" in r and "option" not in r:
