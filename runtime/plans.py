@@ -10,12 +10,13 @@ Invariants:
   plan that is unavailable (engine not installed, CPU feature missing, no variant in the bundle, no
   golden sample), fails to build or agrees too little is skipped with the reason logged and recorded —
   never served.
-* ``auto`` times the verified candidates on the golden input and serves the fastest; a plan later in the
-  preference order (:data:`PLANS`) displaces the current choice only when it is more than
-  :data:`TIE_MARGIN` faster. A smaller difference is within the timing round's noise on a shared
-  2-core box, and the earlier plans are the cheaper ones to build at every start and hot swap
-  (onnxruntime ~0.5 s for r101; OpenVINO compiles for 2-5 s). The decision is cached per (bundle
-  content, CPU, threads, engine versions, candidate set, margin) in the state directory; a restart
+* ``auto`` walks the verified candidates in preference order (:data:`PLANS`) and races each against the
+  current choice on the golden input, run by run in alternation (:meth:`Planner.race`): the box's speed
+  drifts between runs, so only paired runs compare. The challenger displaces the choice when the median
+  of its per-round time ratios is below 1 − :func:`margin`: :data:`TIE_MARGIN` on the same engine (the
+  race's noise; both build alike) and :data:`ENGINE_MARGIN` on another one (OpenVINO compiles for 2-5 s
+  at every start and hot swap, onnxruntime builds r101 in ~0.5 s). The decision is cached per (bundle
+  content, CPU, threads, engine versions, candidate set, margins) in the state directory; a restart
   builds only the cached plan and re-verifies it (the verification run is also the warm-up).
 * New content for a version that already serves (a hot swap) is served at once with the plan the
   previous content chose, if it verifies: ready after one forward instead of a full timing round. That
@@ -77,8 +78,11 @@ PLANS: dict[str, Plan] = {p.name: p for p in (
     Plan("ov-bf16", "openvino", "bf16", needs=("bf16",)),
     Plan("ov-int8", "openvino", "int8", variant="int8", needs=("vnni",)),
 )}
-#: how much faster (fraction of the current choice's forward time) a later plan must be to displace it
-TIE_MARGIN = 0.05
+#: how much faster (fraction of the current choice's forward time, paired) a later plan on the same engine
+#: must be to displace it: below that the race cannot tell them apart
+TIE_MARGIN = 0.02
+#: the same for a plan on another engine than the current choice's: it costs more at every start and swap
+ENGINE_MARGIN = 0.05
 AUTO = "auto"
 #: ``--plan`` values: auto, fp32 (= ort-fp32) or a plan's name
 MODES = (AUTO, "fp32", *PLANS)
@@ -86,6 +90,11 @@ DEFAULT_MODE = AUTO
 #: environment variable that overrides :data:`DEFAULT_MODE` for the library and ``m2fp-serve`` alike
 ENV_PLAN = "M2FP_PLAN"
 CACHE_DIR = "plans"
+
+
+def margin(current: Plan, challenger: Plan) -> float:
+    """How much faster ``challenger`` must be than ``current`` to displace it (see the module docstring)."""
+    return TIE_MARGIN if challenger.engine == current.engine else ENGINE_MARGIN
 
 
 def default_mode() -> str:
@@ -208,14 +217,31 @@ class Planner:
                               f"of pixels agree, need {100 * floor:.1f}%")
         return agreement.worst
 
-    def time_forward(self, predictor: Predictor) -> float:
-        tensor = predictor.golden_input()
-        runs = []
-        for _ in range(self.timing_runs):
-            t0 = time.perf_counter()
-            predictor.run(tensor)
-            runs.append(time.perf_counter() - t0)
-        return statistics.median(runs)
+    def time_run(self, predictor: Predictor, tensor: Any) -> float:
+        """Seconds of one forward of ``predictor`` on ``tensor``."""
+        t0 = time.perf_counter()
+        predictor.run(tensor)
+        return time.perf_counter() - t0
+
+    def race(self, current: Predictor, challenger: Predictor) -> tuple[float, float, float]:
+        """``timing_runs`` rounds of one forward each on the golden input, alternating which runs first:
+        (current's median seconds, challenger's median seconds, median of the rounds' challenger / current).
+
+        The challenger's first run after its verification is not timed: a new session still settles in it
+        (a second run takes ~90 k page faults at r101 sizes, later runs none)."""
+        tensor = current.golden_input()
+        challenger.run(tensor)
+        mine: list[float] = []
+        theirs: list[float] = []
+        for i in range(self.timing_runs):
+            if i % 2:
+                theirs.append(self.time_run(challenger, tensor))
+                mine.append(self.time_run(current, tensor))
+            else:
+                mine.append(self.time_run(current, tensor))
+                theirs.append(self.time_run(challenger, tensor))
+        ratio = statistics.median(t / m for m, t in zip(mine, theirs))
+        return statistics.median(mine), statistics.median(theirs), ratio
 
     # ------------------------------------------------------------------------------------- choice
     def load(self, content: BundleContent) -> Predictor:
@@ -237,8 +263,8 @@ class Planner:
                 log.warning("%s: cached plan %s no longer verifies (%s); choosing again",
                             content.config.version, plan.name, exc)
             else:
-                seconds = recorded[plan.name].get("forward_seconds")
-                return self._serve(predictor, plan, agreement, seconds if isinstance(seconds, float) else None,
+                timed = recorded[plan.name].get("forward_seconds")
+                return self._serve(predictor, plan, agreement, timed if isinstance(timed, float) else None,
                                    True, recorded, "cache")
         previous = self._serving.get(content.config.version)
         if previous is not None and previous in viable and len(viable) > 1:
@@ -249,7 +275,8 @@ class Planner:
             else:
                 trials[previous.name] = {"agreement": agreement, "forward_seconds": None}
                 return self._serve(predictor, previous, agreement, None, False, trials, "previous content")
-        best: tuple[Predictor, Plan, float | None, float | None] | None = None
+        best: tuple[Predictor, Plan, float | None] | None = None
+        seconds: float | None = None  # the choice's median in its last race (None: never raced)
         for plan in viable:
             try:
                 predictor, agreement = self._verified(plan, content)
@@ -260,19 +287,26 @@ class Planner:
                     raise
                 trials[plan.name] = {"skipped": str(exc)}
                 continue
-            seconds = self.time_forward(predictor) if len(viable) > 1 else None
-            trials[plan.name] = {"agreement": agreement, "forward_seconds": seconds}
-            log.info("%s: plan %s forward %s", content.config.version, plan.name,
-                     "not timed" if seconds is None else f"{1000 * seconds:.0f} ms")
-            if best is None or (seconds is not None and best[3] is not None
-                                and seconds < best[3] * (1 - TIE_MARGIN)):
-                if best is not None:
-                    best[0].close()
-                best = (predictor, plan, agreement, seconds)
+            trials[plan.name] = {"agreement": agreement, "forward_seconds": None}
+            if best is None:
+                best = (predictor, plan, agreement)
+                continue
+            mine, theirs, ratio = self.race(best[0], predictor)
+            need = margin(best[1], plan)
+            trials[best[1].name]["forward_seconds"] = mine
+            trials[plan.name].update(forward_seconds=theirs, raced=best[1].name, time_ratio=ratio)
+            won = ratio < 1 - need
+            log.info("%s: plan %s raced %s: %.0f vs %.0f ms, time ratio %.3f (needs < %.3f): %s",
+                     content.config.version, plan.name, best[1].name, 1000 * theirs, 1000 * mine, ratio,
+                     1 - need, "displaces it" if won else "stays behind")
+            if won:
+                best[0].close()
+                best, seconds = (predictor, plan, agreement), theirs
             else:
                 predictor.close()
+                seconds = mine
         assert best is not None  # the reference either joined or raised
-        predictor, plan, agreement, seconds = best
+        predictor, plan, agreement = best
         if len(viable) > 1:
             self._write_cache(key, plan, trials)
         return self._serve(predictor, plan, agreement, seconds, False, trials,
@@ -322,7 +356,8 @@ class Planner:
     def _cache_key(self, content: BundleContent, viable: list[Plan]) -> dict[str, Any]:
         return {"identity": content.info.identity, "cpu": self.cpu.key, "cpu_model": self.cpu.model,
                 "threads": self.factory.settings.threads(), "engines": engine_versions(),
-                "candidates": sorted(p.name for p in viable), "tie_margin": TIE_MARGIN}
+                "candidates": sorted(p.name for p in viable), "margins": [TIE_MARGIN, ENGINE_MARGIN],
+                "timing": "paired"}
 
     def _cache_file(self, key: dict[str, Any]) -> Path | None:
         base = self.cache_dir()

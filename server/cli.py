@@ -90,7 +90,8 @@ _RUNTIME = RegistryOptions(plan=plans.DEFAULT_MODE)  # the plan's default is rea
                    "Only bundles signed by one of them load; others are marked failed with the reason.")
 @click.option("--plan", default=plans.default_mode, show_default=plans.DEFAULT_MODE, type=click.Choice(plans.MODES),
               help="Execution plan per version: auto = the fastest plan verified on the bundle's golden sample on "
-                   f"this CPU (a later plan of the list must be >{plans.TIE_MARGIN:.0%} faster than an earlier one; "
+                   f"this CPU (a later plan of the list must beat the current choice, paired, by "
+                   f">{plans.TIE_MARGIN:.0%} on the same engine, >{plans.ENGINE_MARGIN:.0%} on another; "
                    "decision cached in the state dir); fp32 = onnxruntime fp32 (the reference); or a plan "
                    "name. A plan that cannot run or verify is skipped, never served. Default: $M2FP_PLAN, else auto.")
 @click.option("--drain-timeout", default=ServerConfig.drain_timeout, show_default=True,

@@ -40,7 +40,7 @@ class RegistryOptions:
     trust: TrustPolicy = NO_KEYS
     #: writable directory for the last-known-good record and the plan cache; None: the store directory when writable
     state_dir: Path | None = None
-    #: execution plan: "auto" (fastest plan verified on the golden sample, ties within runtime.plans.TIE_MARGIN
+    #: execution plan: "auto" (fastest plan verified on the golden sample, ties within runtime.plans.margin
     #: to the earlier plan), "fp32" or a plan name (runtime/plans.py);
     #: default ``$M2FP_PLAN``, else auto
     plan: str = field(default_factory=default_mode)
