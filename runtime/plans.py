@@ -119,7 +119,7 @@ class PlanChoice:
     mode: str
     #: golden-sample label-map agreement of the served plan with the fp32 PyTorch reference (None: no golden)
     agreement: float | None
-    #: median forward seconds on the golden input (None: not timed — a single candidate)
+    #: median forward seconds on the golden input in its last race (None: not raced — a single verified candidate)
     forward_seconds: float | None
     #: the decision came from the plan cache (only the chosen plan was built)
     cached: bool
