@@ -339,9 +339,9 @@ def run(mode: Mode, out_dir: Path, only: list[str] | None = None) -> dict:
         def run_one() -> dict:
             log(f"options: {option}")
             if option in ALONE:  # separate processes, one after the other
-                base = run_child("options", ["--option", "baseline", *args], tmp, label="options_baseline")
-                opt = run_child("options", ["--option", option, *args], tmp,
-                                label=f"options_{option.replace('=', '_')}")
+                name = option.replace("=", "_")
+                base = run_child("options", ["--option", "baseline", *args], tmp, label=f"options_baseline_{name}")
+                opt = run_child("options", ["--option", option, *args], tmp, label=f"options_{name}")
                 return _combine(option, base, opt)
             return run_child("options", ["--option", option, *args], tmp, label=f"options_{option.replace('=', '_')}")
         return run_one
@@ -352,11 +352,14 @@ def run(mode: Mode, out_dir: Path, only: list[str] | None = None) -> dict:
     else:  # quick: the other options in one process, beside the ALONE pairs (start-up dominates)
         rest = [n for n in names if n not in ALONE]
         alone = [n for n in names if n in ALONE]
-        jobs = [lambda: run_child("options", ["--option", ",".join(rest), *args], tmp, label="options_all")]
-        outs = run_all(jobs + [job(n) for n in alone], parallel=2)
+        def pairs() -> list:  # one pair after the other: their baselines write the same outputs file
+            return run_all([job(n) for n in alone])
+
+        outs = run_all([lambda: run_child("options", ["--option", ",".join(rest), *args], tmp, label="options_all"),
+                        pairs], parallel=2)
         many = outs[0] if not isinstance(outs[0], Exception) else {n: outs[0] for n in rest}
         by_name = {n: many.get(n, RuntimeError("missing")) if isinstance(many, dict) else many for n in rest}
-        by_name.update(zip(alone, outs[1:]))
+        by_name.update(zip(alone, outs[1] if isinstance(outs[1], list) else [outs[1]] * len(alone)))
         results = [by_name[n] for n in names]
     for option, r in zip(names, results):
         if isinstance(r, dict) and "error" in r and "option" not in r:
