@@ -203,6 +203,17 @@ def profile(pred: Predictor, x: np.ndarray, settings: RuntimeSettings) -> dict:
     }
 
 
+def _rates(wall: list[float], cpu: list[float], gflop: float, peak: dict) -> dict:
+    """Latency and CPU-seconds of one system's runs, and its GFLOP/s against the SGEMM ``peak`` (wall-clock
+    and per CPU-second)."""
+    lat, used = summary(wall), summary(cpu)
+    pcs = peak.get("peak_per_cpu_second")
+    return {"latency": lat, "cpu": used, "gflops": gflop / lat["p50"],
+            "pct_of_sgemm": 100 * gflop / lat["p50"] / peak["peak"],
+            "gflops_per_cpu_second": gflop / used["p50"],
+            "pct_of_sgemm_cpu": 100 * gflop / used["p50"] / pcs if pcs else None}
+
+
 def child(bundle_dir: Path, images: list[tuple[int, int]], repeats: int, sgemm_n: int) -> dict:
     import numpy as np
     import torch
@@ -250,20 +261,10 @@ def child(bundle_dir: Path, images: list[tuple[int, int]], repeats: int, sgemm_n
                 wall[name].append(t.wall)
                 cpu[name].append(t.cpu)
         gflop = 2 * macs["total"] / 1e9
-        pcs = peak.get("peak_per_cpu_second")
-
-        # the defaults bind this image's values (rates is only called within this iteration anyway)
-        def rates(name: str, *, wall: dict[str, list[float]] = wall, cpu: dict[str, list[float]] = cpu,
-                  gflop: float = gflop, pcs: float | None = pcs) -> dict:
-            lat, used = summary(wall[name]), summary(cpu[name])
-            return {"latency": lat, "cpu": used, "gflops": gflop / lat["p50"],
-                    "pct_of_sgemm": 100 * gflop / lat["p50"] / peak["peak"],
-                    "gflops_per_cpu_second": gflop / used["p50"],
-                    "pct_of_sgemm_cpu": 100 * gflop / used["p50"] / pcs if pcs else None}
-
+        by_system = {name: _rates(wall[name], cpu[name], gflop, peak) for name in wall}
         entry = {
-            "gmacs": macs["total"] / 1e9, "macs": macs, **{name: rates(name) for name in wall},
-            "speedup_p50": summary(wall["torch"])["p50"] / summary(wall["onnxruntime"])["p50"],
+            "gmacs": macs["total"] / 1e9, "macs": macs, **by_system,
+            "speedup_p50": by_system["torch"]["latency"]["p50"] / by_system["onnxruntime"]["latency"]["p50"],
             "paired_speedups": summary([a / b for a, b in zip(wall["torch"], wall["onnxruntime"])]),
             "nchwc_paired_speedups": summary([a / b for a, b in zip(wall["onnxruntime"], wall["onnxruntime_nchwc"])]),
             "max_abs_diff": {n: float(np.abs(r - g).max()) for n, r, g in zip(("pred_logits", "pred_masks"), ref, got)},

@@ -276,7 +276,6 @@ class Planner:
                 trials[previous.name] = {"agreement": agreement, "forward_seconds": None}
                 return self._serve(predictor, previous, agreement, None, False, trials, "previous content")
         best: tuple[Predictor, Plan, float | None] | None = None
-        seconds: float | None = None  # the choice's median in its last race (None: never raced)
         for plan in viable:
             try:
                 predictor, agreement = self._verified(plan, content)
@@ -301,15 +300,15 @@ class Planner:
                      1 - need, "displaces it" if won else "stays behind")
             if won:
                 best[0].close()
-                best, seconds = (predictor, plan, agreement), theirs
+                best = (predictor, plan, agreement)
             else:
                 predictor.close()
-                seconds = mine
         assert best is not None  # the reference either joined or raised
         predictor, plan, agreement = best
         if len(viable) > 1:
             self._write_cache(key, plan, trials)
-        return self._serve(predictor, plan, agreement, seconds, False, trials,
+        # the choice's median in its last race (None: never raced)
+        return self._serve(predictor, plan, agreement, trials[plan.name]["forward_seconds"], False, trials,
                            "timed" if len(viable) > 1 else "only candidate")
 
     def _verified(self, plan: Plan, content: BundleContent) -> tuple[Predictor, float | None]:

@@ -68,13 +68,16 @@ def export_cache(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="session", autouse=True)
 def _full_depth_export(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-                       ) -> Iterator[tuple[subprocess.Popen, Path] | None]:
-    """The background export behind ``full_depth_graph``, started at the session's first test when a
-    collected test uses that fixture and the benchmarks hold no current graph; killed at the end if unused.
-    Niced, one thread, no graph cache: it takes the core the (mostly single-threaded) suite leaves idle."""
-    wanted = any("full_depth_graph" in getattr(item, "fixturenames", ()) for item in request.session.items)
-    if not wanted or full_depth.benchmark_graph() is not None:
+                       ) -> Iterator[tuple[subprocess.Popen | None, Path] | None]:
+    """What ``full_depth_graph`` returns, decided at the session's first test when a collected test uses that
+    fixture: the benchmarks' current graph (no process), else a background export, killed at the end if
+    unused. Niced, one thread, no graph cache: it takes the core the (mostly single-threaded) suite leaves idle."""
+    if not any("full_depth_graph" in getattr(item, "fixturenames", ()) for item in request.session.items):
         yield None
+        return
+    cached = full_depth.benchmark_graph()
+    if cached is not None:
+        yield None, cached
         return
     from m2fpkit.export.onnx_export import CACHE_ENV
 
@@ -90,12 +93,12 @@ def _full_depth_export(request: pytest.FixtureRequest, tmp_path_factory: pytest.
 
 
 @pytest.fixture(scope="session")
-def full_depth_graph(_full_depth_export: tuple[subprocess.Popen, Path] | None,
+def full_depth_graph(_full_depth_export: tuple[subprocess.Popen | None, Path] | None,
                      tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if _full_depth_export is None:
-        return full_depth.benchmark_graph() or full_depth.export(tmp_path_factory.mktemp("full_depth") / "model.onnx")
+    if _full_depth_export is None:  # asked for although no collected test named it (getfixturevalue)
+        return full_depth.export(tmp_path_factory.mktemp("full_depth") / "model.onnx")
     proc, out = _full_depth_export
-    if proc.wait(timeout=900) != 0:
+    if proc is not None and proc.wait(timeout=900) != 0:
         log = out.with_name("export.log").read_text(errors="replace")
         pytest.fail(f"the full-depth export failed (exit {proc.returncode}):\n{log[-3000:]}")
     return out
