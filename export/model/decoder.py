@@ -120,8 +120,10 @@ class MaskedTransformerDecoder(nn.Module):
             pos.append(sine_position_encoding(f, self.num_pos_feats).flatten(2).permute(2, 0, 1))
             src.append((self.input_proj[i](f).flatten(2) + self.level_embed.weight[i][None, :, None]).permute(2, 0, 1))
         b = src[0].shape[1]
-        query_pos = self.query_embed.weight.unsqueeze(1).repeat(1, b, 1)
-        output = self.query_feat.weight.unsqueeze(1).repeat(1, b, 1)
+        # a broadcast, not a copy: the graph gets an Expand at every width (onnxscript folds a Tile of
+        # these constants at tiny widths but not at r101's, which left r101 with an operator kind tiny lacks)
+        query_pos = self.query_embed.weight.unsqueeze(1).expand(-1, b, -1)
+        output = self.query_feat.weight.unsqueeze(1).expand(-1, b, -1)
         level_features: dict[int, torch.Tensor] = {}  # mask features resized to a level, made once
         for i in range(len(self.transformer_ffn_layers)):
             level = i % N_LEVELS
