@@ -124,13 +124,10 @@ def build_quantized(mode: str, base: Predictor, kind: str, n_calib: int) -> Path
                              use_external_data_format=True)
         else:
             pre = tmp / "preprocessed.onnx"
-            try:
-                quant_pre_process(graph, pre, save_as_external_data=True, all_tensors_to_one_file=True,
-                                  external_data_location="preprocessed.onnx.data")
-            except Exception as exc:  # symbolic shape inference can fail on dynamic graphs
-                log(f"quant_pre_process with symbolic shapes failed ({type(exc).__name__}: {exc}); retrying without")
-                quant_pre_process(graph, pre, skip_symbolic_shape=True, save_as_external_data=True,
-                                  all_tensors_to_one_file=True, external_data_location="preprocessed.onnx.data")
+            # onnxruntime's symbolic shape inference does not cover this graph's dynamic sizes (and on failing
+            # it leaves scratch files in the working directory); ONNX shape inference does
+            quant_pre_process(graph, pre, skip_symbolic_shape=True, save_as_external_data=True,
+                              all_tensors_to_one_file=True, external_data_location="preprocessed.onnx.data")
             quantize_static(pre, model, Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv"],
                             per_channel=True, reduce_range=not cpu.detect().has("vnni"),
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,

@@ -389,7 +389,7 @@ def test_dockerignore_keeps_every_file_the_dockerfile_copies():
     "m2fpkit.egg-info/PKG-INFO", "runtime/__pycache__/errors.cpython-311.pyc", "server/bundle/x.pyc",
     ".git/HEAD", ".pytest_cache/v/cache/nodeids", ".mypy_cache/3.11/x.json", ".ruff_cache/0.17.6/1",
     ".hypothesis/examples/x", "bundles/m2fp/v1.2/model.onnx", "benchmarks/.cache/r101/model.onnx",
-    "benchmarks/results/tmp/run.json", "sym_shape_infer_temp.onnx", "344cee0a-ec38-11f1-a347-02fc00000001.data",
+    "benchmarks/results/tmp/run.json", "model.onnx", "model.onnx.data",
     "m2fp-v1.2.tar", "m2fp-signing.key", "deploy/in/m2fp-signing.key", "deploy/in/m2fp-v1.2.tar", ".env",
 ])
 def test_dockerignore_leaves_out_environments_caches_data_and_keys(path: str):
