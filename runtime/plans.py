@@ -19,8 +19,12 @@ Invariants:
   content, CPU, threads, engine versions, candidate set, margins) in the state directory; a restart
   builds only the cached plan and re-verifies it (the verification run is also the warm-up).
 * New content for a version that already serves (a hot swap) is served at once with the plan the
-  previous content chose, if it verifies: ready after one forward instead of a full timing round. That
-  choice is not cached for the new content, so the next start times the candidates again.
+  previous content chose, if it verifies: ready after one forward instead of a full timing round. A plan's
+  speed is the architecture's and the engine's, not the weights' (agreement is the weights', and every
+  load verifies it), so when the previous choice was made on this box among the same candidates with the
+  same engines and margins, the choice is cached for the new content too: a restart after a rollout builds
+  only that plan. Otherwise the next start times the candidates again.
+* The cache keeps the :data:`CACHE_KEEP` most recently used decisions (a read counts as a use).
 """
 
 from __future__ import annotations
@@ -90,6 +94,8 @@ DEFAULT_MODE = AUTO
 #: environment variable that overrides :data:`DEFAULT_MODE` for the library and ``m2fp-serve`` alike
 ENV_PLAN = "M2FP_PLAN"
 CACHE_DIR = "plans"
+#: decisions kept in the cache: the most recently used (one per bundle content; ~2 KB each)
+CACHE_KEEP = 64
 
 
 def margin(current: Plan, challenger: Plan) -> float:
@@ -156,8 +162,9 @@ class Planner:
         self.cache_dir = cache_dir
         self.cpu = cpu or cpu_mod.detect()
         self.timing_runs = max(1, timing_runs)
-        #: version → the plan its current content serves with (auto mode): the first guess for new content
-        self._serving: dict[str, Plan] = {}
+        #: version → the plan its current content serves with (auto mode) and the cache key of that decision
+        #: minus the content: the first guess for new content, cached for it too when the keys match
+        self._serving: dict[str, tuple[Plan, dict[str, Any]]] = {}
 
     # --------------------------------------------------------------------------------- candidates
     def unavailable(self, plan: Plan, content: BundleContent) -> str | None:
@@ -265,8 +272,8 @@ class Planner:
             else:
                 timed = recorded[plan.name].get("forward_seconds")
                 return self._serve(predictor, plan, agreement, timed if isinstance(timed, float) else None,
-                                   True, recorded, "cache")
-        previous = self._serving.get(content.config.version)
+                                   True, recorded, "cache", key)
+        previous, decided_under = self._serving.get(content.config.version, (None, None))
         if previous is not None and previous in viable and len(viable) > 1:
             try:
                 predictor, agreement = self._verified(previous, content)
@@ -274,7 +281,10 @@ class Planner:
                 pass  # logged; choose among all candidates
             else:
                 trials[previous.name] = {"agreement": agreement, "forward_seconds": None}
-                return self._serve(predictor, previous, agreement, None, False, trials, "previous content")
+                if decided_under == _beyond_content(key):
+                    self._write_cache(key, previous, trials)
+                return self._serve(predictor, previous, agreement, None, False, trials, "previous content",
+                                   key)
         best: tuple[Predictor, Plan, float | None] | None = None
         for plan in viable:
             try:
@@ -309,7 +319,7 @@ class Planner:
             self._write_cache(key, plan, trials)
         # the choice's median in its last race (None: never raced)
         return self._serve(predictor, plan, agreement, trials[plan.name]["forward_seconds"], False, trials,
-                           "timed" if len(viable) > 1 else "only candidate")
+                           "timed" if len(viable) > 1 else "only candidate", key)
 
     def _verified(self, plan: Plan, content: BundleContent) -> tuple[Predictor, float | None]:
         """``plan``'s predictor and its golden agreement; BundleError (predictor closed) if refused."""
@@ -341,12 +351,12 @@ class Planner:
         raise AssertionError("the reference plan is always a candidate")
 
     def _serve(self, predictor: Predictor, plan: Plan, agreement: float | None, seconds: float | None,
-               cached: bool, trials: dict[str, Any], basis: str) -> Predictor:
+               cached: bool, trials: dict[str, Any], basis: str, key: dict[str, Any] | None = None) -> Predictor:
         mode = self.mode
         if mode != AUTO and plan.name != mode:
             log.warning("%s: plan %s asked for but not servable; serving %s", predictor.version, mode, plan.name)
-        if mode == AUTO:
-            self._serving[predictor.version] = plan
+        if key is not None:
+            self._serving[predictor.version] = (plan, _beyond_content(key))
         predictor.plan = PlanChoice(plan, mode, agreement, seconds, cached, self.cpu.model, dict(trials), basis)
         log.info("%s: serving with plan %s (%s)", predictor.version, plan.name, basis)
         return predictor
@@ -380,6 +390,8 @@ class Planner:
         if raw.get("key") != key or chosen not in {p.name for p in viable} or not isinstance(trials, dict):
             log.warning("plan cache %s does not match this bundle and box; choosing again", path.name)
             return None
+        with contextlib.suppress(OSError):  # recently used: kept by _prune (a read-only cache is still read)
+            os.utime(path)
         # what the timing round found, as recorded: only {name: {...}} entries of known plans are kept
         recorded = {n: t for n, t in trials.items() if n in PLANS and isinstance(t, dict)}
         if not isinstance(recorded.get(chosen), dict):
@@ -391,7 +403,23 @@ class Planner:
         if path is None:
             return
         try:
-            path.parent.mkdir(exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(path, jsonfile.dumps({"key": key, "chosen": plan.name, "trials": trials}))
+            _prune(path.parent)
         except OSError as exc:
             log.warning("plan cache not written (%s): the next start times the plans again", exc.strerror or exc)
+
+
+def _beyond_content(key: dict[str, Any]) -> dict[str, Any]:
+    """A decision's cache key without the bundle content: what a successor content's choice may inherit under."""
+    return {k: v for k, v in key.items() if k != "identity"}
+
+
+def _prune(cache: Path) -> None:
+    """Keep the :data:`CACHE_KEEP` most recently used decisions of ``cache``."""
+    entries = []
+    for p in cache.glob("*.json"):
+        with contextlib.suppress(OSError):  # removed meanwhile by another process
+            entries.append((p.stat().st_mtime, p))
+    for _, old in sorted(entries, reverse=True)[CACHE_KEEP:]:
+        old.unlink(missing_ok=True)

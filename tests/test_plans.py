@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 import urllib.request
 from pathlib import Path
 
@@ -419,7 +420,8 @@ def test_a_load_runs_the_golden_sample_once_as_its_warm_up(fast_multi_src: Path,
 
 
 def test_new_content_of_a_serving_version_starts_with_its_previous_plan(int8_src: Path, tmp_path: Path) -> None:
-    """A hot swap is ready after one forward: the plan the previous content chose, verified on the new one."""
+    """A hot swap is ready after one forward: the plan the previous content chose, verified on the new one,
+    and cached for the new content (same box, engines and candidates), so a restart builds only that plan."""
     p = planner(cache=tmp_path / "state")
     first = p.load(reader.load(int8_src)).plan
     assert first is not None and first.basis == "timed"
@@ -428,6 +430,43 @@ def test_new_content_of_a_serving_version_starts_with_its_previous_plan(int8_src
     second = p.load(reader.load(swapped)).plan
     assert second is not None and second.basis == "previous content" and second.plan == first.plan
     assert p.built == [first.plan.name] and not second.cached
-    # not cached for the new content: a fresh process (no previous content) times the candidates again
-    fresh = planner(cache=tmp_path / "state")
-    assert fresh.load(reader.load(swapped)).plan.basis == "timed"  # type: ignore[union-attr]
+    assert second.trials[first.plan.name]["forward_seconds"] is None  # not timed on this content
+
+    restarted = planner(cache=tmp_path / "state")  # a fresh process: no previous content
+    third = restarted.load(reader.load(swapped)).plan
+    assert third is not None and third.basis == "cache" and third.cached and third.plan == first.plan
+    assert restarted.built == [first.plan.name]  # verified again, nothing timed
+    assert third.agreement == second.agreement
+
+
+def test_an_inherited_plan_is_not_cached_when_the_candidates_differ(int8_src: Path, fast_multi_src: Path,
+                                                                    tmp_path: Path) -> None:
+    """New content without the int8 variant has other candidates than the previous choice was made among:
+    it may start with the previous plan, but a restart times its own candidates."""
+    p = planner(cache=tmp_path / "state")
+    assert p.load(reader.load(int8_src)).plan is not None
+    without_int8 = clone_bundle(fast_multi_src, tmp_path / "swap", "v0.8", notes="no int8 variant")
+    p.load(reader.load(without_int8)).close()
+    restarted = planner(cache=tmp_path / "state").load(reader.load(without_int8)).plan
+    assert restarted is not None and restarted.basis == "timed" and not restarted.cached
+
+
+def test_the_plan_cache_keeps_the_most_recently_used_decisions(int8_src: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(plans, "CACHE_KEEP", 2)
+    state = tmp_path / "state"
+    contents = [clone_bundle(int8_src, tmp_path / f"c{i}", "v0.8", notes=f"content {i}") for i in range(3)]
+
+    def cached(content: Path) -> bool:  # a fresh process's load: from the cache, or timed (and cached)
+        p = ScriptedPlanner({"ort-fp32": 1.0, "ort-int8": 0.9}, SessionFactory(), "auto", cache_dir=lambda: state,
+                            cpu=EVERY_FLAG, timing_runs=1)
+        predictor = p.load(reader.load(content))
+        predictor.close()
+        time.sleep(0.01)  # distinct modification times
+        return predictor.plan.cached  # type: ignore[union-attr]
+
+    assert not cached(contents[0]) and not cached(contents[1])
+    assert cached(contents[0])  # a use: now the more recent of the two
+    assert not cached(contents[2])  # a third decision: the least recently used one goes
+    assert len(list((state / plans.CACHE_DIR).iterdir())) == 2
+    assert cached(contents[0]) and cached(contents[2]) and not cached(contents[1])
