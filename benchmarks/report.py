@@ -400,8 +400,9 @@ def section_swaps(sw: dict) -> list[str]:
            "waited for; one server per plan mode. Latency of answered requests; load = verify + build + golden "
            "self-test (its run is the warm-up).",
            "", "| plan mode (served plan) | swaps done | failed | steady p50 / p99 s | during swaps p50 / p99 s "
-           "| **p99 during / steady** | load p50 / max s | publish → swapped p50 s | cold start s |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "| **p99 during / steady** | load p50 / max s | publish → swapped p50 s | cold start s "
+           "| restart after the swaps s (plan basis) |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for mode, s in runs.items():
         st, du = s.get("steady", {}).get("latency_ok", {}), s.get("during_swaps", {}).get("latency_ok", {})
         plan = s.get("served_plan")
@@ -412,7 +413,8 @@ def section_swaps(sw: dict) -> list[str]:
                    f"{_f(st.get('p99'), 3)} | {_f(du.get('p50'), 3)} / {_f(du.get('p99'), 3)} | "
                    f"**{_f(s.get('p99_ratio_during_vs_steady'), 2)}×** | {_f(load.get('p50'), 2)} / "
                    f"{_f(load.get('max'), 2)} | {_f(s.get('publish_to_swapped', {}).get('p50'), 2)} | "
-                   f"{_f(s.get('cold_start_to_ready_seconds'), 1)} |")
+                   f"{_f(s.get('cold_start_to_ready_seconds'), 1)} | {_f(s.get('restart_to_ready_seconds'), 1)} "
+                   f"({(s.get('restart_plan') or {}).get('basis', '–')}) |")
     return out + [""]
 
 

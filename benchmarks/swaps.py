@@ -9,7 +9,9 @@ phase, V's bundle is replaced on disk ``swaps`` times with ``bundle.writer.stage
 (a full copy of the bundle whose ``config.json`` notes differ, so the content — and its manifest —
 is new and the server must verify, load, warm up and self-test it aside, then flip and drain the old
 one). Each swap waits until ``/metrics`` counts it before the next one. Cold start is process start
-→ ``/readyz`` 200.
+→ ``/readyz`` 200; after the swaps the server is started again on the same store (and state directory):
+restart is that start → ``/readyz`` 200, with how the last content's plan was decided (``auto``: from
+the plan cache, since a swap's inherited choice is cached for the new content).
 """
 
 from __future__ import annotations
@@ -146,6 +148,12 @@ def _run_plan(mode: Mode, out_dir: Path, plan: str) -> dict:
         res["p99_ratio_during_vs_steady"] = dp99 / sp99 if sp99 and dp99 else None
     finally:
         stop.touch()
+        stop_server(proc)
+    proc, url, res["restart_to_ready_seconds"] = start_server(root, v.version, scratch / "restart.log",
+                                                              ["--plan", plan])
+    try:
+        res["restart_plan"] = version_status(url, v.version).get("plan")
+    finally:
         stop_server(proc)
     shutil.rmtree(root, ignore_errors=True)
     return res
