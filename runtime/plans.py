@@ -22,8 +22,10 @@ Invariants:
   previous content chose, if it verifies: ready after one forward instead of a full timing round. A plan's
   speed is the architecture's and the engine's, not the weights' (agreement is the weights', and every
   load verifies it), so when the previous choice was made on this box among the same candidates with the
-  same engines and margins, the choice is cached for the new content too: a restart after a rollout builds
-  only that plan. Otherwise the next start times the candidates again.
+  same engines and margins, and every one of them verified and raced (a plan the golden check refused
+  for the old weights may pass for the new ones, and be faster), the choice is cached for the new content
+  too: a restart after a rollout builds only that plan. Otherwise the next start times the candidates
+  again.
 * The cache keeps the :data:`CACHE_KEEP` most recently used decisions (a read counts as a use).
 """
 
@@ -162,9 +164,10 @@ class Planner:
         self.cache_dir = cache_dir
         self.cpu = cpu or cpu_mod.detect()
         self.timing_runs = max(1, timing_runs)
-        #: version → the plan its current content serves with (auto mode) and the cache key of that decision
-        #: minus the content: the first guess for new content, cached for it too when the keys match
-        self._serving: dict[str, tuple[Plan, dict[str, Any]]] = {}
+        #: version → the plan its current content serves with (auto mode), the cache key of that decision minus
+        #: the content, and whether every candidate verified: the first guess for new content (see the module
+        #: docstring for when it is cached for the new content too)
+        self._serving: dict[str, tuple[Plan, dict[str, Any], bool]] = {}
 
     # --------------------------------------------------------------------------------- candidates
     def unavailable(self, plan: Plan, content: BundleContent) -> str | None:
@@ -272,8 +275,8 @@ class Planner:
             else:
                 timed = recorded[plan.name].get("forward_seconds")
                 return self._serve(predictor, plan, agreement, timed if isinstance(timed, float) else None,
-                                   True, recorded, "cache", key)
-        previous, decided_under = self._serving.get(content.config.version, (None, None))
+                                   True, recorded, "cache", (key, _none_refused(recorded, viable)))
+        previous, decided_under, complete = self._serving.get(content.config.version, (None, None, False))
         if previous is not None and previous in viable and len(viable) > 1:
             try:
                 predictor, agreement = self._verified(previous, content)
@@ -281,10 +284,10 @@ class Planner:
                 pass  # logged; choose among all candidates
             else:
                 trials[previous.name] = {"agreement": agreement, "forward_seconds": None}
-                if decided_under == _beyond_content(key):
+                if complete and decided_under == _beyond_content(key):
                     self._write_cache(key, previous, trials)
                 return self._serve(predictor, previous, agreement, None, False, trials, "previous content",
-                                   key)
+                                   (key, complete))
         best: tuple[Predictor, Plan, float | None] | None = None
         for plan in viable:
             try:
@@ -319,7 +322,7 @@ class Planner:
             self._write_cache(key, plan, trials)
         # the choice's median in its last race (None: never raced)
         return self._serve(predictor, plan, agreement, trials[plan.name]["forward_seconds"], False, trials,
-                           "timed" if len(viable) > 1 else "only candidate", key)
+                           "timed" if len(viable) > 1 else "only candidate", (key, _none_refused(trials, viable)))
 
     def _verified(self, plan: Plan, content: BundleContent) -> tuple[Predictor, float | None]:
         """``plan``'s predictor and its golden agreement; BundleError (predictor closed) if refused."""
@@ -351,12 +354,16 @@ class Planner:
         raise AssertionError("the reference plan is always a candidate")
 
     def _serve(self, predictor: Predictor, plan: Plan, agreement: float | None, seconds: float | None,
-               cached: bool, trials: dict[str, Any], basis: str, key: dict[str, Any] | None = None) -> Predictor:
+               cached: bool, trials: dict[str, Any], basis: str,
+               decision: tuple[dict[str, Any], bool] | None = None) -> Predictor:
+        """``predictor`` with its :class:`PlanChoice`; ``decision`` (auto mode): the cache key it was decided
+        under and whether every candidate verified, remembered for the version's next content."""
         mode = self.mode
         if mode != AUTO and plan.name != mode:
             log.warning("%s: plan %s asked for but not servable; serving %s", predictor.version, mode, plan.name)
-        if key is not None:
-            self._serving[predictor.version] = (plan, _beyond_content(key))
+        if decision is not None:
+            key, complete = decision
+            self._serving[predictor.version] = (plan, _beyond_content(key), complete)
         predictor.plan = PlanChoice(plan, mode, agreement, seconds, cached, self.cpu.model, dict(trials), basis)
         log.info("%s: serving with plan %s (%s)", predictor.version, plan.name, basis)
         return predictor
@@ -413,6 +420,11 @@ class Planner:
 def _beyond_content(key: dict[str, Any]) -> dict[str, Any]:
     """A decision's cache key without the bundle content: what a successor content's choice may inherit under."""
     return {k: v for k, v in key.items() if k != "identity"}
+
+
+def _none_refused(trials: dict[str, Any], viable: list[Plan]) -> bool:
+    """No candidate of a decision was refused by its golden check (or failed to build)."""
+    return not any("skipped" in trials.get(plan.name, {}) for plan in viable)
 
 
 def _prune(cache: Path) -> None:

@@ -451,6 +451,20 @@ def test_an_inherited_plan_is_not_cached_when_the_candidates_differ(int8_src: Pa
     assert restarted is not None and restarted.basis == "timed" and not restarted.cached
 
 
+def test_an_inherited_plan_is_not_cached_when_the_previous_choice_had_a_refused_candidate(
+        int8_src: Path, tmp_path: Path) -> None:
+    """The int8 plan was refused for the old weights; the new weights may pass it, and it may be faster: the
+    swap starts with the previous plan, but a restart times the candidates again."""
+    p = planner(cache=tmp_path / "state")
+    old = p.load(reader.load(_perturbed(int8_src, tmp_path / "old"))).plan
+    assert old is not None and "golden check (ort-int8)" in old.trials["ort-int8"]["skipped"]
+    new = clone_bundle(int8_src, tmp_path / "new", "v0.9", notes="new weights: int8 verifies")
+    swapped = p.load(reader.load(new)).plan
+    assert swapped is not None and swapped.basis == "previous content" and swapped.plan == old.plan
+    restarted = planner(cache=tmp_path / "state").load(reader.load(new)).plan
+    assert restarted is not None and restarted.basis == "timed" and "skipped" not in restarted.trials["ort-int8"]
+
+
 def test_the_plan_cache_keeps_the_most_recently_used_decisions(int8_src: Path, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(plans, "CACHE_KEEP", 2)
