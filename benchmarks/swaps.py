@@ -11,7 +11,8 @@ is new and the server must verify, load, warm up and self-test it aside, then fl
 one). Each swap waits until ``/metrics`` counts it before the next one. Cold start is process start
 → ``/readyz`` 200; after the swaps the server is started again on the same store (and state directory):
 restart is that start → ``/readyz`` 200, with how the last content's plan was decided (``auto``: from
-the plan cache, since a swap's inherited choice is cached for the new content).
+the plan cache when the swaps' inherited choice could be cached — every candidate of the first decision
+verified — else timed again).
 """
 
 from __future__ import annotations
