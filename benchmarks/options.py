@@ -23,7 +23,7 @@ rebuilt when the source bundle changes) and loaded with ``Predictor.load``:
 
 - ``pre-optimized``: the graph onnxruntime saves while a ``SessionFactory`` builds the default
   session (``optimized_model_filepath``), loaded with optimisation disabled;
-- ``int8-static-conv``: static QDQ on the convolutions (``quant_pre_process``, ``quantize_static``
+- ``int8-static-conv``: static QDQ on the convolutions (the export's ``pre_process``, ``quantize_static``
   per-channel, ``reduce_range`` when the CPU lacks VNNI, MinMax calibration on a few synthetic person
   images prepared by the bundle's ``Predictor.prepare``);
 - ``int8-dynamic-matmul``: MatMul-only dynamic quantization (``quantize_dynamic``).
@@ -85,10 +85,11 @@ def build_quantized(mode: str, base: Predictor, kind: str, n_calib: int) -> Path
         CalibrationDataReader,
         QuantFormat,
         QuantType,
-        quant_pre_process,
         quantize_dynamic,
         quantize_static,
     )
+
+    from m2fpkit.export.quantize import pre_process
 
     cfg = base.config
     src = base.content.info.path / cfg.model_file  # the verified bundle's graph: the quantiser's input
@@ -124,10 +125,7 @@ def build_quantized(mode: str, base: Predictor, kind: str, n_calib: int) -> Path
                              use_external_data_format=True)
         else:
             pre = tmp / "preprocessed.onnx"
-            # onnxruntime's symbolic shape inference does not cover this graph's dynamic sizes (and on failing
-            # it leaves scratch files in the working directory); ONNX shape inference does
-            quant_pre_process(graph, pre, skip_symbolic_shape=True, save_as_external_data=True,
-                              all_tensors_to_one_file=True, external_data_location="preprocessed.onnx.data")
+            pre_process(graph, pre)  # the export's own pre-quantization pass
             quantize_static(pre, model, Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv"],
                             per_channel=True, reduce_range=not cpu.detect().has("vnni"),
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,

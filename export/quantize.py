@@ -90,15 +90,21 @@ def golden_agreement(model_file: Path, config: BundleConfig, bundle_dir: Path) -
     return min(out)
 
 
+def pre_process(model: Path, out: Path) -> None:
+    """onnxruntime's pre-quantization pass of ``model`` into ``out`` (+ ``out.data``, one weights file).
+
+    Its symbolic shape inference does not cover this graph's dynamic sizes and, failing, leaves scratch
+    files in the working directory: it is skipped; ONNX shape inference covers the graph.
+    """
+    from onnxruntime.quantization import quant_pre_process
+
+    quant_pre_process(model, out, skip_symbolic_shape=True, save_as_external_data=True,
+                      all_tensors_to_one_file=True, external_data_location=f"{out.name}.data")
+
+
 def write_int8(stage: Path, config: BundleConfig, images: list[tuple[str, bytes]]) -> Variant:
     """Quantize ``stage/<model_file>`` into ``stage/model.int8.onnx``, write the calibration images."""
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quant_pre_process,
-        quantize_static,
-    )
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     batches = _inputs(config, images)
 
@@ -111,9 +117,7 @@ def write_int8(stage: Path, config: BundleConfig, images: list[tuple[str, bytes]
         (stage / name).write_bytes(data)
     with tempfile.TemporaryDirectory() as tmp:
         pre = Path(tmp) / "pre.onnx"
-        # symbolic shape inference does not cover this graph's dynamic sizes; ONNX shape inference does
-        quant_pre_process(stage / config.model_file, pre, skip_symbolic_shape=True, save_as_external_data=True,
-                          all_tensors_to_one_file=True, external_data_location="pre.onnx.data")
+        pre_process(stage / config.model_file, pre)
         quantize_static(pre, stage / VARIANT_FILE, Reader(), quant_format=QuantFormat.QDQ,
                         op_types_to_quantize=list(QUANTIZED_OPS), per_channel=True, reduce_range=False,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
