@@ -18,6 +18,7 @@ import numpy as np
 
 from .bundle.reader import BundleContent
 from .errors import BundleError
+from .priority import run_in_background
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,8 @@ class OpenVINOSession:
     def __init__(self, content: BundleContent, model_file: str, precision: str, threads: int) -> None:
         import openvino as ov
 
-        model = _in_memory_model(content, model_file)
+        # reading and embedding the weights at background priority; compiling (threads) at normal priority
+        model = run_in_background(_in_memory_model, content, model_file)
         self._inputs, self._outputs = _args(model.graph.input), _args(model.graph.output)
         self._meta = _Meta({p.key: p.value for p in model.metadata_props})
         core = ov.Core()

@@ -16,6 +16,7 @@ import onnxruntime as ort
 from .bundle.reader import BundleContent
 from .cpu import usable_cores
 from .errors import BundleError
+from .priority import run_in_background
 from .weights import POOL, SharedTensor, WeightPool
 
 log = logging.getLogger(__name__)
@@ -123,8 +124,10 @@ class SessionFactory:
         name = model_file or content.config.model_file
         with SessionFactory._process_lock:
             options = self.options(optimization)
-            tensors = [] if name != content.config.model_file else self.pool.tensors(
-                content, share=self.settings.share_weights)
+            # streaming and hashing the weights yields the cores to served forwards; the session (whose
+            # threads inherit the priority of the thread that builds it) is built at normal priority
+            tensors = [] if name != content.config.model_file else run_in_background(
+                self.pool.tensors, content, share=self.settings.share_weights)
             if tensors:
                 # the graph's optimisers read these (not the data file); the session runs on them in place
                 options.add_external_initializers([n for n, _ in tensors], [t.value for _, t in tensors])

@@ -218,7 +218,7 @@ async def test_swaps_under_load_never_fail_a_request(fast_multi_src, fast_single
                 await answered("latest", t_removed)
             await _wait(lambda: "v3.0" not in _status(reg), "v3.0 to disappear after draining", log)
             healthy("v3.0 gone")
-            assert held.session is None  # closed after the drain
+            await _wait(lambda: held.session is None, "v3.0's predictor to be closed after the drain", log)
             assert {(a.version, a.task) for a in since(t_removed, "latest")} == {("v2.0", "multi-human")}
             await answered("v1.0", time.monotonic())
 

@@ -16,7 +16,8 @@ Invariants:
 - At most ``settings.concurrent_runs`` forward passes run at once (``forward_slots``), served ones and a
   load's golden and timing runs alike: a swap's runs wait for a free slot instead of halving the cores
   of the forwards being served.
-- All bookkeeping runs on the event loop thread; only verification and loading run in the executor.
+- All bookkeeping runs on the event loop thread; verification, loading and closing run in the executor
+  (hashing at background priority, ``runtime.priority``).
 """
 
 from __future__ import annotations
@@ -124,6 +125,11 @@ class Slot:
     def leased(self) -> list[Loaded]:
         """Every predictor of this version still open: the active one and those draining."""
         return [loaded for loaded in (self.active, *self.draining) if loaded is not None]
+
+
+def _dispose(predictor: Predictor) -> None:
+    predictor.close()
+    trim_heap()
 
 
 class Lifecycle:
@@ -261,8 +267,12 @@ class Lifecycle:
     def _close(self, slot: Slot, loaded: Loaded) -> None:
         if loaded in slot.draining:
             slot.draining.remove(loaded)
-        loaded.predictor.close()
-        trim_heap()
+        # freeing a session's memory and trimming the heap take tens of ms at r101: not on the event loop;
+        # on the load thread, so a closed version's memory is returned before the next load starts
+        try:
+            self.executor.submit(_dispose, loaded.predictor)
+        except RuntimeError:  # the registry is closed: no thread left to hand it to
+            _dispose(loaded.predictor)
         self._forget_if_gone(slot)
 
     def remove(self, slot: Slot) -> None:

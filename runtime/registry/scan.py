@@ -17,6 +17,7 @@ from ..bundle import reader
 from ..bundle.signature import TrustPolicy
 from ..bundle.store import BundleStore
 from ..errors import BundleError
+from ..priority import run_in_background
 from .lifecycle import Lifecycle
 
 log = logging.getLogger(__name__)
@@ -29,8 +30,9 @@ class Scanner:
 
     async def _inspect(self, version: str) -> reader.BundleInfo:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.lifecycle.executor, reader.inspect, self.store.dir / version,
-                                          self.trust)
+        # hashing a whole bundle must not stall the forwards being served
+        return await loop.run_in_executor(self.lifecycle.executor, run_in_background, reader.inspect,
+                                          self.store.dir / version, self.trust)
 
     async def adopt(self, version: str) -> str | None:
         """List one version (discovered, not loaded) after verifying it; None if done, else why not."""
