@@ -235,5 +235,14 @@ def pull(url: str, version: str, bundles: Path, token: str | None, public_key: t
     click.echo(f"pulled {done.installed.version} ({done.bytes / 2**20:.1f} MB{resumed}) → {done.installed.path}")
 
 
-if __name__ == "__main__":  # pragma: no cover
+def run() -> None:
+    """The ``m2fp-bundle`` program: :func:`main` at background priority, since it shares edge boxes with a
+    serving ``m2fp-serve`` whose forwards its hashing, unpacking and verification must not stall."""
+    from ..priority import lower_this_thread
+
+    lower_this_thread()  # before any thread exists: the whole process
     main(prog_name=os.path.basename(sys.argv[0]))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    run()
