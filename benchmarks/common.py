@@ -54,7 +54,7 @@ class Mode:
     memory_fresh_each: bool = True
     leak_cycles: int = 20
     swaps: int = 20
-    steady_seconds: float = 40.0
+    steady_seconds: float = 60.0
     swap_clients: int = 2
 
     def to_dict(self) -> dict[str, Any]:
