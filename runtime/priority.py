@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -33,12 +34,11 @@ def lower_this_thread(delta: int = BACKGROUND_NICE) -> None:
 
     Called first thing in a program's main thread, it lowers the whole process: threads inherit it.
     """
-    setpriority = getattr(os, "setpriority", None)
-    if setpriority is None or delta <= 0:
+    if sys.platform != "linux" or delta <= 0:  # elsewhere PRIO_PROCESS with a thread id names no thread
         return
     tid = threading.get_native_id()
     try:
-        setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + delta))
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + delta))
     except OSError as exc:  # a sandbox may forbid it: the work still runs, at normal priority
         log.debug("cannot lower the priority of a background thread: %s", exc)
 
@@ -55,7 +55,11 @@ def run_in_background(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
             box.append((False, exc))
 
     thread = threading.Thread(target=target, name=f"m2fp-bg-{getattr(fn, '__name__', 'work')}", daemon=True)
-    thread.start()
+    try:
+        thread.start()
+    except RuntimeError:  # no thread to spare: the work is still done, here and at the caller's priority
+        log.warning("no thread for background work; running %s at normal priority", thread.name)
+        return fn(*args, **kwargs)
     thread.join()
     ok, value = box[0]
     if ok:

@@ -22,7 +22,7 @@ from m2fpkit.runtime.session import RuntimeSettings, Session, SessionFactory
 from m2fpkit.runtime.weights import WeightPool
 from reference.bundles import clone_bundle, replace_bundle, synthetic_png
 
-pytestmark = pytest.mark.skipif(not hasattr(os, "setpriority"), reason="per-thread priority is Linux's")
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="per-thread priority is Linux's")
 
 
 MAIN = threading.main_thread()
@@ -51,6 +51,14 @@ def test_background_work_raises_its_exception_in_the_caller():
     with pytest.raises(KeyError, match="the bundle vanished"):
         priority.run_in_background(fails)
     assert priority.run_in_background(lambda: None) is None
+
+
+def test_background_work_still_runs_when_no_thread_can_be_started(monkeypatch):
+    def refuse(self) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    assert priority.run_in_background(lambda: (threading.current_thread() is MAIN, nice())) == (True, nice())
 
 
 def test_weights_are_hashed_in_the_background_and_the_session_built_at_normal_priority(ms_single, monkeypatch):
