@@ -61,7 +61,12 @@ def run_in_background(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         log.warning("no thread for background work; running %s at normal priority", thread.name)
         return fn(*args, **kwargs)
     thread.join()
-    ok, value = box[0]
+    ok, value = box.pop()
     if ok:
         return value
-    raise value
+    try:
+        raise value
+    finally:
+        # no cycle exception → traceback → this frame → exception: what the failed work built (a refused
+        # bundle's tensors) is freed as soon as the caller drops the exception, not at the next GC
+        del value

@@ -5,11 +5,13 @@ engine sessions — whose threads inherit their builder's priority for good — 
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib.metadata
 import os
 import subprocess
 import sys
 import threading
+import weakref
 from pathlib import Path
 
 import pytest
@@ -51,6 +53,27 @@ def test_background_work_raises_its_exception_in_the_caller():
     with pytest.raises(KeyError, match="the bundle vanished"):
         priority.run_in_background(fails)
     assert priority.run_in_background(lambda: None) is None
+
+
+def test_a_failed_background_call_keeps_nothing_alive_once_its_exception_is_dropped():
+    """No reference cycle through the exception: a refused bundle's tensors are freed at once, not at a GC."""
+    class Tensors:
+        pass
+
+    built: list[weakref.ref] = []
+
+    def fails() -> None:
+        tensors = Tensors()  # a local of a frame in the exception's traceback
+        built.append(weakref.ref(tensors))
+        raise ValueError("changed on disk while loading")
+
+    gc.disable()
+    try:
+        with pytest.raises(ValueError):
+            priority.run_in_background(fails)
+        assert built and built[0]() is None
+    finally:
+        gc.enable()
 
 
 def test_background_work_still_runs_when_no_thread_can_be_started(monkeypatch):
