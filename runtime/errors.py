@@ -144,3 +144,10 @@ class BadAspectRatio(InputError):
 
 class Overloaded(M2FPError):
     pass
+
+
+def engine_reason(exc: BaseException) -> str:
+    """What an engine's (onnxruntime, OpenVINO) multi-line C++ message says went wrong: its last non-empty
+    line, at most 300 characters — OpenVINO puts its ``Exception from <file>:<line>`` chain first."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1][:300] if lines else type(exc).__name__

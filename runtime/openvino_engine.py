@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from .bundle.reader import BundleContent
-from .errors import BundleError
+from .errors import BundleError, engine_reason
 from .priority import run_in_background
 
 log = logging.getLogger(__name__)
@@ -111,8 +111,7 @@ class OpenVINOSession:
         try:
             self._compiled = core.compile_model(core.read_model(model.SerializeToString()), "CPU", properties)
         except Exception as exc:  # OpenVINO raises RuntimeError subclasses with multi-line C++ messages
-            text = str(exc).strip().splitlines()
-            raise BundleError(f"openvino cannot compile {model_file}: {text[0][:300] if text else exc}") from None
+            raise BundleError(f"openvino cannot compile {model_file}: {engine_reason(exc)}") from None
         self._names = [o.get_any_name() for o in self._compiled.outputs]
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
 

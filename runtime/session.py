@@ -15,7 +15,7 @@ import onnxruntime as ort
 
 from .bundle.reader import BundleContent
 from .cpu import usable_cores
-from .errors import BundleError
+from .errors import BundleError, engine_reason
 from .priority import run_in_background
 from .weights import POOL, SharedTensor, WeightPool
 
@@ -136,12 +136,7 @@ class SessionFactory:
             try:
                 return Session(content.files[name], options, tensors)
             except Exception as exc:  # onnxruntime raises its own exception types for a bad graph
-                raise BundleError(f"onnxruntime cannot load {name}: {_first_line(exc)}") from None
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    return text[-1][:300] if text else type(exc).__name__
+                raise BundleError(f"onnxruntime cannot load {name}: {engine_reason(exc)}") from None
 
 
 class Session(ort.InferenceSession):

@@ -23,7 +23,7 @@ from m2fpkit.export import quantize
 from m2fpkit.runtime import cpu, openvino_engine, plans
 from m2fpkit.runtime.bundle import reader
 from m2fpkit.runtime.bundle.config import BundleConfig
-from m2fpkit.runtime.errors import MalformedFile
+from m2fpkit.runtime.errors import BundleError, MalformedFile
 from m2fpkit.runtime.plans import PLANS, REFERENCE, Planner
 from m2fpkit.runtime.registry.options import RegistryOptions
 from m2fpkit.runtime.session import SessionFactory
@@ -159,6 +159,26 @@ class ScriptedPlanner(CountingPlanner):
         name = self.plan_of[id(predictor)]
         n = self.runs[name] = self.runs.get(name, -1) + 1
         return self.seconds[name][n % len(self.seconds[name])]
+
+
+OPENVINO_MESSAGE = ("Exception from src/inference/src/cpp/core.cpp:117:\n"
+                    "Exception from src/plugins/intel_cpu/src/config.cpp:505:\n"
+                    "NotFound: Unsupported property COMPILATION_NUM_THREADS by CPU plugin.\n\n")
+
+
+@pytest.mark.skipif(not HAS_OPENVINO, reason="needs the [openvino] extra")
+def test_an_engine_that_cannot_build_a_plan_says_why(int8_src: Path, monkeypatch) -> None:
+    """The refusal names the engine's reason (the last line of its C++ message), not where it was thrown."""
+    import openvino as ov
+
+    def fails(*args, **kwargs):
+        raise RuntimeError(OPENVINO_MESSAGE)
+
+    monkeypatch.setattr(ov.Core, "compile_model", fails)
+    planner = Planner(SessionFactory(), "ov-f32")
+    with pytest.raises(BundleError, match=r"^openvino cannot compile model\.onnx: NotFound: Unsupported property "
+                                          r"COMPILATION_NUM_THREADS by CPU plugin\.$"):
+        planner.build(PLANS["ov-f32"], reader.load(int8_src))
 
 
 @pytest.mark.parametrize(("seconds", "served"), [
