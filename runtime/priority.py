@@ -4,7 +4,7 @@ On a small box a served forward uses every core, and onnxruntime splits each of 
 across its threads: one more runnable thread (a bundle being hashed for a swap) stalls the whole
 forward, not a core's share of it. :func:`run_in_background` runs a function in a fresh thread whose
 scheduling priority is lowered (Linux: the thread's nice value, which Linux keeps per thread), so the
-kernel gives such work the cores only when served work leaves them idle.
+kernel gives such work the cores when served work leaves them idle, and barely any otherwise.
 
 Invariant: the function must not create threads. A thread inherits its creator's priority and an
 unprivileged process can never raise it again, so an engine's thread pool created there would serve
