@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from m2fpkit.runtime.recent import keep_most_recent
+
 from .model.m2fp import M2FP, SIZE_DIVISIBILITY
 
 if TYPE_CHECKING:
@@ -188,7 +190,7 @@ def _load(entry: Path) -> onnx.ModelProto | None:
         shutil.rmtree(entry, ignore_errors=True)
         return None
     with contextlib.suppress(OSError):  # a read-only cache is still used, only never pruned by use
-        os.utime(entry)  # recently used: kept by _prune
+        os.utime(entry)  # recently used: kept by keep_most_recent
     return graph
 
 
@@ -200,19 +202,13 @@ def _store(entry: Path, graph: onnx.ModelProto) -> None:
         tmp.mkdir(parents=True)
         onnx.save(graph, str(tmp / _GRAPH))
         tmp.rename(entry)
-        _prune(entry.parent)
+        keep_most_recent((p for p in entry.parent.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                         CACHE_KEEP, lambda old: shutil.rmtree(old, ignore_errors=True))
     except OSError as exc:  # another export stored the same entry first, or the cache is not writable
         if not entry.is_dir():
             log.warning("export cache %s not written (%s): the next export traces again", entry.parent, exc)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _prune(cache: Path) -> None:
-    entries = sorted((p for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".")),
-                     key=lambda p: p.stat().st_mtime, reverse=True)
-    for old in entries[CACHE_KEEP:]:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def set_metadata(path: Path, props: dict[str, str]) -> None:

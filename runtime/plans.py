@@ -51,6 +51,7 @@ from .bundle.atomic import write_atomic
 from .bundle.reader import BundleContent
 from .errors import BundleError, MalformedFile
 from .predictor import Predictor
+from .recent import keep_most_recent
 from .session import SessionFactory
 
 log = logging.getLogger(__name__)
@@ -397,7 +398,7 @@ class Planner:
         if raw.get("key") != key or chosen not in {p.name for p in viable} or not isinstance(trials, dict):
             log.warning("plan cache %s does not match this bundle and box; choosing again", path.name)
             return None
-        with contextlib.suppress(OSError):  # recently used: kept by _prune (a read-only cache is still read)
+        with contextlib.suppress(OSError):  # recently used: kept by keep_most_recent (a read-only cache is still read)
             os.utime(path)
         # what the timing round found, as recorded: only {name: {...}} entries of known plans are kept
         recorded = {n: t for n, t in trials.items() if n in PLANS and isinstance(t, dict)}
@@ -412,7 +413,7 @@ class Planner:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(path, jsonfile.dumps({"key": key, "chosen": plan.name, "trials": trials}))
-            _prune(path.parent)
+            keep_most_recent(path.parent.glob("*.json"), CACHE_KEEP, lambda old: old.unlink(missing_ok=True))
         except OSError as exc:
             log.warning("plan cache not written (%s): the next start times the plans again", exc.strerror or exc)
 
@@ -425,13 +426,3 @@ def _beyond_content(key: dict[str, Any]) -> dict[str, Any]:
 def _none_refused(trials: dict[str, Any], viable: list[Plan]) -> bool:
     """No candidate of a decision was refused by its golden check (or failed to build)."""
     return not any("skipped" in trials.get(plan.name, {}) for plan in viable)
-
-
-def _prune(cache: Path) -> None:
-    """Keep the :data:`CACHE_KEEP` most recently used decisions of ``cache``."""
-    entries = []
-    for p in cache.glob("*.json"):
-        with contextlib.suppress(OSError):  # removed meanwhile by another process
-            entries.append((p.stat().st_mtime, p))
-    for _, old in sorted(entries, reverse=True)[CACHE_KEEP:]:
-        old.unlink(missing_ok=True)
