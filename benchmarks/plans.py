@@ -32,13 +32,14 @@ def _child(bundle_dir: Path, repeats: int, timing_runs: int) -> dict:
     from m2fpkit.runtime import cpu, plans
     from m2fpkit.runtime.bundle import reader
     from m2fpkit.runtime.errors import BundleError
+    from m2fpkit.runtime.planner import Planner, engine_versions
     from m2fpkit.runtime.session import SessionFactory
 
     content = reader.load(bundle_dir)
     factory = SessionFactory()
-    planner = plans.Planner(factory, plans.AUTO, cpu=cpu.detect(), timing_runs=timing_runs)
+    planner = Planner(factory, plans.AUTO, cpu=cpu.detect(), timing_runs=timing_runs)
     out: dict = {"bundle": content.config.version, "cpu": cpu.detect().to_dict(),
-                 "engines": plans.engine_versions(), "min_agreement": content.config.plans.min_agreement,
+                 "engines": engine_versions(), "min_agreement": content.config.plans.min_agreement,
                  "variants": sorted(content.config.plans.variants), "plans": {}}
     ready = {}
     for plan in plans.PLANS.values():
@@ -94,7 +95,7 @@ def _child(bundle_dir: Path, repeats: int, timing_runs: int) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="plan-cache-") as tmp:
         cache = Path(tmp)
-        auto = plans.Planner(factory, plans.AUTO, cache_dir=lambda: cache, cpu=cpu.detect(), timing_runs=timing_runs)
+        auto = Planner(factory, plans.AUTO, cache_dir=lambda: cache, cpu=cpu.detect(), timing_runs=timing_runs)
         t0 = time.perf_counter()
         first = auto.load(content)
         first_s = time.perf_counter() - t0

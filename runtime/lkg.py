@@ -18,7 +18,9 @@ verifies before loading).
 
 The file is written atomically (temporary file, fsync, rename, fsync of the directory), so a crash
 leaves the previous record or the new one, never half of either. :func:`load` never raises for a
-missing or damaged file: it returns None and logs why, because boot must go on without it.
+missing or damaged file (a FIFO, a link or anything but a regular file included: ``bundle.regular``): it
+returns None and logs why, because boot must go on without it. Blocking: the registry calls it off the
+event loop.
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ from typing import Any
 from .bundle import jsonfile
 from .bundle.atomic import write_atomic
 from .bundle.reader import identity_of
+from .bundle.versions import is_alias_name, is_version_name
 from .errors import BundleError, MalformedFile
-from .versions import is_alias_name, is_version_name
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +105,7 @@ def load(state_dir: str | os.PathLike) -> LastKnownGood | None:
     """The recorded state, or None when there is none or it is unreadable (logged)."""
     path = Path(state_dir) / LKG
     try:
-        raw = jsonfile.read(path, LKG, max_bytes=MAX_BYTES)
+        raw = jsonfile.read(path, LKG, max_bytes=MAX_BYTES, follow_links=False)
     except FileNotFoundError:
         return None
     except (OSError, MalformedFile) as exc:

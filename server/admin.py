@@ -1,6 +1,6 @@
 """Admin endpoints (reload routes, set weights, roll back). Disabled without a bearer token.
 
-Invariant: a change is validated like a routes file (server/routing.py) before it applies; a refused one
+Invariant: a change is validated like a routes file (runtime/routes_file.py) before it applies; a refused one
 is a 4xx naming the key (400 not JSON, 404 unknown version, 422 invalid value), counted in
 ``m2fp_routes_refused_total{source="admin"}``, and leaves the routes in force untouched — never a 500.
 """
@@ -14,11 +14,11 @@ from aiohttp import web
 
 from m2fpkit.runtime.bundle import jsonfile
 from m2fpkit.runtime.errors import MalformedFile
+from m2fpkit.runtime.routes_file import RoutesError, brief_key
 
 from . import keys
 from .auth import require_bearer
 from .errors import HTTPProblem
-from .routing import RoutesError, brief_key
 
 #: a weights body is one small JSON object
 MAX_WEIGHTS_BODY = 64 << 10
@@ -58,7 +58,7 @@ async def get_routes(request: web.Request) -> web.Response:
 
 @_change(422, "bad_routes")
 async def reload_routes(request: web.Request) -> None:
-    request.app[keys.ROUTES].reload()
+    await request.app[keys.ROUTES].reload()
     await request.app[keys.REGISTRY].rescan()
 
 

@@ -13,6 +13,12 @@
 Both are disabled (404) unless the server runs with ``--distribution-token`` (distinct from the admin
 token); a missing or wrong token is 401. Version names are checked (no path tricks) and only
 installed versions that verify, and that the registry has not refused, are served.
+
+Invariants: every file access (listing, verification, packing, opening the archive — a regular file
+only, ``bundle.regular`` — and each read) runs off the event loop. ``Range`` is parsed by
+:func:`parse_range`: ASCII digits only, a position of any length costs nothing (one beyond 10**18 is
+past the end of any file), a single range only. A client that hangs up mid-download is logged at info
+level; the access line keeps the status that was sent (200/206), never a 5xx.
 """
 
 from __future__ import annotations
@@ -24,20 +30,26 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from aiohttp import web
 
 from m2fpkit.runtime.bundle import reader
 from m2fpkit.runtime.bundle.archive import archive_name, pack
+from m2fpkit.runtime.bundle.regular import open_regular
+from m2fpkit.runtime.bundle.versions import is_version_name
 from m2fpkit.runtime.errors import BundleError
-from m2fpkit.runtime.versions import is_version_name
 
 from . import keys
 from .auth import require_bearer
 from .errors import HTTPProblem
 
 log = logging.getLogger(__name__)
-_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+#: one ``bytes=first-last`` / ``bytes=-suffix`` range; ASCII digits only (``\d`` would take any script's digits)
+_RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)", re.ASCII)
+#: a position with more digits is past the end of any file: it is not converted (``int()`` of thousands of
+#: digits is slow, and refused past 4300)
+_MAX_DIGITS = 18
 _CHUNK = 256 << 10
 
 
@@ -96,7 +108,7 @@ async def list_bundles(request: web.Request) -> web.Response:
     _authorize(request)
     store = request.app[keys.REGISTRY].store
     versions, refused = [], []
-    for version in store.versions():
+    for version in await asyncio.to_thread(store.versions):
         reason, entry = await _verified(request, version)
         if reason is None:
             versions.append({k: v for k, v in entry.items() if k != "etag"})
@@ -120,8 +132,9 @@ def _cache_dir(state: Distribution, store_dir: Path) -> Path:
     return state.cache_dir
 
 
-def _packed(bundle_dir: Path, cache: Path) -> tuple[Path, str]:
-    """The cached archive of the bundle's current content (packed now if needed) and its key."""
+def _packed(bundle_dir: Path, state: Distribution, store_dir: Path) -> tuple[Path, str]:
+    """The cached archive of the bundle's current content (packed now if needed) and its key — blocking."""
+    cache = _cache_dir(state, store_dir)
     for _ in range(3):
         key = reader.identity_of(bundle_dir)
         path = cache / archive_name(f"{bundle_dir.name}-{key}")
@@ -144,7 +157,7 @@ async def download(request: web.Request) -> web.StreamResponse:
     if not is_version_name(version):
         raise HTTPProblem(404, "not_found", f"{name!r} is not <version>.tar (e.g. v1.2.tar)")
     registry, state = request.app[keys.REGISTRY], request.app[STATE]
-    if version not in registry.store.versions():
+    if version not in await asyncio.to_thread(registry.store.versions):
         raise HTTPProblem(404, "unknown_version", f"no version {version} on this server")
     reason, _ = await _verified(request, version)
     if reason is not None:
@@ -153,46 +166,73 @@ async def download(request: web.Request) -> web.StreamResponse:
     loop = asyncio.get_running_loop()
     async with lock:
         try:
-            path, key = await loop.run_in_executor(None, _packed, registry.store.dir / version,
-                                                   _cache_dir(state, registry.store.dir))
+            path, key = await loop.run_in_executor(None, _packed, registry.store.dir / version, state,
+                                                   registry.store.dir)
         except (BundleError, OSError) as exc:
             raise HTTPProblem(503, "pack_failed", f"{version} could not be packed: {exc}",
                               headers={"Retry-After": "5"}) from None
     return await _send(request, path, key, version)
 
 
-def _byte_range(request: web.Request, size: int, etag: str) -> tuple[int, int] | None:
-    """(start, end inclusive) of a satisfiable single range to honour, None to send everything.
+class Unsatisfiable(ValueError):
+    """A range that starts at or after the end of the file (416)."""
 
-    Raises 416 for a range past the end. Multiple ranges and malformed headers are ignored (RFC 9110).
-    """
+
+def _position(digits: str) -> int:
+    """A position of a ``Range`` header; one of more than :data:`_MAX_DIGITS` digits stands as 10**18."""
+    return int(digits) if len(digits) <= _MAX_DIGITS else 10 ** _MAX_DIGITS
+
+
+def parse_range(header: str, size: int) -> tuple[int, int] | None:
+    """(start, end inclusive) of the single satisfiable range ``header`` asks of a ``size``-byte file, None to
+    send everything (malformed, several ranges, last before first: ignored, RFC 9110 § 14.2); Unsatisfiable
+    when it starts at or after the end."""
+    m = _RANGE.fullmatch(header.strip(" \t"))
+    if not m or (not m[1] and not m[2]):
+        return None
+    if m[1]:
+        start = _position(m[1])
+        end = size - 1
+        if m[2]:
+            last = _position(m[2])
+            if last < start:
+                return None
+            end = min(last, end)
+    else:
+        start, end = max(0, size - _position(m[2])), size - 1
+    if start >= size:
+        raise Unsatisfiable(f"range starts at {start if len(m[1]) <= _MAX_DIGITS else 'a position past 10^18'}, "
+                            f"the file has {size} bytes")
+    return start, end
+
+
+def _byte_range(request: web.Request, size: int, etag: str) -> tuple[int, int] | None:
+    """The range of the request to honour (see :func:`parse_range`); 416 for an unsatisfiable one."""
     header = request.headers.get("Range")
     if not header:
         return None
     if_range = request.headers.get("If-Range")
     if if_range is not None and if_range != etag:
         return None  # the client's partial copy is of other content: send the whole new file
-    m = _RANGE.match(header.strip())
-    if not m or (not m[1] and not m[2]):
-        return None
-    if m[1]:
-        start = int(m[1])
-        end = min(int(m[2]), size - 1) if m[2] else size - 1
-        if m[2] and int(m[2]) < start:
-            return None
-    else:
-        start, end = max(0, size - int(m[2])), size - 1
-    if start >= size:
-        raise HTTPProblem(416, "range_not_satisfiable", f"range starts at {start}, the file has {size} bytes",
-                          headers={"Content-Range": f"bytes */{size}"})
-    return start, end
+    try:
+        return parse_range(header, size)
+    except Unsatisfiable as exc:
+        raise HTTPProblem(416, "range_not_satisfiable", str(exc),
+                          headers={"Content-Range": f"bytes */{size}"}) from None
+
+
+def _open(path: Path) -> tuple[BinaryIO, int]:
+    """The cached archive opened for reading (a regular file only) and its size — blocking."""
+    f = os.fdopen(open_regular(path, path.name, follow_links=False), "rb")
+    return f, os.fstat(f.fileno()).st_size
 
 
 async def _send(request: web.Request, path: Path, key: str, version: str) -> web.StreamResponse:
     etag = f'"{key}"'
-    f = open(path, "rb")  # noqa: SIM115 - closed below; an open handle survives a concurrent repack
+    loop = asyncio.get_running_loop()
+    f, size = await loop.run_in_executor(None, _open, path)  # an open handle survives a concurrent repack
+    sent = 0
     try:
-        size = os.fstat(f.fileno()).st_size
         rng = _byte_range(request, size, etag)
         start, end = rng if rng else (0, size - 1)
         response = web.StreamResponse(status=206 if rng else 200, headers={
@@ -201,19 +241,23 @@ async def _send(request: web.Request, path: Path, key: str, version: str) -> web
             "Content-Disposition": f'attachment; filename="{archive_name(version)}"',
             **({"Content-Range": f"bytes {start}-{end}/{size}"} if rng else {})})
         response.content_length = end - start + 1
-        await response.prepare(request)
-        if request.method == "HEAD":
-            return response
-        loop = asyncio.get_running_loop()
-        f.seek(start)
-        left = end - start + 1
-        while left > 0:
-            chunk = await loop.run_in_executor(None, f.read, min(_CHUNK, left))
-            if not chunk:
-                break
-            await response.write(chunk)
-            left -= len(chunk)
-        await response.write_eof()
+        try:
+            await response.prepare(request)
+            if request.method == "HEAD":
+                return response
+            await loop.run_in_executor(None, f.seek, start)
+            left = end - start + 1
+            while left > 0:
+                chunk = await loop.run_in_executor(None, f.read, min(_CHUNK, left))
+                if not chunk:
+                    break
+                await response.write(chunk)
+                sent += len(chunk)
+                left -= len(chunk)
+            await response.write_eof()
+        except ConnectionResetError:  # the client hung up: its choice, not a failure of the server
+            log.info("%s: the client hung up after %d of %d bytes of %s", request.get(keys.REQUEST_ID, "-"), sent,
+                     end - start + 1, archive_name(version))
         return response
     finally:
         f.close()

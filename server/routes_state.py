@@ -5,7 +5,13 @@ Invariant: every change goes through :meth:`RoutesState.apply`, which hands the 
 last-known-good record); a refused change leaves the routes in force untouched, is logged with its
 reason and counted by source in :attr:`RoutesState.refusals` (``m2fp_routes_refused_total``). Nothing a
 routes file holds can stop the watcher: any failure to read or apply it is a refusal, and the next
-edit is read again.
+edit is read again. The file is read off the event loop (a regular file only: ``runtime.routes_file``).
+
+Versions the routes name that this server does not have (weights, aliases, shadow) are accepted with a
+warning naming them — a routes file may be deployed before the bundles it names are pulled — while the
+admin API, a person at a prompt, refuses them (404): a weighted version that is missing gets no traffic
+(its buckets go to the others), a missing shadow version is not run (``m2fp_shadow_runs_total`` counts
+those as ``dropped``).
 """
 
 from __future__ import annotations
@@ -16,8 +22,7 @@ import logging
 from pathlib import Path
 
 from m2fpkit.runtime.registry import Registry, RouteOverlay
-
-from .routing import Routes, RoutesError, load_routes, parse_routes
+from m2fpkit.runtime.routes_file import Routes, RoutesError, brief_key, load_routes, parse_routes
 
 log = logging.getLogger(__name__)
 HISTORY = 20
@@ -42,19 +47,32 @@ class RoutesState:
             self._history = (self._history + [self.current])[-HISTORY:]
         self.current = routes
         log.info("routes: %s", routes.to_dict())
+        missing = self.missing(routes)
+        if missing:
+            log.warning("routes (%s) name versions this server does not have: %s", routes.source, "; ".join(missing))
         return routes
+
+    def missing(self, routes: Routes) -> list[str]:
+        """Where ``routes`` names a version the registry does not list (``weights → v9.9``), at most 20."""
+        known = set(self.registry.versions())
+        where = [f"weights → {brief_key(v)}" for v, _ in routes.weights if v not in known]
+        where += [f"aliases → {a} → {brief_key(v)}" for a, v in routes.aliases.items() if v not in known]
+        if routes.shadow is not None and routes.shadow.version not in known:
+            where.append(f"shadow → {brief_key(routes.shadow.version)} (shadow runs are not made)")
+        return where[:20] + ([f"… {len(where) - 20} more"] if len(where) > 20 else [])
 
     def refuse(self, source: str, reason: str) -> None:
         """Record a refused change of the routes from ``source``: logged with its reason, counted."""
         self.refusals[source] = self.refusals.get(source, 0) + 1
         log.error("routes refused (%s), the routes in force stay: %s", source, reason)
 
-    def reload(self) -> Routes:
-        """Re-read the routes file; a broken file raises RoutesError and leaves the current routes in place."""
+    async def reload(self) -> Routes:
+        """Re-read the routes file (off the event loop); a broken file raises RoutesError and leaves the current
+        routes in place."""
         if self.path is None:
             raise RoutesError("no routes file configured (start with --routes FILE)")
         try:
-            routes = load_routes(self.path)
+            routes = await asyncio.to_thread(load_routes, self.path)
         except RoutesError as exc:
             self.refuse("file", str(exc))
             raise
@@ -109,7 +127,7 @@ class RoutesState:
 
         async def changed() -> None:
             try:
-                self.reload()
+                await self.reload()
             except RoutesError:  # logged and counted by reload
                 return
             except Exception as exc:  # applying valid routes failed (the registry refused): keep watching

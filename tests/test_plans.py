@@ -9,6 +9,7 @@ with one that has none. OpenVINO comes with the ``[openvino]`` extra, which ``ma
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 import urllib.request
@@ -20,11 +21,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from m2fpkit.export import quantize
-from m2fpkit.runtime import cpu, openvino_engine, plans
+from m2fpkit.runtime import cpu, openvino_engine, plan_cache, plans
 from m2fpkit.runtime.bundle import reader
 from m2fpkit.runtime.bundle.config import BundleConfig
 from m2fpkit.runtime.errors import BundleError, MalformedFile
-from m2fpkit.runtime.plans import PLANS, REFERENCE, Planner
+from m2fpkit.runtime.plan_cache import CACHE_DIR
+from m2fpkit.runtime.planner import Planner
+from m2fpkit.runtime.plans import PLANS, REFERENCE
 from m2fpkit.runtime.registry.options import RegistryOptions
 from m2fpkit.runtime.session import SessionFactory
 from reference.bundles import clone_bundle, edit_config, graph_metadata, set_graph_metadata, write_manifest
@@ -230,7 +233,7 @@ def test_the_decision_is_cached_per_bundle_and_box(int8_src: Path, tmp_path: Pat
     first = planner(cache=tmp_path)
     chosen = first.load(reader.load(int8_src)).plan
     assert chosen is not None and len(first.built) >= 2
-    assert len(list((tmp_path / plans.CACHE_DIR).iterdir())) == 1
+    assert len(list((tmp_path / CACHE_DIR).iterdir())) == 1
 
     again = planner(cache=tmp_path)
     second = again.load(reader.load(int8_src)).plan
@@ -242,7 +245,7 @@ def test_the_decision_is_cached_per_bundle_and_box(int8_src: Path, tmp_path: Pat
     other_box = planner(cache=tmp_path, box=cpu.CpuInfo("another CPU", EVERY_FLAG.flags, 2))
     assert not other_box.load(reader.load(int8_src)).plan.cached  # type: ignore[union-attr]
     assert len(other_box.built) >= 2
-    assert len(list((tmp_path / plans.CACHE_DIR).iterdir())) == 2
+    assert len(list((tmp_path / CACHE_DIR).iterdir())) == 2
 
 
 def test_plans_needing_missing_cpu_features_are_skipped_with_the_reason(int8_src: Path) -> None:
@@ -324,13 +327,13 @@ def test_any_cache_file_is_read_safely(tmp_path_factory: pytest.TempPathFactory,
     cache = tmp_path_factory.mktemp("cache")
     p = planner(cache=cache)
     key = {"identity": "x", "cpu": "y"}
-    path = p._cache_file(key)
+    path = p.cache.file(key)
     assert path is not None
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
-    got = p._read_cache(key, [REFERENCE, PLANS["ort-int8"]])
+    got = p.cache.read(key, [REFERENCE, PLANS["ort-int8"]])
     assert got is None or (got[0] in (REFERENCE, PLANS["ort-int8"]) and got[0].name in got[1]
-                           and all(n in PLANS and isinstance(t, dict) for n, t in got[1].items()))
+                           and plan_cache.check_trials(got[1]) is None)
 
 
 def test_a_tampered_cache_naming_an_unverifiable_plan_is_verified_again(int8_src: Path, tmp_path: Path) -> None:
@@ -339,7 +342,7 @@ def test_a_tampered_cache_naming_an_unverifiable_plan_is_verified_again(int8_src
     content = reader.load(bad)
     viable, _ = p.candidates(content)
     key = p._cache_key(content, viable)
-    path = p._cache_file(key)
+    path = p.cache.file(key)
     assert path is not None
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps({"key": key, "chosen": "ort-int8", "trials": {"ort-int8": {"agreement": 1.0}}}))
@@ -487,7 +490,7 @@ def test_an_inherited_plan_is_not_cached_when_the_previous_choice_had_a_refused_
 
 def test_the_plan_cache_keeps_the_most_recently_used_decisions(int8_src: Path, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(plans, "CACHE_KEEP", 2)
+    monkeypatch.setattr(plan_cache, "CACHE_KEEP", 2)
     state = tmp_path / "state"
     contents = [clone_bundle(int8_src, tmp_path / f"c{i}", "v0.8", notes=f"content {i}") for i in range(3)]
 
@@ -502,5 +505,90 @@ def test_the_plan_cache_keeps_the_most_recently_used_decisions(int8_src: Path, t
     assert not cached(contents[0]) and not cached(contents[1])
     assert cached(contents[0])  # a use: now the more recent of the two
     assert not cached(contents[2])  # a third decision: the least recently used one goes
-    assert len(list((state / plans.CACHE_DIR).iterdir())) == 2
+    assert len(list((state / CACHE_DIR).iterdir())) == 2
     assert cached(contents[0]) and cached(contents[2]) and not cached(contents[1])
+
+
+#: forged trial data (audit of 0aa94e1: shown in /api/versions while the plan itself was re-verified)
+MARKUP = "<img src=x onerror=alert(1)>"
+FORGERIES = {
+    "agreement as markup": lambda t: t["ort-fp32"].update(agreement=MARKUP),
+    "forward time as markup": lambda t: t["ort-fp32"].update(forward_seconds=MARKUP),
+    "an extra key": lambda t: t["ort-fp32"].update(note=MARKUP),
+    "agreement out of range": lambda t: t["ort-fp32"].update(agreement=7.5),
+    "a negative time": lambda t: t["ort-fp32"].update(forward_seconds=-1.0),
+    "a boolean time": lambda t: t["ort-fp32"].update(forward_seconds=True),
+    "a time ratio of 1e300": lambda t: t["ort-fp32-nchwc"].update(time_ratio=1e300),
+    "a race against no plan": lambda t: t["ort-fp32-nchwc"].update(raced=MARKUP),
+    "an unknown plan": lambda t: t.update({MARKUP: {"agreement": 1.0, "forward_seconds": 1.0}}),
+    "a huge reason": lambda t: t.update({"ov-f32": {"skipped": "x" * 10_000}}),
+    "a reason with control characters": lambda t: t.update({"ov-f32": {"skipped": "ok\x1b[2J\n" + MARKUP}}),
+    "a reason beside numbers": lambda t: t["ort-fp32"].update(skipped="refused"),
+    "an entry that is not an object": lambda t: t.update({"ov-f32": MARKUP}),
+}
+#: a timing round's trials as the planner records them
+RECORDED = {"ort-fp32": {"agreement": 1.0, "forward_seconds": 0.02},
+            "ort-fp32-nchwc": {"agreement": 0.999, "forward_seconds": 0.019, "raced": "ort-fp32", "time_ratio": 0.95},
+            "ort-int8": {"skipped": "the bundle ships no int8 variant (m2fp-export --int8)"}}
+
+
+def scripted_choice(bundle: Path, state: Path) -> plans.PlanChoice:
+    """A fresh process's ``auto`` choice between ort-fp32 and ort-fp32-nchwc (scripted times) with ``state``."""
+    p = ScriptedPlanner({"ort-fp32": 1.0, "ort-fp32-nchwc": 0.9}, SessionFactory(), "auto", cache_dir=lambda: state,
+                        cpu=EVERY_FLAG, timing_runs=1)
+    predictor = p.load(reader.load(bundle))
+    predictor.close()
+    assert predictor.plan is not None
+    return predictor.plan
+
+
+def test_the_recorded_trials_pass_their_check_and_each_forgery_fails_it() -> None:
+    assert plan_cache.check_trials(RECORDED) is None
+    for name, forge in FORGERIES.items():
+        trials = json.loads(json.dumps(RECORDED))
+        forge(trials)
+        assert plan_cache.check_trials(trials) is not None, name
+    assert plan_cache.check_trials({"ov-f32": {"skipped": plan_cache.reason("a\nb\x1b" + "y" * 900)}}) is None
+
+
+@pytest.mark.parametrize("forgery", ["agreement as markup", "an extra key", "a reason with control characters"])
+def test_forged_trial_data_in_the_plan_cache_is_dropped_not_shown(fast_multi_src: Path, tmp_path: Path, forgery: str,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """Each field of a cached decision is checked (known plan names and keys, numbers in range, short printable
+    reasons); a decision that fails is dropped with a warning and the plans are timed again."""
+    state = tmp_path / "state"
+
+    def load() -> plans.PlanChoice:
+        return scripted_choice(fast_multi_src, state)
+
+    assert not load().cached and load().cached  # timed, then served from the cache
+    [path] = list((state / "plans").iterdir())
+    raw = json.loads(path.read_text())
+    FORGERIES[forgery](raw["trials"])
+    path.write_text(json.dumps(raw))
+    caplog.set_level(logging.WARNING)
+    choice = load()
+    assert not choice.cached and choice.basis == "timed"
+    assert MARKUP not in json.dumps(choice.to_dict())
+    assert any("plan cache" in r.getMessage() and "dropped" in r.getMessage() for r in caplog.records)
+
+
+def test_a_fifo_as_the_plan_cache_file_is_refused_at_once(fast_multi_src: Path, tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """Audit of 0aa94e1: a FIFO in place of a plan cache file kept the server from ever listening (the load
+    blocked in ``open``). It is refused as not a regular file and the plans are timed again."""
+    from test_special_files import FifoGuard, fifo
+
+    state = tmp_path / "state"
+
+    def load() -> plans.PlanChoice:
+        return scripted_choice(fast_multi_src, state)
+
+    assert not load().cached
+    [path] = list((state / "plans").iterdir())
+    caplog.set_level(logging.WARNING)
+    with FifoGuard([fifo(path)]) as guard:
+        choice = load()
+    assert guard.rescues == 0, "the plan cache read blocked on a FIFO"
+    assert not choice.cached
+    assert any("plan cache" in r.getMessage() and "FIFO" in r.getMessage() for r in caplog.records)

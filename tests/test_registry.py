@@ -22,7 +22,7 @@ import pytest
 from m2fpkit.runtime.api import Runtime
 from m2fpkit.runtime.bundle.store import BundleStore
 from m2fpkit.runtime.errors import InvalidVersionName, UnknownVersion, VersionUnavailable
-from m2fpkit.runtime.plans import Planner
+from m2fpkit.runtime.planner import Planner
 from m2fpkit.runtime.predictor import Predictor
 from m2fpkit.runtime.registry import Registry, RegistryOptions, RouteOverlay, State, VersionStatus
 from m2fpkit.runtime.registry import lifecycle as lifecycle_mod
@@ -289,6 +289,8 @@ async def test_alias_file_overrides_latest(fast_multi_src, root, make_registry):
     assert reg.latest() == "v2.0"
     store = BundleStore(root)
     store.set_alias("latest", "v1.0")
+    assert reg.latest() == "v2.0"  # aliases.json is read by scans (the store watcher starts one on each change)
+    await reg.rescan()
     assert reg.latest() == "v1.0" and reg.resolve("latest") == "v1.0"
     assert (await reg.predict("latest", IMAGE)).version == "v1.0"
     assert status_of(reg, "v1.0").aliases == ("latest",) and status_of(reg, "v2.0").aliases == ()
@@ -296,6 +298,7 @@ async def test_alias_file_overrides_latest(fast_multi_src, root, make_registry):
     # working version: the newest ready release, or the last-known-good target of the alias)
     for broken in ("v8.0", "v3.0"):
         store.set_alias("latest", broken)
+        await reg.rescan()
         assert reg.latest() in ("v1.0", "v2.0")
         assert reg.resolve("latest") == reg.latest()
         assert (await reg.predict("latest", IMAGE)).version == reg.latest()
@@ -306,6 +309,7 @@ async def test_status_shows_where_latest_resolves_with_a_dangling_latest_alias(f
     publish(fast_multi_src, root, "v1.0", "v2.0")
     reg = await make_registry(root)
     BundleStore(root).set_alias("latest", "v8.0")
+    await reg.rescan()
     assert reg.latest() == "v2.0"
     assert "latest" in status_of(reg, "v2.0").aliases
     assert reg.status().latest == "v2.0" and reg.status().aliases["latest"] == "v8.0"
@@ -318,6 +322,7 @@ async def test_alias_resolution(fast_multi_src, root, make_registry):
     store = BundleStore(root)
     store.set_alias("stable", "v1.0")
     store.set_alias("gone", "v8.0")
+    await reg.rescan()
     assert reg.aliases() == {"stable": "v1.0", "gone": "v8.0"}
     assert reg.resolve("stable") == "v1.0"
     assert (await reg.predict("stable", IMAGE)).version == "v1.0"
@@ -407,6 +412,7 @@ async def test_idle_versions_unload_but_pinned_ones_stay(fast_multi_src, root, m
     publish(fast_multi_src, root, "v1.0", "v1.5", "v2.0", "v3.0")
     reg = await make_registry(root, idle_ttl=0.5)
     BundleStore(root).set_alias("stable", "v2.0")
+    await reg.rescan()
     reg.apply_routes(RouteOverlay(pinned=frozenset({"v1.5"})))
     for v in ("v1.0", "v1.5", "v2.0", "v3.0"):
         assert (await reg.predict(v, IMAGE)).version == v
@@ -568,7 +574,8 @@ def test_runtime_facade_works_from_plain_threads(fast_multi_src, fast_single_src
 @bounded(120)
 async def test_with_trusted_keys_only_correctly_signed_bundles_load(fast_multi_src, root, tmp_path, make_registry):
     """The server-side signature policy: unsigned, foreign-signed and tampered-after-signing bundles fail."""
-    from m2fpkit.runtime.bundle.signature import TrustPolicy, keygen, sign
+    from m2fpkit.runtime.bundle.signature import TrustPolicy
+    from m2fpkit.runtime.bundle.signing import keygen, sign
     from m2fpkit.runtime.bundle.writer import seal
 
     for name in ("ours", "theirs"):

@@ -19,9 +19,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from m2fpkit.runtime import watcher
 from m2fpkit.runtime.registry import RegistryOptions
+from m2fpkit.runtime.routes_file import MAX_WEIGHT, RoutesError, loads_routes, parse_routes
 from m2fpkit.server.app import make_app
 from m2fpkit.server.config import ServerConfig
-from m2fpkit.server.routing import MAX_WEIGHT, RoutesError, loads_routes, parse_routes
 
 pytest.register_assert_rewrite("server_fixtures")
 pytest_plugins = ["server_fixtures"]
@@ -237,3 +237,46 @@ async def test_admin_weights_refuse_non_finite_and_huge_values_with_4xx(aiohttp_
     # the edges of the range are fine
     r = await client.put("/admin/routes/weights", headers=ADMIN, data=b'{"v1.0": 1000000, "v1.2": 0}')
     assert r.status == 200 and (await r.json())["routes"]["weights"] == {"v1.0": 1e6, "v1.2": 0.0}
+
+
+async def test_a_routes_file_naming_versions_this_server_lacks_applies_with_a_warning_naming_them(
+        aiohttp_client, demo_root: Path, tmp_path: Path, caplog):
+    """Audit: ``shadow.version = "v7.7"`` (not installed) was accepted silently and every shadow run counted as
+    dropped. A routes file may name a version before it is pulled, so it still applies (as unknown weighted
+    versions always did: they get no traffic), now with a warning naming each missing version; the admin
+    API, a person at a prompt, refuses them (404)."""
+    caplog.set_level(logging.WARNING, logger="m2fpkit.server.routes_state")
+    routes = tmp_path / "routes.toml"
+    routes.write_text('[weights]\n"v1.2" = 1\n"v9.9" = 1\n[aliases]\nbeta = "v8.8"\n'
+                      '[shadow]\nversion = "v7.7"\nfraction = 1.0\n')
+    client = await aiohttp_client(make_app(ServerConfig(bundles=demo_root, routes_file=routes, admin_token="s3cret",
+                                                        runtime=RegistryOptions(watch=False))))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("do" in m and "weights → v9.9" in m and "aliases → beta → v8.8" in m and "shadow → v7.7" in m
+               for m in warnings), warnings
+    assert not any("v1.2" in m for m in warnings)
+    r = await client.get("/admin/routes", headers=ADMIN)
+    assert (await r.json())["routes"]["shadow"]["version"] == "v7.7"
+    r = await client.put("/admin/routes/weights", headers=ADMIN, json={"v7.7": 1})
+    assert r.status == 404 and "v7.7" in (await r.json())["detail"]
+
+
+def test_the_server_and_m2fp_bundle_rm_read_a_routes_file_under_one_size_cap(tmp_path: Path):
+    """Before: ``m2fp-bundle rm --routes`` read a routes file of up to 4 MiB with its own parser, the server up to
+    1 MiB. One parser now (``runtime.routes_file``), one cap, one reading of every key."""
+    from m2fpkit.runtime.delivery.install import load_routes_refs
+    from m2fpkit.runtime.errors import BundleError
+    from m2fpkit.runtime.routes_file import MAX_ROUTES_BYTES, load_routes
+
+    path = tmp_path / "routes.toml"
+    path.write_text('[weights]\n"v1.0" = 1\n' + "#" * MAX_ROUTES_BYTES + "\n")
+    with pytest.raises(RoutesError, match=f"the {MAX_ROUTES_BYTES}-byte limit"):
+        load_routes(path)
+    with pytest.raises(BundleError, match=f"the {MAX_ROUTES_BYTES}-byte limit"):
+        load_routes_refs(path)
+    path.write_text('[weights]\n"v1.0" = 1\n"v1.1" = "lots"\n')  # the server refuses it: rm cannot trust it either
+    with pytest.raises(BundleError, match="weights → v1.1"):
+        load_routes_refs(path)
+    path.write_text('[weights]\n"v1.0" = 1\n[shadow]\nversion = "v1.1"\n')
+    assert load_routes_refs(path) == {"v1.0": ["routes file routes.toml → weights (1)"],
+                                      "v1.1": ["routes file routes.toml → shadow"]}

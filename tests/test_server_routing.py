@@ -16,9 +16,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from m2fpkit.runtime.registry import RegistryOptions
+from m2fpkit.runtime.routes_file import Routes, RoutesError, Shadow, load_routes, parse_routes
 from m2fpkit.server.app import make_app
 from m2fpkit.server.config import ServerConfig
-from m2fpkit.server.routing import BUCKETS, Routes, RoutesError, Shadow, bucket, load_routes, parse_routes, pick
+from m2fpkit.server.routing import BUCKETS, bucket, pick
 
 pytest.register_assert_rewrite("server_fixtures")
 pytest_plugins = ["server_fixtures"]

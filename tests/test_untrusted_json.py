@@ -37,12 +37,12 @@ from m2fpkit.runtime import lkg
 from m2fpkit.runtime.bundle import jsonfile, manifest, reader, signature, weights_index
 from m2fpkit.runtime.bundle.config import MAX_SIDE, BundleConfig
 from m2fpkit.runtime.bundle.store import ALIASES, BundleStore
+from m2fpkit.runtime.bundle.versions import is_alias_name, is_version_name
 from m2fpkit.runtime.bundle.writer import seal
 from m2fpkit.runtime.delivery.install import load_routes_refs
 from m2fpkit.runtime.errors import BundleError, MalformedFile, SignatureError
 from m2fpkit.runtime.palette import palette_for
-from m2fpkit.runtime.versions import is_alias_name, is_version_name
-from m2fpkit.server.routing import Routes, RoutesError, Shadow, load_routes, loads_routes
+from m2fpkit.runtime.routes_file import Routes, RoutesError, Shadow, load_routes, loads_routes
 
 FUZZ = settings(derandomize=True, max_examples=150, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,

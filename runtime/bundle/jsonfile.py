@@ -1,8 +1,9 @@
 """The one reader and writer of this project's JSON files (manifest, config, weights index, signature,
 aliases, last-known-good, routes given as JSON).
 
-Reading never raises anything but :class:`~m2fpkit.runtime.errors.MalformedFile` for bad content
-(``FileNotFoundError`` and other ``OSError`` pass through: a missing file is the caller's decision).
+Reading never raises anything but :class:`~m2fpkit.runtime.errors.MalformedFile` for bad content or a
+file that is not a regular file (``FileNotFoundError`` and other ``OSError`` pass through: a missing
+file is the caller's decision); it never blocks on a FIFO (:mod:`.regular`).
 Bounded before parsing: a size cap per file, nesting depth ≤ :data:`MAX_DEPTH` (checked on the bytes,
 so a deep document never reaches the recursive parser), no ``NaN``/``Infinity`` (neither the literals
 nor numbers too large for a float, such as ``1e400``), integers of at most 4300 digits, no duplicate
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MalformedFile
+from .regular import read_regular
 
 #: deepest nesting any of our files needs is 5 (config.json → architecture → …); leave room, refuse abuse
 MAX_DEPTH = 32
@@ -111,12 +113,14 @@ def loads(data: bytes | str, what: str, *, max_bytes: int = MAX_BYTES) -> Any:
     return value
 
 
-def read(path: str | os.PathLike, what: str | None = None, *, max_bytes: int = MAX_BYTES) -> Any:
-    """Read and parse one file; ``what`` names it in errors (default: its file name)."""
-    path = Path(path)
-    with open(path, "rb") as f:
-        data = f.read(max_bytes + 1)
-    return loads(data, what or path.name, max_bytes=max_bytes)
+def read(path: str | os.PathLike, what: str | None = None, *, max_bytes: int = MAX_BYTES,
+         follow_links: bool = True) -> Any:
+    """Read and parse one file; ``what`` names it in errors (default: its file name). A regular file only
+    (:func:`~m2fpkit.runtime.bundle.regular.read_regular`: a FIFO, device or, without ``follow_links``, a
+    symbolic link is a MalformedFile, never a blocked read)."""
+    what = what or Path(path).name
+    return loads(read_regular(path, what, max_bytes=max_bytes, follow_links=follow_links), what,
+                 max_bytes=max_bytes)
 
 
 def brief(value: Any, limit: int = 80) -> str:

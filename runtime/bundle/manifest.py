@@ -14,6 +14,7 @@ from typing import Any
 
 from ..errors import IntegrityError, MalformedFile
 from . import jsonfile
+from .regular import read_regular
 
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
@@ -90,8 +91,7 @@ def parse(raw: bytes) -> Manifest:
 def read(bundle_dir: Path) -> Manifest:
     """The bundle's manifest; IntegrityError when it is missing."""
     try:
-        with open(Path(bundle_dir) / MANIFEST, "rb") as f:
-            raw = f.read(MAX_MANIFEST_BYTES + 1)
+        raw = read_regular(Path(bundle_dir) / MANIFEST, MANIFEST, max_bytes=MAX_MANIFEST_BYTES, follow_links=False)
     except FileNotFoundError:
         raise IntegrityError(f"{MANIFEST} is missing") from None
     except OSError as exc:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,11 +30,13 @@ from ..bundle import reader
 from ..bundle.archive import peek_version, unpack, write_all
 from ..bundle.config import BundleConfig
 from ..bundle.manifest import MANIFEST, SIGNATURE
-from ..bundle.reader import FAIL, OK, SKIP, Report
+from ..bundle.reader import FAIL, OK, SKIP
 from ..bundle.signature import NO_KEYS, TrustPolicy
 from ..bundle.store import MODEL, BundleStore
+from ..bundle.versions import is_alias_name, is_version_name
 from ..errors import ArchiveError, BundleError, SignatureError, VerificationFailed, VersionExists, VersionInUse
-from ..versions import is_alias_name, is_version_name
+from ..routes_file import RoutesError, load_routes
+from .report import Report
 
 __all__ = ["FAIL", "OK", "SKIP", "Installed", "Report", "install", "list_versions", "promote", "remove", "verify",
            "verify_dir"]
@@ -55,7 +56,8 @@ def verify_dir(bundle_dir: str | os.PathLike, trust: TrustPolicy = NO_KEYS, *, g
     """The bundle layer's file checks, then (``graph``) the session, graph ⇄ config and golden self-test;
     never raises for a bad bundle (see ``report.ok``)."""
     bundle_dir = Path(bundle_dir)
-    report = reader.verify(bundle_dir, trust, report=report)
+    report = report if report is not None else Report(str(bundle_dir), bundle_dir.name)
+    reader.verify(bundle_dir, trust, report=report)
     if not graph:
         return report
     if not report.ok:
@@ -220,34 +222,24 @@ def promote(bundles: str | os.PathLike, version: str, alias: str, *, trust: Trus
 
 
 def load_routes_refs(routes_file: str | os.PathLike) -> dict[str, list[str]]:
-    """Version → the places a routes file (TOML, or JSON by suffix) names it: weights, aliases, shadow."""
-    from ..bundle import jsonfile  # the one bounded JSON reader (a deep or huge file is refused, not a crash)
+    """Version → the places a routes file (TOML, or JSON by suffix) names it: weights, aliases, shadow.
 
+    The file is read and validated as the server reads it (``runtime.routes_file``): one that the server
+    would refuse cannot tell which versions it uses, and is a BundleError."""
     path = Path(routes_file)
+    if not path.exists() and not path.is_symlink():
+        raise BundleError(f"routes file {path}: not found")
     try:
-        with open(path, "rb") as f:
-            data = f.read(jsonfile.MAX_BYTES + 1)
-        if path.suffix == ".json":
-            raw = jsonfile.loads(data, path.name)
-        elif len(data) > jsonfile.MAX_BYTES:
-            raise BundleError(f"more than the {jsonfile.MAX_BYTES}-byte limit")
-        else:
-            raw = tomllib.loads(data.decode("utf-8"))
-    except FileNotFoundError:
-        raise BundleError(f"routes file {path}: not found") from None
-    except (OSError, ValueError, RecursionError, BundleError) as exc:  # MalformedFile, TOMLDecodeError, not UTF-8
+        routes = load_routes(path)
+    except RoutesError as exc:
         raise BundleError(f"routes file {path}: unreadable ({exc}); cannot tell which versions it uses") from None
     refs: dict[str, list[str]] = {}
-    if not isinstance(raw, dict):
-        raise BundleError(f"routes file {path}: expected a table")
-    weights, aliases, shadow = raw.get("weights", {}), raw.get("aliases", {}), raw.get("shadow") or {}
-    for v, w in (weights.items() if isinstance(weights, dict) else []):
-        refs.setdefault(v, []).append(f"routes file {path.name} → weights ({w})")
-    for a, v in (aliases.items() if isinstance(aliases, dict) else []):
-        if isinstance(v, str):
-            refs.setdefault(v, []).append(f"routes file {path.name} → aliases → {a}")
-    if isinstance(shadow, dict) and isinstance(shadow.get("version"), str):
-        refs.setdefault(shadow["version"], []).append(f"routes file {path.name} → shadow")
+    for v, w in routes.weights:
+        refs.setdefault(v, []).append(f"routes file {path.name} → weights ({w:g})")
+    for a, v in routes.aliases.items():
+        refs.setdefault(v, []).append(f"routes file {path.name} → aliases → {a}")
+    if routes.shadow is not None:
+        refs.setdefault(routes.shadow.version, []).append(f"routes file {path.name} → shadow")
     return refs
 
 

@@ -37,8 +37,8 @@ from ..bundle import jsonfile
 from ..bundle.archive import MAX_ARCHIVE_BYTES, archive_name, write_all
 from ..bundle.signature import NO_KEYS, TrustPolicy
 from ..bundle.store import MODEL, BundleStore
+from ..bundle.versions import is_version_name
 from ..errors import ArchiveError, MalformedFile, TransferError, Unauthorized, VerificationFailed, VersionExists
-from ..versions import is_version_name
 from .install import Installed, install
 
 _CHUNK = 1 << 20

@@ -13,7 +13,8 @@ module                  one job
 :mod:`.names`           name → version: aliases (+ the server's :class:`RouteOverlay`), ``latest``, API
                         compatibility, the pinned set
 :mod:`.policy`          which loaded versions to let go: memory budget, idle reaper
-:mod:`.scan`            the store on disk → slots (verify before listing, load replacements aside)
+:mod:`.scan`            the store on disk → slots (verify before listing, load replacements aside), and
+                        ``aliases.json`` as each scan read it (:class:`~.scan.ScannedStore`)
 :mod:`.recovery`        where last-known-good is kept (a writable state directory) or why it is off
 :mod:`.status`          :class:`RegistrySnapshot` / :class:`VersionStatus`: typed, frozen status
 :mod:`.core`            :class:`Registry`: the parts wired together, start/close, leases and inference

@@ -4,8 +4,9 @@ Invariants: ``start`` creates nothing in the bundle root (a missing ``m2fp/`` is
 missing root is a BundleError naming it); it serves the last-known-good set first when one is
 recorded and intact, then everything on disk. All bookkeeping runs on the event loop thread; only
 verification, loading (one load thread) and inference (``settings.concurrent_runs`` threads) run in
-executors. The registry's own state is reached through its methods; the server changes names only
-through :meth:`Registry.apply_routes`.
+executors, and so does every read of a file (``aliases.json`` is read by each scan: a change of it applies
+with the next scan, which the store watcher starts). The registry's own state is reached through its
+methods; the server changes names only through :meth:`Registry.apply_routes`.
 """
 
 from __future__ import annotations
@@ -21,12 +22,12 @@ from typing import Any, TypeVar
 
 from ..bundle.config import BundleConfig
 from ..bundle.store import MODEL, BundleStore
+from ..bundle.versions import SemVer
 from ..errors import VersionUnavailable
 from ..lkg import LastKnownGood
 from ..predictor import ImageLimits, Prediction, Predictor
 from ..roots import require_root
 from ..session import SessionFactory
-from ..versions import SemVer
 from ..watcher import watch_store
 from . import policy
 from .lifecycle import Lifecycle, Slot
@@ -50,9 +51,9 @@ class Registry:
         self._lkg = LastKnownGoodKeeper(self.store, self.options.state_dir)
         self._lifecycle = Lifecycle(self.factory, self.options, on_active=self._on_active,
                                     cache_dir=lambda: self._lkg.dir)
-        self._names = Names(self.store, self._lifecycle.slots, preload=self.options.preload,
-                            fallback=self._lkg.aliases)
         self._scanner = Scanner(self.store, self._lifecycle, self.options.trust)
+        self._names = Names(self._scanner.view, self._lifecycle.slots, preload=self.options.preload,
+                            fallback=self._lkg.aliases)
         self._infer = ThreadPoolExecutor(self.options.settings.concurrent_runs, thread_name_prefix="m2fp-infer")
         self._tasks: list[asyncio.Task] = []
         self._stop = asyncio.Event()
@@ -61,9 +62,10 @@ class Registry:
     async def start(self) -> None:
         """Serve the last-known-good set first (if recorded and intact), then everything on disk."""
         require_root(self.store.root)
-        state = self._lkg.open()
+        state = await asyncio.to_thread(self._lkg.open)
         if state is not None:
-            for version, why in self._lkg.intact().items():
+            await self._scanner.view.refresh()  # aliases.json's aliases are pinned too
+            for version, why in (await asyncio.to_thread(self._lkg.intact)).items():
                 why = why or await self._scanner.adopt(version)
                 if why is not None:
                     log.warning("last-known-good %s not restored: %s", version, why)

@@ -37,7 +37,7 @@ from ..bundle import reader
 from ..bundle.config import BundleConfig
 from ..errors import BundleError, VersionUnavailable
 from ..memory import rss_bytes, trim_heap
-from ..plans import Planner
+from ..planner import Planner
 from ..predictor import Predictor
 from ..session import SessionFactory
 from .options import RegistryOptions

@@ -24,8 +24,8 @@ from typing import Any
 
 from ..bundle.config import BundleConfig
 from ..bundle.store import BundleStore
+from ..bundle.versions import SemVer, check_name, is_version_name
 from ..errors import IncompatibleAPI, UnknownVersion, VersionUnavailable
-from ..versions import SemVer, check_name, is_version_name
 from .lifecycle import Slot
 
 

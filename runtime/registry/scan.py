@@ -5,13 +5,16 @@ other names), and a store directory that does not exist is an empty store; every
 (``reader.inspect`` with the trust policy) before it is listed, and is read again only when its files
 changed (stat fingerprint); new content of a version that serves is loaded aside and swapped in only if
 it loads (a refusal is an ``update_error``, the working load keeps serving); a version gone from disk
-is removed (it drains first). Scans run one at a time and never create anything on disk.
+is removed (it drains first). Each scan also reads ``aliases.json`` (off the event loop) into
+:class:`ScannedStore`, the store name resolution sees, so resolving a name never touches the disk. Scans
+run one at a time and never create anything on disk.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from ..bundle import reader
 from ..bundle.signature import TrustPolicy
@@ -23,9 +26,34 @@ from .lifecycle import Lifecycle
 log = logging.getLogger(__name__)
 
 
+class ScannedStore(BundleStore):
+    """The store as the last scan saw it: :meth:`read_aliases` answers from memory what :meth:`refresh` read
+    (off the event loop). Read-only: aliases are written through a plain :class:`BundleStore`."""
+
+    def __init__(self, store: BundleStore) -> None:
+        super().__init__(store.root, store.model)
+        self._disk = store
+        self._aliases: dict[str, str] = {}
+
+    def read_aliases(self) -> dict[str, str]:
+        return dict(self._aliases)
+
+    async def refresh(self) -> None:
+        """Read ``aliases.json`` again, in a worker thread (a broken one reads as none, with one warning)."""
+        self._aliases = await asyncio.to_thread(self._disk.read_aliases)
+
+    def update_aliases(self, change: Callable[[dict[str, str]], dict[str, str]]) -> dict[str, str]:
+        raise TypeError("a ScannedStore is read-only; change aliases through a BundleStore")
+
+    def write_aliases(self, aliases: dict[str, str]) -> None:
+        raise TypeError("a ScannedStore is read-only; change aliases through a BundleStore")
+
+
 class Scanner:
     def __init__(self, store: BundleStore, lifecycle: Lifecycle, trust: TrustPolicy) -> None:
         self.store, self.lifecycle, self.trust = store, lifecycle, trust
+        #: what name resolution reads: the store's aliases as of the last scan
+        self.view = ScannedStore(store)
         self._lock = asyncio.Lock()
 
     async def _inspect(self, version: str) -> reader.BundleInfo:
@@ -38,7 +66,7 @@ class Scanner:
         """List one version (discovered, not loaded) after verifying it; None if done, else why not."""
         async with self._lock:
             path = self.store.dir / version
-            fingerprint = reader.stat_fingerprint(path)
+            fingerprint = await asyncio.to_thread(reader.stat_fingerprint, path)
             try:
                 info = await self._inspect(version)
             except BundleError as exc:
@@ -49,15 +77,16 @@ class Scanner:
     async def scan(self) -> None:
         """New, changed and removed versions on disk → slots (see the module docstring)."""
         async with self._lock:
+            await self.view.refresh()
             slots = self.lifecycle.slots
-            on_disk = self.store.versions()
+            on_disk = await asyncio.to_thread(self.store.versions)
             for name, gone in list(slots.items()):
                 if name not in on_disk and not gone.removed:
                     self.lifecycle.remove(gone)
             for name in on_disk:
                 path = self.store.dir / name
                 slot = slots.get(name)
-                fingerprint = reader.stat_fingerprint(path)
+                fingerprint = await asyncio.to_thread(reader.stat_fingerprint, path)
                 if slot is not None and not slot.removed and slot.fingerprint == fingerprint:
                     continue
                 if slot is None or slot.removed:

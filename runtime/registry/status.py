@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..versions import SemVer
+from ..bundle.versions import SemVer
 from .lifecycle import Slot, State
 from .names import Names
 
