@@ -17,11 +17,12 @@ import m2fpkit
 from m2fpkit.runtime.bundle import writer
 from m2fpkit.runtime.bundle.config import BundleConfig, Plans, Postprocess, Preprocess, TensorSpec
 from m2fpkit.runtime.bundle.store import MODEL, BundleStore
+from m2fpkit.runtime.errors import ExportError
 from m2fpkit.runtime.palette import palette_for
 
 from . import golden, onnx_export, parity, quantize, sources, weights_index
 from .model.config import M2FPConfig
-from .model.m2fp import PIXEL_MEAN, PIXEL_STD, SIZE_DIVISIBILITY, count_parameters
+from .model.m2fp import SIZE_DIVISIBILITY, count_parameters
 from .progress import Progress
 from .specs import VersionSpec
 
@@ -42,16 +43,14 @@ def _pad(n: int) -> int:
 def preprocess_for(cfg: M2FPConfig, overrides: dict) -> Preprocess:
     if cfg.single_human:
         w, h = cfg.single_human_size
-        base = Preprocess(resize="center-canvas", canvas=(int(w), int(h)), canvas_fill=128)
+        base = Preprocess(resize="center-canvas", canvas=(int(w), int(h)))
     else:
-        base = Preprocess(resize="shortest-edge", short_edge=640, max_size=1333)
-    mean = (float(PIXEL_MEAN[0]), float(PIXEL_MEAN[1]), float(PIXEL_MEAN[2]))
-    std = (float(PIXEL_STD[0]), float(PIXEL_STD[1]), float(PIXEL_STD[2]))
-    base = dataclasses.replace(base, mean=mean, std=std, size_divisibility=SIZE_DIVISIBILITY)
+        base = Preprocess(resize="shortest-edge")  # ModelScope's pipeline: the defaults are its values
+    base = dataclasses.replace(base, size_divisibility=SIZE_DIVISIBILITY)
     allowed = {"short_edge", "max_size"}
     unknown = set(overrides) - allowed
     if unknown:
-        raise ValueError(f"preprocess: cannot override {', '.join(sorted(unknown))} (allowed: short_edge, max_size)")
+        raise ExportError(f"preprocess: cannot override {', '.join(sorted(unknown))} (allowed: short_edge, max_size)")
     return dataclasses.replace(base, **overrides)
 
 
@@ -101,18 +100,21 @@ def export_version(spec: VersionSpec, bundles: Path, *, force: bool = False,
     store = BundleStore(bundles, MODEL)
     progress = Progress(8 if spec.int8 else 7, f"{spec.version}:")
     created_at = dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    writer.check_new(store, spec.version, force=force)
+    # what can fail without a stage fails before one: a bad source or spec leaves the store untouched
+    images = quantize.calibration_images(calibration) if spec.int8 else []
+    with progress(f"load source {spec.source}"):
+        ck = sources.resolve(spec.source, task=spec.task)
+        if spec.task and ck.config.task != spec.task:
+            raise sources.SourceError(f"{spec.version}: spec says task {spec.task!r} but the checkpoint is "
+                                      f"{ck.config.task!r}")
+    with progress("build PyTorch model"):
+        model = ck.build_model()
+        n_params = count_parameters(model)
+        log.info("%s: %s, %.2f M parameters", spec.version, f"resnet{ck.config.backbone.depth}", n_params / 1e6)
+    pre = preprocess_for(ck.config, spec.preprocess)
     with writer.stage(store, spec.version, force=force) as staged:
         stage = staged.dir
-        with progress(f"load source {spec.source}"):
-            ck = sources.resolve(spec.source, task=spec.task)
-            if spec.task and ck.config.task != spec.task:
-                raise sources.SourceError(f"{spec.version}: spec says task {spec.task!r} but the checkpoint is "
-                                          f"{ck.config.task!r}")
-        with progress("build PyTorch model"):
-            model = ck.build_model()
-            n_params = count_parameters(model)
-            log.info("%s: %s, %.2f M parameters", spec.version, f"resnet{ck.config.backbone.depth}", n_params / 1e6)
-        pre = preprocess_for(ck.config, spec.preprocess)
         onnx_path = stage / "model.onnx"
         with progress(f"export ONNX (opset {spec.opset})"):
             onnx_export.export_onnx(model, onnx_path, opset=spec.opset)
@@ -131,7 +133,7 @@ def export_version(spec: VersionSpec, bundles: Path, *, force: bool = False,
             config = dataclasses.replace(config, golden=golden.write_golden(model, config, stage))
         if spec.int8:
             with progress("int8 variant (static QDQ, calibrated) and its golden agreement"):
-                variant = quantize.write_int8(stage, config, quantize.calibration_images(calibration))
+                variant = quantize.write_int8(stage, config, images)
                 onnx_export.set_metadata(stage / variant.model_file, metadata)
                 config = dataclasses.replace(config, plans=Plans(variants={variant.precision: variant}))
         with progress("weights index, config, manifest; verify and publish"):
@@ -141,10 +143,28 @@ def export_version(spec: VersionSpec, bundles: Path, *, force: bool = False,
     return ExportResult(store.path(spec.version), config, progress.elapsed)
 
 
-def update_aliases(bundles: Path, aliases: dict[str, str]) -> dict[str, str]:
-    """Point each alias at its version if that version is published; return what was written."""
+def update_aliases(bundles: Path, spec_aliases: dict[str, str], *, apply: bool = False,
+                   named: dict[str, str] | None = None) -> dict[str, str]:
+    """Point aliases at published versions; return what changed (alias → version).
+
+    Aliases belong to the store's operator (``m2fp-bundle promote``): the spec file's ``[aliases]`` only
+    create those that do not exist yet, unless ``apply``; ``named`` (``m2fp-export --alias``) are set as
+    given. An alias whose version is not published is left out.
+    """
     store = BundleStore(bundles, MODEL)
     present = set(store.versions())
-    wanted = {a: v for a, v in aliases.items() if v in present}
-    store.update_aliases(lambda current: {**current, **wanted})
-    return wanted
+    spec = {a: v for a, v in spec_aliases.items() if v in present}
+    named = {a: v for a, v in (named or {}).items() if v in present}
+    changed: dict[str, str] = {}
+
+    def change(current: dict[str, str]) -> dict[str, str]:
+        wanted = {**current, **{a: v for a, v in spec.items() if apply or a not in current}, **named}
+        changed.update({a: v for a, v in wanted.items() if current.get(a) != v})
+        kept = [f"{a} → {wanted[a]}" for a, v in spec.items() if wanted[a] != v]
+        if kept:
+            log.info("aliases kept as the store's operator set them (--apply-aliases resets them): %s",
+                     ", ".join(kept))
+        return wanted
+
+    store.update_aliases(change)
+    return changed

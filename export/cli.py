@@ -1,7 +1,10 @@
 """``m2fp-export``: build versions into verified bundles.
 
 The bundle root is the one every CLI uses (``--bundles``, else ``$M2FP_BUNDLES``, else ``./bundles``);
-exporting creates it (and ``m2fp/``) when it does not exist yet.
+exporting creates it (and ``m2fp/``) when it does not exist yet. Aliases belong to the store's operator
+(``m2fp-bundle promote``): an export creates the spec file's ``[aliases]`` only where the alias does not
+exist yet, and moves one only when asked (``--alias NAME``, ``--apply-aliases``); a run in which an export
+failed changes no alias. Failures follow the rule of every CLI (``runtime/cli_errors.py``).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from pathlib import Path
 
 import click
 
+from m2fpkit.runtime.cli_errors import Command, one_line
 from m2fpkit.runtime.roots import bundles_option
 
 
@@ -26,7 +30,16 @@ def _setup_logging(verbose: int) -> None:
         logging.getLogger(name).setLevel(logging.ERROR if verbose < 2 else logging.DEBUG)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+def _alias_names(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+    from m2fpkit.runtime.bundle.versions import is_alias_name
+
+    for alias in value:
+        if not is_alias_name(alias) or alias == "auto":
+            raise click.BadParameter(f"{alias!r} is not an alias name (a lower-case word like latest; not 'auto')")
+    return value
+
+
+@click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("versions", nargs=-1)
 @click.option("--all", "build_all", is_flag=True,
               help="Build every spec marked build_by_default that is not built yet.")
@@ -50,14 +63,25 @@ def _setup_logging(verbose: int) -> None:
 @click.option("--mlflow-tag", is_flag=True,
               help="After export, tag the MLflow model version with the bundle's content key and parity figures "
                    "(mlflow: sources only).")
+@click.option("--alias", "alias_names", multiple=True, metavar="NAME", callback=_alias_names,
+              help="After the export, point alias NAME at the version, replacing the operator's choice "
+                   "(repeatable; exactly one VERSION).")
+@click.option("--apply-aliases", is_flag=True,
+              help="Point every alias of the spec file's [aliases] at its version if published, replacing the "
+                   "operator's choice (alone: without exporting). Without it the spec's aliases only fill in "
+                   "aliases the store does not have yet.")
 @click.option("-v", "--verbose", count=True, help="More log output.")
 @click.option("-q", "--quiet", is_flag=True, help="Warnings and errors only.")
 def main(versions: tuple[str, ...], build_all: bool, list_specs: bool, source: str | None, task: str | None,
          channel: str | None, bundles: Path, specs_path: Path | None, force: bool, int8: bool,
-         calibration: Path | None, mlflow_tag: bool, verbose: int,
-         quiet: bool) -> None:
+         calibration: Path | None, mlflow_tag: bool, alias_names: tuple[str, ...], apply_aliases: bool,
+         verbose: int, quiet: bool) -> None:
     """Export M2FP VERSIONS (e.g. v1.2) into verified, self-describing ONNX bundles under --bundles
-    (created if it does not exist)."""
+    (created if it does not exist).
+
+    Aliases belong to the store's operator (m2fp-bundle promote): an export writes an alias of the spec
+    file's [aliases] only if the store has no such alias yet, and moves one only with --alias or
+    --apply-aliases. A failed export changes nothing in the store: no version, no alias."""
     _setup_logging(-1 if quiet else verbose)
     from . import specs as specs_mod  # light; heavy imports below only when exporting
 
@@ -74,21 +98,28 @@ def main(versions: tuple[str, ...], build_all: bool, list_specs: bool, source: s
         versions = tuple(v for v, s in specfile.versions.items() if s.build_by_default and (force or v not in present))
         if not versions:
             click.echo("all default versions are built", err=True)
+    elif not versions and apply_aliases and not alias_names:
+        _write_aliases(bundles, specfile.aliases, apply=True, named={})
+        return
     elif not versions:
         raise click.UsageError("name a VERSION (see --list), or use --all")
     if source and len(versions) != 1:
         raise click.UsageError("--source goes with exactly one VERSION")
+    if alias_names and len(versions) != 1:
+        raise click.UsageError("--alias goes with exactly one VERSION")
     try:
         from . import build
     except ImportError as exc:
         raise click.ClickException(f"{exc.name} is missing: install with the [export] extra "
                                    "(pip install -e '.[export]' torch==2.13.0)") from None
-    from m2fpkit.runtime.errors import BundleError
-    from m2fpkit.runtime.versions import is_version_name
+    from m2fpkit.runtime.bundle.versions import is_version_name
+    from m2fpkit.runtime.errors import M2FPError
 
     if mlflow_tag:
         _check_mlflow_sources(versions, source, specfile, build.sources)
 
+    if calibration:  # the photos are checked before minutes of export, not after
+        build.quantize.calibration_images(calibration)
     failed = []
     for version in versions:
         if not is_version_name(version):
@@ -107,8 +138,8 @@ def main(versions: tuple[str, ...], build_all: bool, list_specs: bool, source: s
             spec = dataclasses.replace(spec, int8=True)
         try:
             result = build.export_version(spec, bundles, force=force, calibration=calibration)
-        except (build.sources.SourceError, build.parity.ParityError, BundleError, ValueError) as exc:
-            logging.getLogger("m2fpkit.export").error("%s: %s", version, exc)
+        except (M2FPError, OSError) as exc:
+            logging.getLogger("m2fpkit.export").error("%s: %s", version, one_line(exc))
             failed.append(version)
             continue
         click.echo(f"{version}: {result.bundle_dir} ({result.seconds:.1f} s)")
@@ -116,17 +147,25 @@ def main(versions: tuple[str, ...], build_all: bool, list_specs: bool, source: s
             from . import mlflow_source
             try:
                 key, _ = mlflow_source.tag_bundle(result.bundle_dir)
-            except (build.sources.SourceError, BundleError) as exc:
-                logging.getLogger("m2fpkit.export").error("%s: published, but not tagged in MLflow: %s", version, exc)
+            except (M2FPError, OSError) as exc:
+                logging.getLogger("m2fpkit.export").error("%s: published, but not tagged in MLflow: %s", version,
+                                                          one_line(exc))
                 failed.append(version)
                 continue
             src = result.config.source
             click.echo(f"{version}: tagged {src['model_name']!r} version {src['model_version']} with {key}")
-    written = build.update_aliases(bundles, specfile.aliases)
-    if written:
-        logging.getLogger("m2fpkit.export").info("aliases: %s", ", ".join(f"{a} → {v}" for a, v in written.items()))
     if failed:
-        raise click.ClickException(f"export failed for {', '.join(failed)}")
+        raise click.ClickException(f"export failed for {', '.join(failed)}")  # and no alias changed
+    _write_aliases(bundles, specfile.aliases, apply=apply_aliases,
+                   named={alias: versions[0] for alias in alias_names})
+
+
+def _write_aliases(bundles: Path, spec_aliases: dict[str, str], *, apply: bool, named: dict[str, str]) -> None:
+    from .build import update_aliases
+
+    changed = update_aliases(bundles, spec_aliases, apply=apply, named=named)
+    if changed:
+        logging.getLogger("m2fpkit.export").info("aliases: %s", ", ".join(f"{a} → {v}" for a, v in changed.items()))
 
 
 def _check_mlflow_sources(versions: tuple[str, ...], source: str | None, specfile, sources) -> None:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from m2fpkit.runtime.agreement import semantic_labels
-from m2fpkit.runtime.bundle.config import BundleConfig
+from m2fpkit.runtime.bundle.config import GOLDEN_MIN_AGREEMENT, BundleConfig, Golden
 from m2fpkit.runtime.imageio import decode_image
 from m2fpkit.runtime.postprocess import postprocess
 from m2fpkit.runtime.preprocess import prepare
@@ -27,10 +27,9 @@ LABELS = "golden/labels.png"
 #: PyTorch's semantic argmax at mask resolution (``runtime.agreement.semantic_labels``): execution plans
 #: are verified on it too, since random weights leave the final label map nearly all background
 SEMANTIC = "golden/semantic.png"
-MIN_AGREEMENT = 0.99
 
 
-def write_golden(model: M2FP, config: BundleConfig, bundle_dir: Path, size: tuple[int, int] = (360, 280)) -> dict:
+def write_golden(model: M2FP, config: BundleConfig, bundle_dir: Path, size: tuple[int, int] = (360, 280)) -> Golden:
     """Write the sample and its PyTorch label map into ``bundle_dir``; return config.json's ``golden``."""
     h, w = size
     rgb = np.ascontiguousarray(synthetic_image(h, w, seed=7).transpose(1, 2, 0).round().astype(np.uint8))
@@ -48,5 +47,5 @@ def write_golden(model: M2FP, config: BundleConfig, bundle_dir: Path, size: tupl
         raise RuntimeError("cannot write the golden label map")
     if not cv2.imwrite(str(bundle_dir / SEMANTIC), semantic_labels(logits.numpy(), masks.numpy())[0].astype(np.uint8)):
         raise RuntimeError("cannot write the golden semantic map")
-    return {"image": IMAGE, "label_map": LABELS, "semantic": SEMANTIC, "min_agreement": MIN_AGREEMENT,
-            "classes_present": sorted({config.classes[c] for c in np.unique(result.label_map).tolist()})}
+    return Golden(IMAGE, LABELS, SEMANTIC, GOLDEN_MIN_AGREEMENT,
+                  tuple(sorted({config.classes[c] for c in np.unique(result.label_map).tolist()})))

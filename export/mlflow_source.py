@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .sources import CONFIG_FILE, WEIGHTS_FILE, Checkpoint, MlflowSource, SourceError, load_modelscope_dir, probe
+from .modelscope_source import load_modelscope_dir
+from .source_types import CONFIG_FILE, WEIGHTS_FILE, Checkpoint, MlflowSource, SourceError, probe
 
 log = logging.getLogger(__name__)
 

@@ -16,6 +16,12 @@ The cache lives in ``$M2FP_EXPORT_CACHE``, else ``$XDG_CACHE_HOME/m2fpkit/onnx-g
 ``M2FP_EXPORT_CACHE=off`` disables it. Entries are published by an atomic rename (concurrent exports
 never see half a graph), the least recently used beyond :data:`CACHE_KEEP` are deleted, and a cache
 that cannot be written only costs the time of a trace.
+
+The cache trusts only what this user traced: each entry holds an HMAC-SHA256 of its key and graph bytes
+(:data:`DIGEST`), made with a per-user secret (:data:`KEY_FILE`, 32 random bytes, mode 0600, created on
+first use) when the graph was traced and checked before the graph is reused; an entry that fails it is
+deleted and traced again. A cache directory, key or entry that another user could have written (owned
+by another uid, group- or other-writable; the key also readable) is refused: logged, traced, not used.
 """
 
 from __future__ import annotations
@@ -23,11 +29,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import hmac
 import io
 import json
 import logging
 import os
+import secrets
 import shutil
+import stat
 import uuid
 import warnings
 from pathlib import Path
@@ -52,6 +61,11 @@ CACHE_ENV = "M2FP_EXPORT_CACHE"
 #: entries kept: the most recently used (a tiny graph without weights is ~5 MB, r101's ~20 MB)
 CACHE_KEEP = 16
 _GRAPH = "graph.onnx"  # the traced graph, parameters as inputs without values
+#: per entry: hex HMAC-SHA256 (keyed by :data:`KEY_FILE`) of the entry's name and the bytes of its graph
+DIGEST = "graph.hmac"
+#: the cache's secret key, beside the entries (a dot-file: never taken for an entry or pruned)
+KEY_FILE = ".key"
+_KEY_BYTES = 32
 _CODE = (Path(__file__), *sorted(Path(__file__).with_name("model").glob("*.py")))
 
 
@@ -60,16 +74,16 @@ def export_onnx(model: M2FP, path: Path, *, opset: int, example_hw: tuple[int, i
     h, w = example_hw
     if h % SIZE_DIVISIBILITY or w % SIZE_DIVISIBILITY:
         raise ValueError(f"example size {example_hw} must be a multiple of {SIZE_DIVISIBILITY}")
-    cache = cache_dir()
-    entry = cache / cache_key(model, opset=opset, example_hw=example_hw) if cache else None
-    stored = _load(entry) if entry is not None else None
+    cache = _open_cache()
+    entry = cache[0] / cache_key(model, opset=opset, example_hw=example_hw) if cache else None
+    stored = _load(entry, cache[1]) if cache and entry is not None else None
     program = _with_weights(stored, model) if stored is not None else None
     if program is not None:
         log.info("ONNX graph reused from the export cache, the model's weights applied")
     else:
         graph = _without_weights(_trace(model, opset=opset, example_hw=example_hw), model)
-        if entry is not None:
-            _store(entry, graph)
+        if cache and entry is not None:
+            _store(entry, graph, cache[1])
         program = _with_weights(graph, model)
         assert program is not None, "a fresh trace always fits its own model"
     with _quiet_exporter_logs(), contextlib.redirect_stdout(io.StringIO()):
@@ -178,14 +192,96 @@ def _with_weights(graph: onnx.ModelProto, model: M2FP) -> torch.onnx.ONNXProgram
     return torch.onnx.ONNXProgram(ir_model, None)
 
 
-def _load(entry: Path) -> onnx.ModelProto | None:
+class _Refused(Exception):
+    """A cache path another user could have written."""
+
+
+def _check_private(st: os.stat_result, what: str, *, kind: int, unreadable: bool = False) -> None:
+    """_Refused unless ``st`` is a ``kind`` (S_IFDIR/S_IFREG) owned by this user that no one else may write
+    (nor read, with ``unreadable``)."""
+    if stat.S_IFMT(st.st_mode) != kind:
+        raise _Refused(f"{what} is not a {'directory' if kind == stat.S_IFDIR else 'regular file'}")
+    if st.st_uid != os.geteuid():
+        raise _Refused(f"{what} is owned by uid {st.st_uid}, not by this user")
+    mask = 0o077 if unreadable else 0o022
+    if st.st_mode & mask:
+        raise _Refused(f"{what} has mode {stat.S_IMODE(st.st_mode):04o} (must not be "
+                       f"{'accessible' if unreadable else 'writable'} by group or others)")
+
+
+def _read_private(path: Path, what: str, *, limit: int, unreadable: bool = False) -> bytes:
+    """The bytes of ``path`` (not followed if a link), checked by :func:`_check_private` on the open file."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        _check_private(os.fstat(fd), what, kind=stat.S_IFREG, unreadable=unreadable)
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return f.read(limit + 1)
+    finally:
+        os.close(fd)
+
+
+def _open_cache() -> tuple[Path, bytes] | None:
+    """(directory, secret key) of the graph cache, both created on first use; None when it is off, cannot be
+    created, or is refused (logged): the export then traces and stores nothing."""
+    cache = cache_dir()
+    if cache is None:
+        return None
+    key_path = cache / KEY_FILE
+    try:
+        cache.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _check_private(os.stat(cache), f"directory {cache}", kind=stat.S_IFDIR)
+        if not os.path.lexists(key_path):
+            tmp = cache / f".key-{uuid.uuid4().hex}"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(secrets.token_bytes(_KEY_BYTES))
+                with contextlib.suppress(FileExistsError):  # another export created it first: theirs is used
+                    os.link(tmp, key_path)
+            finally:
+                tmp.unlink(missing_ok=True)
+        key = _read_private(key_path, f"key {key_path}", limit=_KEY_BYTES, unreadable=True)
+        if len(key) != _KEY_BYTES:
+            raise _Refused(f"key {key_path} is not {_KEY_BYTES} bytes")
+    except _Refused as exc:
+        log.warning("export cache %s refused: %s; tracing, the cache unused", cache, exc)
+        return None
+    except OSError as exc:
+        log.warning("export cache %s unusable (%s): tracing, the cache unused", cache, exc.strerror or exc)
+        return None
+    return cache, key
+
+
+def _digest(key: bytes, entry: Path, data: bytes) -> str:
+    return hmac.new(key, entry.name.encode() + b"\0" + data, hashlib.sha256).hexdigest()
+
+
+def _load(entry: Path, key: bytes) -> onnx.ModelProto | None:
+    """The entry's graph if this user wrote it (checked before it is parsed); None on a miss."""
     import onnx
 
     try:
-        graph = onnx.load(str(entry / _GRAPH))
-    except (FileNotFoundError, NotADirectoryError):
+        _check_private(os.lstat(entry), f"entry {entry.name[:16]}", kind=stat.S_IFDIR)
+        data = _read_private(entry / _GRAPH, f"entry {entry.name[:16]}", limit=1 << 31)
+        digest = _read_private(entry / DIGEST, f"entry {entry.name[:16]}", limit=256)
+    except FileNotFoundError:
+        if not os.path.lexists(entry):
+            return None  # a miss
+        data, digest = b"", b""  # half an entry: fails the check below
+    except _Refused as exc:
+        log.warning("export cache %s refused: %s; tracing again", entry.parent, exc)
         return None
-    except Exception as exc:  # noqa: BLE001 - a damaged entry is a cache miss, never a failed export
+    except OSError as exc:
+        log.warning("export cache entry %s unreadable (%s): tracing again", entry.name[:16], exc.strerror or exc)
+        return None
+    if not hmac.compare_digest(digest.strip(), _digest(key, entry, data).encode()):
+        log.warning("export cache entry %s fails its integrity check (changed since it was traced): "
+                    "deleted, tracing again", entry.name[:16])
+        shutil.rmtree(entry, ignore_errors=True)
+        return None
+    try:
+        graph = onnx.load_model_from_string(data)
+    except Exception as exc:  # noqa: BLE001 - an entry this user wrote but onnx cannot parse is a miss
         log.warning("export cache entry %s unreadable (%s): tracing again", entry.name[:16], exc)
         shutil.rmtree(entry, ignore_errors=True)
         return None
@@ -194,13 +290,14 @@ def _load(entry: Path) -> onnx.ModelProto | None:
     return graph
 
 
-def _store(entry: Path, graph: onnx.ModelProto) -> None:
-    import onnx
-
+def _store(entry: Path, graph: onnx.ModelProto, key: bytes) -> None:
     tmp = entry.with_name(f".tmp-{entry.name}-{uuid.uuid4().hex}")
+    data = graph.SerializeToString()
     try:
-        tmp.mkdir(parents=True)
-        onnx.save(graph, str(tmp / _GRAPH))
+        tmp.mkdir(mode=0o700)
+        for name, content in ((_GRAPH, data), (DIGEST, _digest(key, entry, data).encode())):
+            with os.fdopen(os.open(tmp / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+                f.write(content)
         tmp.rename(entry)
         keep_most_recent((p for p in entry.parent.iterdir() if p.is_dir() and not p.name.startswith(".")),
                          CACHE_KEEP, lambda old: shutil.rmtree(old, ignore_errors=True))

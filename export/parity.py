@@ -10,10 +10,11 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from m2fpkit.runtime.agreement import semantic_labels
+from m2fpkit.runtime.agreement import pixel_agreement, semantic_labels
+from m2fpkit.runtime.bundle.config import PARITY_MIN_AGREEMENT, Preprocess
 from m2fpkit.runtime.errors import ExportError
 
-from .model.m2fp import M2FP, PIXEL_MEAN, PIXEL_STD
+from .model.m2fp import M2FP
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,6 @@ ATOL, RTOL = 1e-3, 1e-3
 #: element and move its logits by ~1e-2, so a handful may fall outside
 MIN_WITHIN = 0.999
 MAX_ABS = 0.05  # × s
-MIN_LABEL_AGREEMENT = 0.995
 
 
 class ParityError(ExportError):
@@ -45,8 +45,8 @@ def synthetic_image(h: int, w: int, seed: int) -> np.ndarray:
 
 
 def normalise(img_chw: np.ndarray) -> np.ndarray:
-    mean = np.asarray(PIXEL_MEAN, np.float32)[:, None, None]
-    std = np.asarray(PIXEL_STD, np.float32)[:, None, None]
+    mean = np.asarray(Preprocess.mean, np.float32)[:, None, None]
+    std = np.asarray(Preprocess.std, np.float32)[:, None, None]
     return ((img_chw - mean) / std)[None].astype(np.float32)
 
 
@@ -101,11 +101,11 @@ def check(model: M2FP, onnx_path: Path, sizes: list[tuple[int, int]], *, enforce
                                 f"{100 * d.within:.3f}% within atol={ATOL}×{d.scale:.2g}+rtol={RTOL} "
                                 f"(need {100 * MIN_WITHIN}% and max ≤ {MAX_ABS * d.scale:.3g})")
         if len(ref) == 2 and ref[1].shape == got[1].shape:
-            agree = float((semantic_labels(*ref) == semantic_labels(*got)).mean())
+            agree = pixel_agreement(semantic_labels(*ref), semantic_labels(*got))
             entry["label_agreement"] = agree
-            if agree < MIN_LABEL_AGREEMENT:
+            if agree < PARITY_MIN_AGREEMENT:
                 failures.append(f"label map at {h}x{w}: {100 * agree:.3f}% pixels agree "
-                                f"(need {100 * MIN_LABEL_AGREEMENT}%)")
+                                f"(need {100 * PARITY_MIN_AGREEMENT}%)")
         log.info("parity %dx%d: %s", h, w, "; ".join(
             [f"{n} max |Δ| {entry[n]['max_abs']:.2g}, {100 * entry[n]['within_tolerance']:.2f}% within tolerance"
              for n in names if n in entry]
@@ -113,7 +113,7 @@ def check(model: M2FP, onnx_path: Path, sizes: list[tuple[int, int]], *, enforce
         results.append(entry)
     report = {"passed": not failures, "runtime": f"onnxruntime {ort.__version__}", "inputs": results,
               "tolerance": {"atol": ATOL, "rtol": RTOL, "min_within": MIN_WITHIN, "max_abs": MAX_ABS,
-                            "min_label_agreement": MIN_LABEL_AGREEMENT}}
+                            "min_label_agreement": PARITY_MIN_AGREEMENT}}
     if failures and enforce:
         raise ParityError("ONNX graph differs from the PyTorch model: " + "; ".join(failures))
     report["gate"] = "enforced" if enforce else "recorded, not enforced"

@@ -74,13 +74,13 @@ def golden_agreement(model_file: Path, config: BundleConfig, bundle_dir: Path) -
     golden = config.golden
     if not golden:
         raise ExportError("the int8 variant needs the golden sample to be measured against")
-    rgb = decode_image((bundle_dir / golden["image"]).read_bytes())
+    rgb = decode_image((bundle_dir / golden.image).read_bytes())
     prepared = prepare(rgb, config.preprocess)
     session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
     logits, masks = session.run([o.name for o in config.outputs], {config.inputs[0].name: prepared.tensor})
-    measures = [(postprocess(logits, masks, prepared, config).label_map, golden["label_map"])]
-    if golden.get("semantic"):
-        measures.append((semantic_labels(logits, masks)[0], golden["semantic"]))
+    measures = [(postprocess(logits, masks, prepared, config).label_map, golden.label_map)]
+    if golden.semantic:
+        measures.append((semantic_labels(logits, masks)[0], golden.semantic))
     out = []
     for got, name in measures:
         expected = cv2.imread(str(bundle_dir / name), cv2.IMREAD_UNCHANGED)

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from m2fpkit.runtime.bundle.config import CHANNELS, TASKS
+from m2fpkit.runtime.bundle.versions import is_alias_name, is_api_version, is_version_name
 from m2fpkit.runtime.errors import ExportError
-from m2fpkit.runtime.versions import is_alias_name, is_version_name
 
 DEFAULT_SPECS = Path(__file__).with_name("versions.toml")
 _KEYS = {"source", "task", "channel", "compatible_api", "notes", "opset", "preprocess", "build_by_default", "int8"}
@@ -82,7 +82,7 @@ def load(path: Path = DEFAULT_SPECS) -> SpecFile:
         channel = merged.get("channel", "stable")
         _check(channel in CHANNELS, f"{p}.channel", f"expected one of {', '.join(CHANNELS)}")
         api = merged.get("compatible_api", ["1.0"])
-        _check(isinstance(api, list) and bool(api) and all(isinstance(a, str) for a in api),
+        _check(isinstance(api, list) and bool(api) and all(is_api_version(a) for a in api),
                f"{p}.compatible_api", "expected a list of strings like [\"1.0\"]")
         opset = merged.get("opset", 18)
         _check(isinstance(opset, int) and opset >= 18, f"{p}.opset", "expected an integer ≥ 18")

@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 from m2fpkit.runtime.bundle import archive as archive_mod
 from m2fpkit.runtime.bundle import manifest as manifest_mod
-from m2fpkit.runtime.bundle import signature
+from m2fpkit.runtime.bundle import signature, signing
 from m2fpkit.runtime.bundle.archive import peek_version, unpack
 from m2fpkit.runtime.bundle.signature import TrustPolicy
 from m2fpkit.runtime.bundle.store import BundleStore
@@ -282,7 +282,7 @@ def test_the_deep_member_through_the_install_command(real_bundle, tmp_path):
     edge = tmp_path / "edge"
     result = CliRunner().invoke(main, ["install", str(bad), "--bundles", str(edge)])
     assert result.exit_code == 1, result.output
-    assert result.stderr.count("\n") == 1 and result.stderr.startswith("m2fp-bundle: error: unsafe member name")
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("Error: unsafe member name")
     assert "1101 parts" in result.stderr and len(result.stderr) < 400
     assert "Traceback" not in result.output and not isinstance(result.exception, RecursionError)
     assert BundleStore(edge).versions() == [] and not [p for p in edge.rglob("*") if p.is_file()]
@@ -307,9 +307,9 @@ def signer() -> dict[str, object]:
 
 def signed_tar(signer, how: str) -> bytes:
     manifest = manifest_bytes(FILES)
-    sig = {"good": lambda: signature.signature_bytes(manifest, signer["key"]),
-           "other-key": lambda: signature.signature_bytes(manifest, signer["other"]),
-           "other-manifest": lambda: signature.signature_bytes(manifest + b" ", signer["key"]),
+    sig = {"good": lambda: signing.signature_bytes(manifest, signer["key"]),
+           "other-key": lambda: signing.signature_bytes(manifest, signer["other"]),
+           "other-manifest": lambda: signing.signature_bytes(manifest + b" ", signer["key"]),
            "garbage": lambda: b"{not json",
            "unsigned": lambda: None}[how]()
     return tar_bytes(*bundle_members(sig=sig))

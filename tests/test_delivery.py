@@ -23,7 +23,8 @@ from click.testing import CliRunner
 from m2fpkit.runtime.bundle import archive as archive_mod
 from m2fpkit.runtime.bundle import reader
 from m2fpkit.runtime.bundle.archive import pack, unpack
-from m2fpkit.runtime.bundle.signature import TrustPolicy, keygen, sign
+from m2fpkit.runtime.bundle.signature import TrustPolicy
+from m2fpkit.runtime.bundle.signing import keygen, sign
 from m2fpkit.runtime.bundle.store import BundleStore
 from m2fpkit.runtime.delivery import ArchiveError, SignatureError, VerificationFailed, VersionInUse
 from m2fpkit.runtime.delivery import install as install_mod
@@ -563,7 +564,7 @@ def test_errors_are_one_line_without_traceback_from_the_installed_script(tmp_pat
     r = subprocess.run([str(M2FP_BUNDLE), "verify", str(tmp_path / "missing.tar")], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 1
-    assert r.stderr.strip() == f"m2fp-bundle: error: {tmp_path / 'missing.tar'}: no such file or directory"
+    assert r.stderr.strip() == f"Error: {tmp_path / 'missing.tar'}: no such file or directory"
 
 
 def test_delivery_modules_do_not_import_torch():

@@ -16,7 +16,8 @@ import pytest
 from m2fpkit.runtime.bundle import manifest as manifest_mod
 from m2fpkit.runtime.bundle import reader
 from m2fpkit.runtime.bundle.archive import pack
-from m2fpkit.runtime.bundle.signature import TrustPolicy, keygen, sign
+from m2fpkit.runtime.bundle.signature import TrustPolicy
+from m2fpkit.runtime.bundle.signing import keygen, sign
 from m2fpkit.runtime.bundle.store import BundleStore
 from m2fpkit.runtime.delivery import ArchiveError, TransferError, Unauthorized, VerificationFailed
 from m2fpkit.runtime.delivery import pull as pull_mod
@@ -167,7 +168,7 @@ def test_pull_with_a_wrong_token_fails_cleanly(central, tmp_path):
     r = subprocess.run([str(M2FP_BUNDLE), "pull", central.url, "v1.2", "--bundles", str(root), "--token", "nope"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1
-    assert r.stderr.startswith("m2fp-bundle: error: ") and "401" in r.stderr and r.stderr.count("\n") == 1
+    assert r.stderr.startswith("Error: ") and "401" in r.stderr and r.stderr.count("\n") == 1
     assert BundleStore(root).versions() == []
     with pytest.raises(Unauthorized):
         pull(central.url, "v1.2", root, token=None)

@@ -3,7 +3,8 @@
 Runs four tiny exports besides the session fixtures: the demo version (subprocess), ``--source``
 with a ModelScope directory, ``--force`` and the export after a killed one; all but the first trace of
 each model take its graph from the session's export cache (``conftest.export_cache``) and still run the
-parity gate. Parity-gate failures reuse ``ms_multi``'s ONNX file instead of exporting again.
+parity gate. Parity-gate failures and the alias tests reuse ``ms_multi``'s ONNX file instead of exporting
+again (the graph cache's integrity rules: ``tests/test_graph_cache_integrity.py``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from m2fpkit.runtime.bundle import reader
 from m2fpkit.runtime.bundle.config import SCHEMA_VERSION, BundleConfig
 from m2fpkit.runtime.bundle.manifest import MANIFEST
 from m2fpkit.runtime.bundle.store import ALIASES, BundleStore
+from reference.bundles import clone_bundle
 from reference.cases import normalise_and_pad, sample_image
 
 EXE = Path(sys.executable).with_name("m2fp-export")
@@ -190,7 +192,7 @@ def test_demo_export_is_a_verified_bundle(demo):
     logits, masks = sess.run(None, {"image": x})
     assert logits.shape == (1, cfg.num_queries, 22) and masks.shape == (1, cfg.num_queries, 128 // 4, 160 // 4)
 
-    # aliases.json from the spec file's [aliases]: only those whose version is built
+    # a fresh store: the spec file's [aliases] are created, only those whose version is built
     aliases = json.loads((store.dir / ALIASES).read_text())
     expected = {a: v for a, v in load_specs().aliases.items() if v == "v1.2"}
     assert expected == {"latest": "v1.2"}
@@ -599,62 +601,82 @@ def test_graph_cache_key_follows_the_architecture_not_the_weights():
     assert key(dataclasses.replace(tiny, parsing_ins_score_thr=0.9, single_human_size=(256, 256))) == key()
 
 
-def test_graph_cache_survives_damage_and_an_unwritable_directory(tmp_path, monkeypatch, caplog):
-    """A damaged entry is a miss (traced again, the entry stored anew); a cache that cannot be
-    written costs only the trace; old entries beyond CACHE_KEEP are pruned, the most recently used kept."""
-    from m2fpkit.export.model import config as mcfg
-    from m2fpkit.export.model.m2fp import build as build_model
+# ------------------------------------------------------------------------------------------ aliases
+# Aliases belong to the store's operator: an export writes an alias only when it does not exist yet, or
+# when asked (--alias NAME, --apply-aliases); a failed export changes nothing in the store. The store holds
+# cheap clones of the session's bundle as v1.2 (the packaged spec file's latest) and v9.0; the operator
+# promoted latest to v9.0.
 
-    graph = tmp_path / "graph.onnx"  # a tiny stand-in for a traced graph: parameters as inputs
-    traced: list[int] = []
+@pytest.fixture(scope="module")
+def promoted_root(ms_multi, tmp_path_factory) -> Path:
+    """v1.2 and v9.0 published, the operator's ``latest`` promoted to v9.0 (read-only: copy it)."""
+    root = tmp_path_factory.mktemp("promoted")
+    clone_bundle(ms_multi.bundle_dir, root, "v1.2", preprocess={"short_edge": 160})
+    clone_bundle(ms_multi.bundle_dir, root, "v9.0", preprocess={"short_edge": 160})
+    BundleStore(root).set_alias("latest", "v9.0")  # what `m2fp-bundle promote v9.0 --alias latest` writes
+    return root
 
-    def fake_trace(model, **kwargs):
-        traced.append(1)
-        import onnx_ir as ir
 
-        bias = model.state_dict()["sem_seg_head.predictor.class_embed.bias"]
-        value = ir.Value(name="sem_seg_head.predictor.class_embed.bias", shape=ir.Shape(bias.shape),
-                         type=ir.TensorType(ir.DataType.FLOAT),
-                         const_value=ir.Tensor(bias.numpy(force=True), name="sem_seg_head.predictor.class_embed.bias"))
-        image = ir.Value(name=onnx_export.INPUT, shape=ir.Shape([1, 3, 32, 32]), type=ir.TensorType(ir.DataType.FLOAT))
-        node = ir.node("Identity", [value], num_outputs=1)
-        node.outputs[0].name = "pred_logits"
-        g = ir.Graph([image], node.outputs, nodes=[node], initializers=[value], opset_imports={"": 18})
-        return torch.onnx.ONNXProgram(ir.Model(g, ir_version=10), None)
+@pytest.fixture
+def store(promoted_root, tmp_path) -> BundleStore:
+    root = tmp_path / "bundles"
+    shutil.copytree(promoted_root, root)
+    return BundleStore(root)
 
-    monkeypatch.setattr(onnx_export, "_trace", fake_trace)
-    cfg = mcfg.preset("tiny")
-    cache = tmp_path / "cache"
-    monkeypatch.setenv(onnx_export.CACHE_ENV, str(cache))
-    model = build_model(cfg, seed=1)
-    onnx_export.export_onnx(model, graph, opset=18)
-    (entry,) = cache.iterdir()
-    (entry / "graph.onnx").write_bytes(b"\x00not a graph")
-    with caplog.at_level("WARNING", logger="m2fpkit.export.onnx_export"):
-        onnx_export.export_onnx(model, graph, opset=18)
-    assert len(traced) == 2 and "unreadable" in caplog.text
-    onnx_export.export_onnx(model, graph, opset=18)
-    assert len(traced) == 2  # the damaged entry was replaced by a good one
 
-    caplog.clear()
-    (blocked := tmp_path / "blocked").write_text("a file where the cache directory should be")
-    monkeypatch.setenv(onnx_export.CACHE_ENV, str(blocked / "cache"))
-    with caplog.at_level("WARNING", logger="m2fpkit.export.onnx_export"):
-        onnx_export.export_onnx(model, graph, opset=18)
-    assert len(traced) == 3 and "not written" in caplog.text
+def export_into(store: BundleStore, *args: str):
+    return CliRunner().invoke(main, [*args, "--bundles", str(store.root)], catch_exceptions=True)
 
-    monkeypatch.setenv(onnx_export.CACHE_ENV, str(cache))
-    monkeypatch.setattr(onnx_export, "CACHE_KEEP", 2)
-    os.utime(entry, (1, 1))  # the first entry is the oldest ...
-    onnx_export.export_onnx(model, graph, opset=15)
-    onnx_export.export_onnx(model, graph, opset=18)  # ... until it is used again
-    assert len(traced) == 4
-    onnx_export.export_onnx(model, graph, opset=16)
-    assert len(traced) == 5 and entry.exists() and len(list(cache.iterdir())) == 2  # the opset-15 one went
 
-    def read_only(*args, **kwargs):
-        raise PermissionError("read-only file system")
+def alias_state(store: BundleStore) -> tuple[bytes, list[str]]:
+    return (store.dir / ALIASES).read_bytes(), sorted(p.name for p in store.dir.iterdir())
 
-    monkeypatch.setattr(onnx_export.os, "utime", read_only)  # a cache on a read-only volume is still read
-    onnx_export.export_onnx(model, graph, opset=18)
-    assert len(traced) == 5 and entry.exists()
+
+def test_export_keeps_an_operators_promotion(store, reuse_onnx, ms_multi):
+    result = export_into(store, "v1.0", "--source", str(ms_multi.model_dir))
+    assert result.exit_code == 0, result.output
+    assert store.versions() == ["v1.0", "v1.2", "v9.0"]
+    # latest stays where the operator put it; stable did not exist yet, so the spec's is written
+    assert store.read_aliases() == {"latest": "v9.0", "stable": "v1.0"}
+
+
+@pytest.mark.parametrize("failure,flags", [("parity gate", ()),
+                                           ("bad source", ("--alias", "latest", "--apply-aliases"))])
+def test_a_failed_export_changes_nothing_in_the_store(store, reuse_onnx, ms_multi, monkeypatch, failure, flags):
+    (store.dir / ALIASES).write_text('{"latest":"v9.0"}')  # not the canonical form: compared byte for byte
+    before = alias_state(store)
+    source = str(ms_multi.model_dir)
+    if failure == "parity gate":
+        monkeypatch.setattr(parity, "MAX_ABS", 0.0)
+    else:
+        source = "random:nope"
+    result = export_into(store, "v1.0", "--source", source, *flags)
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    assert alias_state(store) == before
+
+
+def test_alias_option_moves_the_named_alias(store, reuse_onnx, ms_multi):
+    result = export_into(store, "v5.0", "--source", str(ms_multi.model_dir), "--alias", "latest", "--alias", "canary")
+    assert result.exit_code == 0, result.output
+    assert store.read_aliases() == {"latest": "v5.0", "canary": "v5.0"}
+
+
+def test_apply_aliases_applies_the_spec_files_aliases(store):
+    result = export_into(store, "--apply-aliases")
+    assert result.exit_code == 0, result.output
+    # the packaged spec file: latest = v1.2 (published), stable = v1.0 (not published: left out)
+    assert store.read_aliases() == {"latest": "v1.2"}
+
+
+def test_alias_option_is_checked_before_anything_is_exported(store):
+    before = alias_state(store)
+    for args in (["v1.0", "--alias", "Not An Alias"], ["v1.0", "v1.2", "--alias", "latest"]):
+        result = export_into(store, *args)
+        assert result.exit_code == 2, result.output
+    assert alias_state(store) == before
+
+
+def test_help_says_who_owns_aliases():
+    text = CliRunner().invoke(main, ["--help"], terminal_width=200).output
+    assert "--alias" in text and "--apply-aliases" in text and "operator" in text

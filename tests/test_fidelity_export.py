@@ -181,7 +181,7 @@ def test_config_records_passed_parity(case):
     assert rep["runtime"] == f"onnxruntime {ort.__version__}"
     tol = rep["tolerance"]
     assert tol == {"atol": parity.ATOL, "rtol": parity.RTOL, "min_within": parity.MIN_WITHIN,
-                   "max_abs": parity.MAX_ABS, "min_label_agreement": parity.MIN_LABEL_AGREEMENT}
+                   "max_abs": parity.MAX_ABS, "min_label_agreement": parity.PARITY_MIN_AGREEMENT}
     sizes = [(e["height"], e["width"]) for e in rep["inputs"]]
     assert len(sizes) >= 3 and len(set(sizes)) == len(sizes)
     assert sizes == parity_sizes(cfg.preprocess)

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from m2fpkit.runtime.bundle.signature import TrustPolicy, keygen, sign
+from m2fpkit.runtime.bundle.signature import TrustPolicy
+from m2fpkit.runtime.bundle.signing import keygen, sign
 from m2fpkit.runtime.errors import VersionUnavailable
 from m2fpkit.runtime.registry import Registry, RegistryOptions
 from reference.bundles import clone_bundle, edit_config

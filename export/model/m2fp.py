@@ -15,8 +15,6 @@ from .config import M2FPConfig
 from .decoder import MaskedTransformerDecoder
 from .pixel_decoder import PixelDecoder
 
-PIXEL_MEAN = (123.675, 116.28, 103.53)
-PIXEL_STD = (58.395, 57.12, 57.375)
 SIZE_DIVISIBILITY = 32
 
 

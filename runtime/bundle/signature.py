@@ -1,4 +1,5 @@
-"""Ed25519 signatures over a bundle's manifest, verifiable offline with a pinned public key.
+"""Ed25519 signatures over a bundle's manifest, checked offline against pinned public keys: the format of
+``manifest.sig`` and the :class:`TrustPolicy` readers apply. Making keys and signatures is :mod:`.signing`'s.
 
 ``manifest.sig`` sits next to ``manifest.json`` (the manifest does not list it) and holds JSON::
 
@@ -7,7 +8,7 @@
 
 The manifest pins the size and SHA-256 of every other file, so one signature covers the whole
 bundle; verification is signature check + manifest check. Keys are PEM files: the private key
-PKCS#8 (unencrypted, written with mode 0600), the public key SubjectPublicKeyInfo. ``key_id`` only
+PKCS#8 (unencrypted, mode 0600), the public key SubjectPublicKeyInfo. ``key_id`` only
 makes errors readable ("signed by key X, not by the configured key Y"); trust comes from the
 signature check against the configured key(s), never from the id.
 """
@@ -24,12 +25,12 @@ from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ..errors import MalformedFile, SignatureError
 from . import jsonfile
-from .atomic import write_atomic
 from .manifest import MANIFEST, SIGNATURE
+from .regular import read_regular
 
 ALGORITHM = "ed25519"
 MAX_SIGNATURE_BYTES = 64 << 10
@@ -65,38 +66,8 @@ def key_id(public_key: Ed25519PublicKey) -> str:
 
 
 # -------------------------------------------------------------------------------------------- keys
-def keygen(private_path: str | os.PathLike, public_path: str | os.PathLike, *, force: bool = False) -> str:
-    """Write a new key pair (PEM); refuses to overwrite unless ``force``. Returns the key id."""
-    private_path, public_path = Path(private_path), Path(public_path)
-    if private_path.resolve() == public_path.resolve():
-        raise SignatureError("the private and the public key need two different files")
-    if not force:
-        for p in (private_path, public_path):
-            if p.exists():
-                raise SignatureError(f"{p} exists; not overwritten (use --force)")
-    key = Ed25519PrivateKey.generate()
-    private_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                    serialization.NoEncryption())
-    public_pem = key.public_key().public_bytes(serialization.Encoding.PEM,
-                                               serialization.PublicFormat.SubjectPublicKeyInfo)
-    write_atomic(private_path, private_pem, 0o600)
-    write_atomic(public_path, public_pem, 0o644)
-    return key_id(key.public_key())
-
-
-def load_private_key(path: str | os.PathLike) -> Ed25519PrivateKey:
-    data = _read_key_file(path, "private")
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError) as exc:
-        raise SignatureError(f"private key file {path}: not an unencrypted PEM private key ({exc})") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise SignatureError(f"private key file {path}: not an Ed25519 key ({type(key).__name__})")
-    return key
-
-
 def load_public_key(path: str | os.PathLike) -> Ed25519PublicKey:
-    data = _read_key_file(path, "public")
+    data = read_key_file(path, "public")
     try:
         key = serialization.load_pem_public_key(data)
     except (ValueError, TypeError) as exc:
@@ -114,7 +85,8 @@ def public_keys(keys: PublicKeys | None) -> list[Ed25519PublicKey]:
     return [k if isinstance(k, Ed25519PublicKey) else load_public_key(k) for k in items]
 
 
-def _read_key_file(path: str | os.PathLike, kind: str) -> bytes:
+def read_key_file(path: str | os.PathLike, kind: str) -> bytes:
+    """The bytes of a ``kind`` (private/public) key file; SignatureError naming it if it cannot be read."""
     try:
         return Path(path).read_bytes()
     except FileNotFoundError:
@@ -123,27 +95,7 @@ def _read_key_file(path: str | os.PathLike, kind: str) -> bytes:
         raise SignatureError(f"{kind} key file {path}: {exc.strerror or exc}") from None
 
 
-# ------------------------------------------------------------------------------------ sign, verify
-def sign(bundle_dir: str | os.PathLike, private_key: Ed25519PrivateKey | str | os.PathLike) -> str:
-    """Check the bundle's manifest, then write ``manifest.sig`` over ``manifest.json``; return the key id.
-
-    Only an intact bundle is signed: a signature vouches for the hashes the manifest lists.
-    """
-    from .reader import inspect
-
-    bundle_dir = Path(bundle_dir)
-    key = private_key if isinstance(private_key, Ed25519PrivateKey) else load_private_key(private_key)
-    manifest = inspect(bundle_dir).manifest.raw
-    write_atomic(bundle_dir / SIGNATURE, signature_bytes(manifest, key), 0o644, tmp_dir=bundle_dir.resolve().parent)
-    return key_id(key.public_key())
-
-
-def signature_bytes(manifest: bytes, key: Ed25519PrivateKey) -> bytes:
-    """The content of ``manifest.sig`` for these exact manifest bytes."""
-    return jsonfile.dumps({"algorithm": ALGORITHM, "key_id": key_id(key.public_key()),
-                           "signature": base64.b64encode(key.sign(manifest)).decode()})
-
-
+# ------------------------------------------------------------------------------------------ verify
 def parse_signature(raw: bytes) -> tuple[str, bytes]:
     """(key id, raw signature) from ``manifest.sig`` bytes; SignatureError (and nothing else) if malformed.
 
@@ -168,10 +120,11 @@ def parse_signature(raw: bytes) -> tuple[str, bytes]:
 def read_signature_bytes(bundle_dir: str | os.PathLike) -> bytes | None:
     """The raw ``manifest.sig`` of a directory, None when the bundle is unsigned."""
     try:
-        with open(Path(bundle_dir) / SIGNATURE, "rb") as f:
-            return f.read(MAX_SIGNATURE_BYTES + 1)
+        return read_regular(Path(bundle_dir) / SIGNATURE, SIGNATURE, max_bytes=MAX_SIGNATURE_BYTES, follow_links=False)
     except FileNotFoundError:
         return None
+    except MalformedFile as exc:  # not a regular file, or too large
+        raise SignatureError(str(exc)) from None
     except OSError as exc:
         raise SignatureError(f"{SIGNATURE}: unreadable ({exc.strerror or exc})") from None
 

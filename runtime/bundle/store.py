@@ -22,9 +22,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ..errors import BundleError, MalformedFile, VersionExists
-from ..versions import SemVer, check_name, is_alias_name, is_version_name
 from . import jsonfile
 from .atomic import exchange, fsync_dir, rename_noreplace, write_atomic
+from .versions import SemVer, check_name, is_alias_name, is_version_name
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ..errors import BundleError, VersionExists
-from . import jsonfile, manifest, reader, signature, weights_index
+from . import jsonfile, manifest, reader, signing, weights_index
 from .config import CONFIG, BundleConfig
 from .store import BundleStore
 
@@ -59,14 +59,22 @@ def seal(bundle_dir: Path, signing_key: Ed25519PrivateKey | None = None) -> None
     raw = jsonfile.dumps(manifest.build(bundle_dir))
     (bundle_dir / manifest.MANIFEST).write_bytes(raw)
     if signing_key is not None:
-        (bundle_dir / manifest.SIGNATURE).write_bytes(signature.signature_bytes(raw, signing_key))
+        (bundle_dir / manifest.SIGNATURE).write_bytes(signing.signature_bytes(raw, signing_key))
+
+
+def check_new(store: BundleStore, version: str, *, force: bool = False) -> None:
+    """VersionExists unless ``version`` may be written (absent, or ``force``): for a caller to fail before any
+    work; :func:`stage` checks it again, and publishing never replaces a version without ``force``."""
+    if store.path(version).exists() and not force:
+        raise VersionExists(f"{store.model}/{version} already exists; versions are immutable (use --force to replace)")
 
 
 @contextlib.contextmanager
 def stage(store: BundleStore, version: str, *, force: bool = False) -> Iterator[Staged]:
-    """Yield a :class:`Staged` directory; publish it as ``version`` when the block ends finished and verified."""
-    if store.path(version).exists() and not force:
-        raise VersionExists(f"{store.model}/{version} already exists; versions are immutable (use --force to replace)")
+    """Yield a :class:`Staged` directory; publish it as ``version`` when the block ends finished and verified.
+
+    On any exception nothing is published and the staging directory is removed."""
+    check_new(store, version, force=force)
     with store.scratch(version) as tmp:
         staged = Staged(tmp / version)
         staged.dir.mkdir()

@@ -3,8 +3,10 @@
 Every command works on ``<bundles>/m2fp/`` (``--bundles``, env ``M2FP_BUNDLES``, default ``./bundles``),
 which must exist, except for ``install`` and ``pull``, which create it.
 A public key (``--public-key``, repeatable, env ``M2FP_PUBLIC_KEY``: paths separated by ``:``) makes
-signatures mandatory for verify, install, pull and promote. Failures print one line on stderr and
-exit 1; ``verify`` prints its report and exits 0 when every check passed, else 1.
+signatures mandatory for verify, install, pull and promote. Failures print one line ``Error: …`` on
+stderr and exit 1 (the rule of every CLI: ``..cli_errors``); ``verify`` prints its report and exits 0
+when every check passed, else 1. ``keygen`` writes the key pair outside the working directory by
+default (``..bundle.signing.key_dir``), where ``sign`` finds the private key.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from pathlib import Path
 
 import click
 
-from ..errors import BundleError, M2FPError
+from ..cli_errors import Group
+from ..errors import BundleError
 from ..roots import bundles_option
 
 #: the bundle root rule of every CLI (``..roots``); commands that only read the store need it to exist
@@ -36,32 +39,14 @@ def _trust(paths: tuple[Path, ...]):
     return TrustPolicy.from_keys(list(paths))
 
 
-class _Group(click.Group):
-    """Expected failures become one line on stderr and exit status 1, never a traceback."""
-
-    def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except M2FPError as exc:
-            _fail(str(exc))
-        except OSError as exc:
-            where = f": {exc.filename}" if exc.filename else ""
-            _fail(f"{exc.strerror or exc}{where}")
-
-
-def _fail(message: str) -> None:
-    click.echo(f"m2fp-bundle: error: {message}", err=True)
-    sys.exit(1)
-
-
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Move verified M2FP bundles between machines: pack → sign → copy or pull → verify → install."""
 
 
 def _version_dir(bundles: Path, version_or_dir: str) -> Path:
     from ..bundle.store import BundleStore
-    from ..versions import is_version_name
+    from ..bundle.versions import is_version_name
 
     p = Path(version_or_dir)
     if is_version_name(version_or_dir) and not p.is_dir():
@@ -171,32 +156,40 @@ def rm(version: str, bundles: Path, routes_file: Path | None, force: bool) -> No
     click.echo(f"removed {version}" + (f" (still referenced: {'; '.join(refs)})" if refs else ""))
 
 
-@main.command()
-@click.option("--private-key", type=click.Path(dir_okay=False, path_type=Path), default="m2fp-signing.key",
-              show_default=True, help="Where to write the private key (PEM, mode 0600).")
-@click.option("--public-key", type=click.Path(dir_okay=False, path_type=Path), default="m2fp-signing.pub",
-              show_default=True, help="Where to write the public key (PEM).")
-@click.option("--force", is_flag=True, help="Overwrite existing key files.")
-def keygen(private_key: Path, public_key: Path, force: bool) -> None:
-    """Create an Ed25519 key pair for signing bundles."""
-    from ..bundle.signature import keygen as do_keygen
+#: where keygen writes and sign reads a key pair by default (``..bundle.signing.key_dir``)
+_KEY_DIR = "$XDG_CONFIG_HOME/m2fpkit/, else ~/.config/m2fpkit/"
 
-    kid = do_keygen(private_key, public_key, force=force)
+
+@main.command()
+@click.option("--private-key", type=click.Path(dir_okay=False, path_type=Path),
+              help=f"Where to write the private key (PEM, mode 0600). Default: m2fp-signing.key in {_KEY_DIR}")
+@click.option("--public-key", type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the public key (PEM). Default: the private key's path with .pub")
+@click.option("--force", is_flag=True, help="Overwrite existing key files.")
+def keygen(private_key: Path | None, public_key: Path | None, force: bool) -> None:
+    """Create an Ed25519 key pair for signing bundles (by default in your config directory, never in the
+    working directory: a key there is one `git add` away from a repository)."""
+    from ..bundle import signing
+
+    kid = signing.keygen(private_key, public_key, force=force)
+    private_key = private_key or signing.default_private_key()
+    public_key = public_key or private_key.with_suffix(".pub")
     click.echo(f"key {kid}: private {private_key} (keep it on the build machine), public {public_key} "
                f"(copy it to the edge boxes)")
 
 
 @main.command()
 @click.argument("version")
-@click.option("--private-key", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              envvar="M2FP_PRIVATE_KEY", help="Ed25519 private key (PEM). Env M2FP_PRIVATE_KEY.")
+@click.option("--private-key", type=click.Path(dir_okay=False, path_type=Path), envvar="M2FP_PRIVATE_KEY",
+              help=f"Ed25519 private key (PEM). Env M2FP_PRIVATE_KEY. Default: keygen's, m2fp-signing.key in "
+                   f"{_KEY_DIR}")
 @BUNDLES
-def sign(version: str, private_key: Path, bundles: Path) -> None:
+def sign(version: str, private_key: Path | None, bundles: Path) -> None:
     """Sign VERSION (or a bundle directory): writes manifest.sig over manifest.json."""
-    from ..bundle.signature import sign as do_sign
+    from ..bundle import signing
 
     path = _version_dir(bundles, version)
-    kid = do_sign(path, private_key)
+    kid = signing.sign(path, private_key or signing.default_private_key())
     click.echo(f"signed {path.name} with key {kid} → {path / 'manifest.sig'}")
 
 
