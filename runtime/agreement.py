@@ -1,4 +1,5 @@
-"""How closely two runs of a version agree: the measures plan verification and the export gates share.
+"""How closely two label maps agree: the one home of the measures plan verification, the golden self-test,
+the export gates, shadow runs and ``/api/compare`` share.
 
 ``semantic_labels`` is the per-pixel class argmax at mask resolution, Σ_q softmax(class)[:-1] · sigmoid(mask):
 unlike the final label map it does not pass through the instance thresholds, so it shows a numeric
@@ -6,6 +7,9 @@ difference between engines even where random weights leave the label map all bac
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -21,3 +25,34 @@ def semantic_labels(logits: np.ndarray, masks: np.ndarray) -> np.ndarray:
 def pixel_agreement(a: np.ndarray, b: np.ndarray) -> float:
     """Fraction of equal pixels; 0.0 when the shapes differ (nothing can be compared)."""
     return float((a == b).mean()) if a.shape == b.shape else 0.0
+
+
+def by_class_name(map_a: np.ndarray, classes_a: Sequence[str], map_b: np.ndarray,
+              classes_b: Sequence[str]) -> dict[str, Any]:
+    """Pixel agreement, per-class IoU and mean IoU of two label maps of one image, classes matched by *name*.
+
+    Class ids index ``classes_a`` / ``classes_b``. ``pixel_agreement``: share of pixels whose class names are
+    equal; for each class present in either map, ``iou`` = |A = c and B = c| / |A = c or B = c| with both pixel
+    counts; ``mean_iou``: the mean of those IoUs (Background included). ValueError if the shapes differ."""
+    if map_a.shape != map_b.shape:
+        raise ValueError(f"label maps of different sizes: {map_a.shape} vs {map_b.shape}")
+    names = list(dict.fromkeys([*classes_a, *classes_b]))
+    index = {n: i for i, n in enumerate(names)}
+    k = len(names)
+    ids_a = np.asarray([index[n] for n in classes_a], np.int64)[map_a.astype(np.int64)]
+    ids_b = np.asarray([index[n] for n in classes_b], np.int64)[map_b.astype(np.int64)]
+    joint = np.bincount((ids_a * k + ids_b).ravel(), minlength=k * k).reshape(k, k)
+    total = int(joint.sum())
+    inter, count_a, count_b = np.diag(joint), joint.sum(axis=1), joint.sum(axis=0)
+    per_class = []
+    for c in range(k):
+        union = int(count_a[c] + count_b[c] - inter[c])
+        if union:
+            per_class.append({"class": names[c], "iou": round(float(inter[c]) / union, 6),
+                              "pixels_a": int(count_a[c]), "pixels_b": int(count_b[c]),
+                              "intersection": int(inter[c])})
+    return {
+        "pixel_agreement": round(float(inter.sum()) / total, 6) if total else 1.0,
+        "mean_iou": round(float(np.mean([c["iou"] for c in per_class])), 6) if per_class else 1.0,
+        "classes": per_class,
+    }

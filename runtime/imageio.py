@@ -1,45 +1,21 @@
 """Image bytes → HxWx3 uint8 RGB, with the size checked from the header before anything is decoded.
 
-The decoded pixels are what ModelScope's pipeline gets from Pillow (``exif_transpose`` then
-``convert("RGB")``): EXIF orientation applied, grey replicated to three channels, alpha dropped
-without compositing. 16-bit images keep their high byte. Decoding is OpenCV's ``imdecode``.
+Pixels as ModelScope's pipeline gets them from Pillow (``exif_transpose``, ``convert("RGB")``): EXIF
+orientation applied, grey replicated, alpha dropped without compositing, 16-bit → its high byte.
 
-**The pixel limit holds for every accepted format, in three lines.**
+The pixel limit holds for every accepted format, three times over:
 
-1. The header pre-check (:func:`probe` + :func:`check_size`, per call, ``ImageLimits.max_pixels``) refuses
-   what the header admits is too large, before any decode. It reads the header the way the decoder
-   does, and where a header is ambiguous it takes the worst case: a TIFF IFD that repeats ImageWidth /
-   ImageLength (libtiff keeps the *first* entry, the old pre-check kept the last: a 285 KB file read as
-   100x100 decoded to 10000x10000) is sized by its largest value.
-2. **OpenCV's decoders enforce a pixel cap themselves** (``validateInputImageSize`` in
-   ``imgcodecs/src/loadsave.cpp``, called with the size the decoder's own header parse found, before the
-   output is allocated; an excess raises ``cv2.error`` → :class:`ImageTooLarge`). Found on
-   opencv-python-headless 5.0.0 (and the same code in 4.x): the cap is ``OPENCV_IO_MAX_IMAGE_PIXELS``
-   (OpenCV's default 2^30), read **once, when the cv2 extension is loaded** (a namespace-scope
-   ``static const`` initialised from ``getConfigurationParameterSizeT``). Setting it after ``import cv2``
-   has no effect, even before the first decode (tested), so it cannot follow a per-call limit. This
-   module therefore sets it, unless the environment already does, to :data:`DEFAULT_MAX_PIXELS` before its
-   ``import cv2`` (in ``m2fp-serve`` and the library this module is the first to import cv2, through
-   ``predictor``). The server calls :func:`limit_decoder_pixels` with ``--max-pixels`` at start; cv2 is
-   loaded by then (importing the CLI loads it), so it can only check the cap and say so — a cap above
-   the limit still bounds a lying header (the decoded image is then refused by line 3), a cap below it
-   refuses (413) images the limit admits, and the warning names the variable to set (an operator sets
-   ``OPENCV_IO_MAX_IMAGE_PIXELS`` in the service's environment to move the cap with ``--max-pixels``).
-   :func:`decoder_pixel_cap` is the cap in force.
-3. After the decode, the image is measured again: more pixels than the limit → :class:`ImageTooLarge`;
-   another size than the header said → :class:`UndecodableImage`.
+1. :func:`probe` + :func:`check_size` refuse what the header admits is too large, before any decode; an
+   ambiguous header (a TIFF IFD repeating ImageWidth) is sized by its worst case.
+2. OpenCV's decoders refuse more than ``OPENCV_IO_MAX_IMAGE_PIXELS``, which OpenCV reads once, when cv2
+   loads: this module sets it to :data:`DEFAULT_MAX_PIXELS` (unless the environment does) before its
+   ``import cv2``; :func:`limit_decoder_pixels` can then only compare it with ``--max-pixels`` and warn.
+3. The decoded image is measured again: too many pixels → :class:`ImageTooLarge`, another size than the
+   header said → :class:`UndecodableImage`.
 
-**Time bounds for pathological encodings** (rules; ``tests/test_decode_guards.py`` proves each):
-
-- JPEG: libjpeg walks every block once per scan, so empty scans cost time without bytes (2,000 empty
-  scans of 11 bytes take 1.6 s on a 16 Mpx image, growing linearly). The marker walk before decoding
-  counts scans and refuses more than :data:`MAX_JPEG_SCANS` (a baseline JPEG has 1-4, libjpeg's
-  progressive script 10, mozjpeg's ≤ ~20) and more than :data:`MAX_JPEG_SEGMENTS` marker segments.
-- Multi-page TIFF: the first page only (what Pillow's ``Image.open`` gives); OpenCV's ``imdecode`` never
-  reads the later IFDs, so their size and number cost nothing.
-- Animated PNG (APNG) and animated WebP: the first frame only (again Pillow's ``Image.open``); OpenCV 5
-  decodes those frames alone, in a time that does not grow with the number of frames, and the canvas
-  is what the pre-check and the decoder cap measure. GIF stays unsupported.
+Decoding time is bounded (``tests/test_decode_guards.py``): a JPEG with more than :data:`MAX_JPEG_SCANS`
+scans or :data:`MAX_JPEG_SEGMENTS` segments is refused before decoding; multi-page TIFF, APNG and animated
+WebP decode their first page or frame only; GIF is unsupported.
 """
 
 from __future__ import annotations
@@ -53,6 +29,8 @@ from dataclasses import dataclass
 
 #: the default pixel limit (``ImageLimits.max_pixels``, ``m2fp-serve --max-pixels``)
 DEFAULT_MAX_PIXELS = 40_000_000
+#: the default longest-to-shortest side ratio (``ImageLimits.max_aspect``)
+DEFAULT_MAX_ASPECT = 20.0
 #: the variable OpenCV reads, once at load, for the pixel cap its decoders enforce
 DECODER_CAP_ENV = "OPENCV_IO_MAX_IMAGE_PIXELS"
 _OPENCV_DEFAULT_CAP = 1 << 30
@@ -336,7 +314,8 @@ def _decoder_refusal(exc: cv2.error, info: ImageInfo, max_pixels: int) -> ImageT
                          f"limit is {_mpx(min(max_pixels, _DECODER_CAP))} Mpx")
 
 
-def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_aspect: float = 20.0) -> np.ndarray:
+def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 max_aspect: float = DEFAULT_MAX_ASPECT) -> np.ndarray:
     """Decode JPEG/PNG/WebP/BMP/TIFF bytes into an HxWx3 uint8 RGB array (EXIF orientation applied).
 
     Never more than ``max_pixels`` come back, and the decoder never allocates more than

@@ -44,7 +44,7 @@ def version() -> str:
 
 @dataclass(frozen=True)
 class _Arg:
-    """What ``reader.check_graph`` reads of an input or output (onnxruntime's NodeArg shape)."""
+    """What ``graph_check.check_graph`` reads of an input or output (onnxruntime's NodeArg shape)."""
 
     name: str
     shape: list[int | str]

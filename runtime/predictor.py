@@ -13,23 +13,22 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from .agreement import pixel_agreement, semantic_labels
 from .bundle import reader
-from .bundle.config import GOLDEN_MIN_AGREEMENT, BundleConfig
+from .bundle.config import BundleConfig
 from .bundle.signature import NO_KEYS, TrustPolicy
 from .errors import BundleError
-from .imageio import DEFAULT_MAX_PIXELS, decode_image
+from .graph_check import check_graph
+from .imageio import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS, decode_image
+from .plans import REFERENCE, PlanChoice
 from .postprocess import postprocess
 from .preprocess import Prepared, prepare
 from .result import ParseResult
 from .session import SessionFactory
-
-if TYPE_CHECKING:
-    from .plans import PlanChoice
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +41,7 @@ class ImageLimits:
     """
 
     max_pixels: int = DEFAULT_MAX_PIXELS
-    max_aspect: float = 20.0
+    max_aspect: float = DEFAULT_MAX_ASPECT
 
 
 @dataclass(frozen=True)
@@ -81,7 +80,7 @@ class Predictor:
         self.content = content
         self.config: BundleConfig = content.config
         self.session = session
-        #: the execution plan serving this predictor (set by ``plans.Planner``; None: built directly, ort-fp32)
+        #: the execution plan serving this predictor (set by ``planner.Planner``; None: built directly, ort-fp32)
         self.plan: PlanChoice | None = None
         #: held around every forward pass (the registry's ``forward_slots``, shared by all its predictors)
         self.forward_gate = forward_gate if forward_gate is not None else contextlib.nullcontext()
@@ -96,14 +95,14 @@ class Predictor:
 
     @classmethod
     def from_content(cls, content: reader.BundleContent, factory: SessionFactory | None = None) -> Predictor:
-        """The reference predictor (onnxruntime, main graph); ``plans.Planner`` chooses among engines."""
+        """The reference predictor (onnxruntime, main graph); ``planner.Planner`` chooses among engines."""
         return cls.with_session(content, (factory or SessionFactory()).create(content))
 
     @classmethod
     def with_session(cls, content: reader.BundleContent, session: Any,
                      forward_gate: contextlib.AbstractContextManager[Any] | None = None) -> Predictor:
         """A predictor on ``session`` (any engine with onnxruntime's session interface), graph ⇄ config checked."""
-        reader.check_graph(content.config, session)
+        check_graph(content.config, session)
         return cls(content, session, forward_gate)
 
     @property
@@ -113,8 +112,6 @@ class Predictor:
     @property
     def plan_name(self) -> str:
         """Name of the execution plan serving this predictor (``ort-fp32`` when built directly)."""
-        from .plans import REFERENCE
-
         return (self.plan.plan if self.plan is not None else REFERENCE).name
 
     @property
@@ -180,7 +177,7 @@ class Predictor:
         """The graph input of the golden image (a typical input for timing a plan); BundleError without one."""
         if not self.config.golden:
             raise BundleError("the bundle has no golden sample")
-        return self.prepare(self.decode(self.content.files[self.config.golden["image"]])).tensor
+        return self.prepare(self.decode(self.content.files[self.config.golden.image])).tensor
 
     def golden_agreement(self) -> GoldenAgreement | None:
         """Agreement with the bundle's golden sample (None: the bundle has none): the final label map and,
@@ -188,23 +185,23 @@ class Predictor:
         golden = self.config.golden
         if not golden:
             return None
-        expected = _golden_png(self.content, golden["label_map"])
-        prepared = self.prepare(self.decode(self.content.files[golden["image"]]))
+        expected = _golden_png(self.content, golden.label_map)
+        prepared = self.prepare(self.decode(self.content.files[golden.image]))
         outputs = self.run(prepared.tensor)
         got = self.postprocess(outputs, prepared).label_map
         if got.shape != expected.shape:
             raise BundleError(f"golden self-test: label map {got.shape} vs expected {expected.shape}")
         semantic = None
-        if golden.get("semantic"):
-            semantic = pixel_agreement(semantic_labels(*outputs)[0], _golden_png(self.content, golden["semantic"]))
+        if golden.semantic:
+            semantic = pixel_agreement(semantic_labels(*outputs)[0], _golden_png(self.content, golden.semantic))
         return GoldenAgreement(pixel_agreement(got, expected), semantic)
 
     def self_test(self) -> float | None:
         """Run the bundle's golden sample, if it has one; refuse the version if the label maps disagree."""
         agreement = self.golden_agreement()
-        if agreement is None:
+        if agreement is None or self.config.golden is None:
             return None
-        need = float((self.config.golden or {}).get("min_agreement", GOLDEN_MIN_AGREEMENT))
+        need = self.config.golden.min_agreement
         if agreement.label < need:
             raise BundleError(f"golden self-test: {100 * agreement.label:.2f}% of pixels agree, "
                               f"need {100 * need:.1f}%")

@@ -1,8 +1,8 @@
 """onnxruntime session construction: thread pools, spinning and memory settings in one place.
 
-Defaults were chosen by measurement (benchmarks/bench_runtime_options.py, README "Benchmarks"):
-per-session intra-op pools with spinning off (idle sessions do not burn the cores the active one
-needs), ``concurrent_runs × intra_op_threads ≤ cores``, sessions created one at a time.
+Invariants: per-session intra-op pools with spinning off (an idle session does not burn the cores the
+active one needs), ``concurrent_runs × intra_op_threads ≤ cores``, sessions created one at a time. The
+defaults are measured by ``benchmarks/options.py`` and ``benchmarks/threads.py``.
 """
 
 from __future__ import annotations

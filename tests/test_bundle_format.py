@@ -9,13 +9,21 @@ from pathlib import Path
 import pytest
 
 from m2fpkit.runtime.bundle import manifest, reader
-from m2fpkit.runtime.bundle.config import SCHEMA_VERSION, BundleConfig, Postprocess, Preprocess, TensorSpec
+from m2fpkit.runtime.bundle.config import (
+    GOLDEN_MIN_AGREEMENT,
+    SCHEMA_VERSION,
+    BundleConfig,
+    Golden,
+    Postprocess,
+    Preprocess,
+    TensorSpec,
+)
 from m2fpkit.runtime.bundle.manifest import MANIFEST
 from m2fpkit.runtime.bundle.store import ALIASES, BundleStore
+from m2fpkit.runtime.bundle.versions import SemVer, check_name, is_alias_name, is_version_name
 from m2fpkit.runtime.bundle.writer import seal, stage
 from m2fpkit.runtime.errors import BundleError, IntegrityError, InvalidVersionName, MalformedFile, VersionExists
 from m2fpkit.runtime.palette import KNOWN_COLOURS, palette_for, voc_colour
-from m2fpkit.runtime.versions import SemVer, check_name, is_alias_name, is_version_name
 
 CIHP = (
     "Background", "Hat", "Hair", "Glove", "Sunglasses", "UpperClothes", "Dress", "Coat", "Socks",
@@ -136,6 +144,8 @@ BAD = [
     ("single-human", "human_class", 19, "config.json → human_class"),
     ("multi-human", "compatible_api", [], "config.json → compatible_api"),
     ("multi-human", "compatible_api", [1.0], "config.json → compatible_api"),
+    ("multi-human", "compatible_api", ["v1"], "config.json → compatible_api"),  # no client could ask for it
+    ("multi-human", "compatible_api", ["1.0", "1.0 "], "config.json → compatible_api"),
     ("multi-human", "model_file", "../model.onnx", "config.json → model_file"),
     ("multi-human", "model_file", "/abs/model.onnx", "config.json → model_file"),
     ("multi-human", "model_file", "sub/../model.onnx", "config.json → model_file"),
@@ -187,6 +197,58 @@ def test_config_errors_name_the_key_path(task, path, value, expected):
         node[last] = value
     msg = config_error(raw)
     assert expected in msg, msg
+
+
+#: ``golden`` as export has always written it (0aa94e1 and before): the on-disk format stays readable
+GOLDEN_ON_DISK = {"image": "golden/input.png", "label_map": "golden/labels.png", "semantic": "golden/semantic.png",
+                  "min_agreement": 0.99, "classes_present": ["Background", "Face", "Hair"]}
+
+
+def test_golden_is_a_frozen_dataclass_read_from_the_format_export_writes():
+    raw = raw_config()
+    raw["golden"] = dict(GOLDEN_ON_DISK)
+    cfg = BundleConfig.from_dict(raw)
+    assert cfg.golden == Golden("golden/input.png", "golden/labels.png", "golden/semantic.png", 0.99,
+                                ("Background", "Face", "Hair"))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.golden.min_agreement = 0.5  # type: ignore[misc]
+    assert json.loads(cfg.to_json())["golden"] == GOLDEN_ON_DISK  # written back in the same shape
+    assert BundleConfig.from_bytes(cfg.to_json().encode()) == cfg
+    assert cfg.files()[-3:] == ("golden/input.png", "golden/labels.png", "golden/semantic.png")
+
+
+def test_golden_optional_keys_take_their_defaults():
+    raw = raw_config()
+    raw["golden"] = {"image": "golden/image.png", "label_map": "golden/label_map.png"}  # a hand-made sample
+    golden = BundleConfig.from_dict(raw).golden
+    assert golden == Golden("golden/image.png", "golden/label_map.png", None, GOLDEN_MIN_AGREEMENT, ())
+    assert golden.files() == ("golden/image.png", "golden/label_map.png")
+    raw["golden"] = None
+    assert BundleConfig.from_dict(raw).golden is None
+
+
+GOLDEN_BAD = [
+    ("image", KeyError, "config.json → golden → image"),
+    ("label_map", "../labels.png", "config.json → golden → label_map"),
+    ("semantic", 3, "config.json → golden → semantic"),
+    ("semantic", "manifest.json", "config.json → golden → semantic"),
+    ("min_agreement", 0, "config.json → golden → min_agreement"),
+    ("min_agreement", "0.99", "config.json → golden → min_agreement"),
+    ("min_agreement", True, "config.json → golden → min_agreement"),
+    ("classes_present", "Face", "config.json → golden → classes_present"),
+    ("classes_present", [1], "config.json → golden → classes_present"),
+]
+
+
+@pytest.mark.parametrize("key,value,expected", GOLDEN_BAD, ids=[f"{k}={v!r}" for k, v, _ in GOLDEN_BAD])
+def test_golden_errors_name_the_key_path(key, value, expected):
+    raw = raw_config()
+    raw["golden"] = dict(GOLDEN_ON_DISK)
+    if value is KeyError:
+        del raw["golden"][key]
+    else:
+        raw["golden"][key] = value
+    assert expected in config_error(raw)
 
 
 def test_config_integer_numbers_accepted_where_floats_are_expected():

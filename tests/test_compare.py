@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from m2fpkit.runtime.agreement import by_class_name
 from m2fpkit.runtime.errors import InvalidVersionName
 from m2fpkit.server import compare
 from m2fpkit.server.app import make_app
@@ -143,7 +144,7 @@ def test_agreement_by_class_name_pinned_values():
     # A numbers (Background, Hair); B numbers (Background, Face, Hair): Hair is 1 in A and 2 in B
     a = np.array([[0, 1, 1], [1, 1, 0]], np.uint8)
     b = np.array([[0, 2, 1], [2, 0, 0]], np.uint8)
-    got = compare.agreement(a, ("Background", "Hair"), b, ("Background", "Face", "Hair"))
+    got = by_class_name(a, ("Background", "Hair"), b, ("Background", "Face", "Hair"))
     # pixels: (B,B) (H,H) (H,F) / (H,H) (H,B) (B,B) → 4 of 6 agree
     assert got["pixel_agreement"] == pytest.approx(4 / 6, abs=1e-6)
     by = {c["class"]: c for c in got["classes"]}
@@ -158,11 +159,11 @@ def test_agreement_by_class_name_pinned_values():
 def test_agreement_of_identical_maps_is_total_and_sizes_must_match():
     m = np.random.default_rng(0).integers(0, 5, (7, 9)).astype(np.uint8)
     classes = tuple(f"c{i}" for i in range(5))
-    got = compare.agreement(m, classes, m, classes)
+    got = by_class_name(m, classes, m, classes)
     assert got["pixel_agreement"] == 1.0 and got["mean_iou"] == 1.0
     assert all(c["iou"] == 1.0 for c in got["classes"])
     with pytest.raises(ValueError, match="different sizes"):
-        compare.agreement(m, classes, m[:, :8], classes)
+        by_class_name(m, classes, m[:, :8], classes)
 
 
 # ======================================================================== versions (property)

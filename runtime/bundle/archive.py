@@ -39,13 +39,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ArchiveError, BundleError, MalformedFile
-from ..versions import is_version_name
 from . import manifest as manifest_mod
 from . import signature
 from .atomic import fsync_dir, write_all  # write_all: the one place unpacking writes (tests patch it)
 from .manifest import MANIFEST, SIDE_FILES, SIGNATURE
 from .signature import NO_KEYS, TrustPolicy
 from .store import MODEL
+from .versions import is_version_name
 
 _CHUNK = 1 << 20
 #: limits on what an archive may declare (the manifest's own sizes are exact limits for the rest)

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import IntegrityError, MalformedFile
-from ..versions import SemVer, is_version_name
 from . import jsonfile
 from .manifest import check_rel_path
+from .versions import SemVer, is_api_version, is_version_name
 
 SCHEMA_VERSION = 1
 CONFIG = "config.json"
@@ -77,10 +77,16 @@ class Variant:
     agreement: float | None = None
 
 
-#: lowest golden-sample agreement a non-reference plan needs unless the bundle declares its own
+# The agreement floors: each the lowest share of pixels whose labels must agree (pixel agreement,
+# ``runtime.agreement.pixel_agreement``) for a graph to count as computing what the PyTorch model computed.
+#: export's parity gate: onnxruntime's semantic labels vs PyTorch's on every parity input (``export.parity``)
+PARITY_MIN_AGREEMENT = 0.995
+#: the golden self-test of the reference graph at load (final label map vs PyTorch's), when
+#: ``golden → min_agreement`` is absent; export writes this value there (``export.golden``)
+GOLDEN_MIN_AGREEMENT = 0.99
+#: a non-reference execution plan (another engine or precision) on the golden sample, when
+#: ``plans → min_agreement`` is absent (``runtime.plans``)
 PLAN_MIN_AGREEMENT = 0.995
-#: lowest golden self-test agreement of the reference when ``golden`` declares no ``min_agreement``
-GOLDEN_MIN_AGREEMENT = 0.995
 PRECISIONS = ("int8",)
 
 
@@ -90,6 +96,24 @@ class Plans:
 
     min_agreement: float = PLAN_MIN_AGREEMENT
     variants: dict[str, Variant] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Golden:
+    """``config.json → golden``: a sample the runtime re-parses at load, and what PyTorch made of it at export."""
+
+    image: str
+    #: the final label map PyTorch gave (PNG, uint8 class ids)
+    label_map: str
+    #: PyTorch's semantic argmax at mask resolution (``runtime.agreement.semantic_labels``); None in older bundles
+    semantic: str | None = None
+    #: the self-test floor of the reference graph (see :data:`GOLDEN_MIN_AGREEMENT`)
+    min_agreement: float = GOLDEN_MIN_AGREEMENT
+    #: names of the classes in ``label_map`` (descriptive)
+    classes_present: tuple[str, ...] = ()
+
+    def files(self) -> tuple[str, ...]:
+        return (self.image, self.label_map, *((self.semantic,) if self.semantic else ()))
 
 
 @dataclass(frozen=True)
@@ -124,7 +148,7 @@ class BundleConfig:
     tools: dict[str, Any] = field(default_factory=dict)
     parity: dict[str, Any] = field(default_factory=dict)
     architecture: dict[str, Any] = field(default_factory=dict)
-    golden: dict[str, Any] | None = None
+    golden: Golden | None = None
     plans: Plans = field(default_factory=Plans)
     schema_version: int = SCHEMA_VERSION
 
@@ -186,8 +210,7 @@ class BundleConfig:
 
     def files(self) -> tuple[str, ...]:
         """Every bundle file this config names (model, weights index, golden sample)."""
-        golden = tuple(self.golden[k] for k in ("image", "label_map", "semantic") if self.golden.get(k)) \
-            if self.golden else ()
+        golden = self.golden.files() if self.golden else ()
         variants = [f for v in self.plans.variants.values() for f in (v.model_file, *v.calibration)]
         return (self.model_file, *((self.weights_index,) if self.weights_index else ()), *golden, *variants)
 
@@ -350,7 +373,7 @@ def _parse_config(raw: Any) -> BundleConfig:
     elif human is not None:
         raise _err("human_class", "must be null for a single-human bundle")
     api = _get(raw, "compatible_api", "", list)
-    if not api or not all(isinstance(a, str) for a in api):
+    if not api or not all(is_api_version(a) for a in api):
         raise _err("compatible_api", "expected a non-empty list of API versions like \"1.0\"")
     model_file = _file_name(_get(raw, "model_file", "", str, "model.onnx"), "model_file")
     weights_index = raw.get("weights_index")
@@ -360,8 +383,6 @@ def _parse_config(raw: Any) -> BundleConfig:
     if (task == "single-human") != (preprocess.resize == "center-canvas"):
         raise _err("preprocess → resize", f"{preprocess.resize!r} does not fit task {task!r}")
     golden = raw.get("golden")
-    if golden is not None:
-        _check_golden(golden)
     return BundleConfig(
         name=_get(raw, "name", "", str),
         version=version,
@@ -385,7 +406,7 @@ def _parse_config(raw: Any) -> BundleConfig:
         tools=_get(raw, "tools", "", dict, {}),
         parity=_get(raw, "parity", "", dict, {}),
         architecture=_get(raw, "architecture", "", dict, {}),
-        golden=golden,
+        golden=None if golden is None else _parse_golden(golden),
         plans=_parse_plans(raw.get("plans", {})),
     )
 
@@ -429,13 +450,18 @@ def _parse_plans(d: Any) -> Plans:
                  variants=variants)
 
 
-def _check_golden(golden: Any) -> None:
-    if not isinstance(golden, dict):
+def _parse_golden(d: Any) -> Golden:
+    p = "golden → "
+    if not isinstance(d, dict):
         raise _err("golden", "expected an object or null")
-    for key in ("image", "label_map"):
-        _file_name(golden.get(key), f"golden → {key}")
-    if golden.get("semantic") is not None:
-        _file_name(golden["semantic"], "golden → semantic")
-    agree = golden.get("min_agreement", GOLDEN_MIN_AGREEMENT)
-    if isinstance(agree, bool) or not isinstance(agree, (int, float)) or not 0 < agree <= 1:
-        raise _err("golden → min_agreement", f"expected a number in (0, 1], got {jsonfile.brief(agree)}")
+    semantic = d.get("semantic")
+    classes = _get(d, "classes_present", p, list, [])
+    if not all(isinstance(c, str) for c in classes):
+        raise _err(p + "classes_present", "expected a list of class names")
+    return Golden(
+        image=_file_name(d.get("image"), p + "image"),
+        label_map=_file_name(d.get("label_map"), p + "label_map"),
+        semantic=None if semantic is None else _file_name(semantic, p + "semantic"),
+        min_agreement=_fraction(d.get("min_agreement", GOLDEN_MIN_AGREEMENT), p + "min_agreement"),
+        classes_present=tuple(classes),
+    )

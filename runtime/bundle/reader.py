@@ -1,6 +1,6 @@
 """Reading and verifying a bundle directory: the one place that decides whether a bundle is valid.
 
-Checks, in order, each recorded in a :class:`Report`:
+Checks, in order, each recorded in a :class:`Verification`:
 
 ``manifest``
     ``manifest.json`` parses; every listed file is a regular file of the listed size and SHA-256; no
@@ -17,8 +17,8 @@ Checks, in order, each recorded in a :class:`Report`:
 :func:`verify` runs them all and reports (for ``m2fp-bundle verify``); :func:`inspect` raises the first
 failure as its typed error; :func:`load` does the same while keeping the verified bytes in memory,
 so what a session is built from is exactly what was hashed (no file is read twice, an edit of the
-files on disk afterwards changes nothing). ``config ⇄ graph`` is :func:`check_graph`, run by the
-runtime on the session it builds from those bytes.
+files on disk afterwards changes nothing). Whether the graph in those bytes matches the config is the
+runtime's check (``runtime/graph_check.py``), on the session it builds from them.
 
 Identity: :func:`identity` — SHA-256 of the manifest bytes, plus the first 16 hex digits of the
 signature's SHA-256 when signed — names a bundle's content for the registry, last-known-good and
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +38,7 @@ import numpy as np
 
 from ..errors import BundleError, IntegrityError, MalformedFile
 from . import manifest as manifest_mod
-from . import signature, weights_index
+from . import regular, signature, weights_index
 from .config import CONFIG, BundleConfig
 from .manifest import MANIFEST, SIDE_FILES, Manifest
 from .signature import NO_KEYS, TrustPolicy
@@ -47,13 +46,13 @@ from .weights_index import IndexEntry, WeightsIndex
 
 OK, FAIL, SKIP = "ok", "FAIL", "skip"
 _CHUNK = 1 << 20
-_ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int64": "tensor(int64)",
-              "uint8": "tensor(uint8)"}
 
 
-# --------------------------------------------------------------------------------------------- report
-@dataclass
+# --------------------------------------------------------------------------------------------- checks
+@dataclass(frozen=True)
 class Check:
+    """One named check and its outcome (:data:`OK`, :data:`FAIL` or :data:`SKIP`)."""
+
     name: str
     status: str
     detail: str
@@ -61,13 +60,14 @@ class Check:
 
 
 @dataclass
-class Report:
-    """Every check run on one bundle (a directory or an archive) and its result."""
+class Verification:
+    """The checks run on one bundle, in order; ``bundle`` is set when every file check passed.
 
-    subject: str
+    Callers that check more (an archive, a session, the golden run) append their own checks.
+    """
+
     version: str | None = None
     checks: list[Check] = field(default_factory=list)
-    #: set when the file checks passed
     bundle: BundleInfo | None = None
 
     @property
@@ -89,17 +89,6 @@ class Report:
         failure = self.first_failure()
         if failure is not None:
             raise failure.error or BundleError(f"{failure.name}: {failure.detail}")
-
-    def render(self) -> str:
-        lines = [f"{self.subject}" + (f" → {self.version}" if self.version else "")]
-        lines += [f"  {c.status:<4}  {c.name:<10} {c.detail}" for c in self.checks]
-        failure = self.first_failure()
-        lines.append("verified" if self.ok else f"NOT verified: {failure.name if failure else 'no checks'}")
-        return "\n".join(lines)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"subject": self.subject, "version": self.version, "ok": self.ok,
-                "checks": [{"name": c.name, "status": c.status, "detail": c.detail} for c in self.checks]}
 
 
 @dataclass(frozen=True)
@@ -152,23 +141,15 @@ def stat_fingerprint(bundle_dir: str | os.PathLike) -> str:
 
 # ------------------------------------------------------------------------------------------- checks
 def _open_listed(bundle_dir: Path, rel: str) -> int:
-    """An fd of a listed file: a regular file reached without following any link."""
-    fd = -1
+    """An fd of a listed file: a regular file reached without following any link (:mod:`.regular`'s rule)."""
     try:
-        fd = os.open(bundle_dir / rel, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise IntegrityError(f"{rel}: listed in {MANIFEST} but not a regular file")
-        return fd
+        return regular.open_regular(bundle_dir / rel, rel, follow_links=False)
     except FileNotFoundError:
         raise IntegrityError(f"{rel}: listed in {MANIFEST} but missing") from None
+    except MalformedFile as exc:
+        raise IntegrityError(f"{rel}: listed in {MANIFEST} but {exc.reason}") from None
     except OSError as exc:
-        if fd >= 0:
-            os.close(fd)
         raise IntegrityError(f"{rel}: listed in {MANIFEST} but unreadable ({exc.strerror or exc})") from None
-    except BaseException:
-        if fd >= 0:
-            os.close(fd)
-        raise
 
 
 def _read_verified(bundle_dir: Path, rel: str, entry: manifest_mod.FileEntry, keep: bool) -> bytes | None:
@@ -265,7 +246,7 @@ def _index_check(manifest: Manifest, config: BundleConfig, raw: bytes | None) ->
     return weights_index.parse(raw, config.weights_index, entry.size)
 
 
-def _run(bundle_dir: Path, trust: TrustPolicy, report: Report, load: bool) -> dict[str, bytes]:
+def _run(bundle_dir: Path, trust: TrustPolicy, report: Verification, load: bool) -> dict[str, bytes]:
     """The checks in order; stops at the first failure (later ones are marked skipped)."""
     kept: dict[str, bytes] = {}
     steps = ["manifest", "signature", "config", "weights"]
@@ -317,10 +298,12 @@ def _run(bundle_dir: Path, trust: TrustPolicy, report: Report, load: bool) -> di
     return kept
 
 
-def verify(bundle_dir: str | os.PathLike, trust: TrustPolicy = NO_KEYS, *, report: Report | None = None) -> Report:
-    """Run every file check on a bundle directory; never raises for a bad bundle (see ``report.ok``)."""
+def verify(bundle_dir: str | os.PathLike, trust: TrustPolicy = NO_KEYS, *,
+           report: Verification | None = None) -> Verification:
+    """Run every file check on a bundle directory, appending to ``report`` if given; never raises for a bad
+    bundle (see ``.ok``)."""
     bundle_dir = Path(bundle_dir)
-    report = report or Report(str(bundle_dir), bundle_dir.name)
+    report = report if report is not None else Verification(bundle_dir.name)
     _run(bundle_dir, trust, report, load=False)
     return report
 
@@ -400,40 +383,10 @@ def load(bundle_dir: str | os.PathLike, trust: TrustPolicy = NO_KEYS) -> BundleC
     The weights data file is verified again while :meth:`BundleContent.tensors` streams it.
     """
     bundle_dir = Path(bundle_dir)
-    report = Report(str(bundle_dir), bundle_dir.name)
+    report = Verification(bundle_dir.name)
     kept = _run(bundle_dir, trust, report, load=True)
     report.raise_for_failure()
     info = report.bundle
     assert info is not None
     data_file = info.index.data_file if info.index else None
     return BundleContent(info, {k: v for k, v in kept.items() if k != data_file})
-
-
-# --------------------------------------------------------------------------------------- graph check
-def check_graph(config: BundleConfig, session: Any) -> None:
-    """Refuse a graph whose inputs, outputs or identity do not match config.json (``session``: ORT's)."""
-    problems: list[str] = []
-    for kind, specs, actual in (("input", config.inputs, session.get_inputs()),
-                                ("output", config.outputs, session.get_outputs())):
-        if [s.name for s in specs] != [a.name for a in actual]:
-            problems.append(f"{kind} names {[a.name for a in actual]} vs config {[s.name for s in specs]}")
-            continue
-        for spec, arg in zip(specs, actual):
-            if len(spec.shape) != len(arg.shape):
-                problems.append(f"{kind} {spec.name}: rank {len(arg.shape)} vs config {len(spec.shape)}")
-            for i, (want, got) in enumerate(zip(spec.shape, arg.shape)):
-                if isinstance(want, int) and isinstance(got, int) and want != got:
-                    problems.append(f"{kind} {spec.name}: dim {i} is {got}, config says {want}")
-            if _ORT_TYPES.get(spec.dtype) != arg.type:
-                problems.append(f"{kind} {spec.name}: type {arg.type} vs config {spec.dtype}")
-    logits = next((o for o in session.get_outputs() if o.name == "pred_logits"), None)
-    if logits is not None and isinstance(logits.shape[-1], int) and logits.shape[-1] != config.num_classes + 1:
-        problems.append(f"pred_logits has {logits.shape[-1] - 1} classes (+1 no-object) but config.json lists "
-                        f"{config.num_classes} classes")
-    meta = session.get_modelmeta().custom_metadata_map
-    for key, want in (("m2fp.version", config.version), ("m2fp.num_classes", str(config.num_classes)),
-                      ("m2fp.task", config.task)):
-        if meta.get(key) != want:
-            problems.append(f"graph metadata {key}={meta.get(key)!r} but config.json says {want!r}")
-    if problems:
-        raise BundleError(f"{config.model_file} does not match config.json: " + "; ".join(problems))

@@ -24,8 +24,8 @@ import cv2
 import numpy as np
 
 from m2fpkit.runtime.bundle.store import BundleStore
+from m2fpkit.runtime.bundle.versions import SemVer
 from m2fpkit.runtime.bundle.writer import seal as write_manifest
-from m2fpkit.runtime.versions import SemVer
 
 CONFIG = "config.json"
 
@@ -132,14 +132,14 @@ def refresh_golden(bundle_dir: Path) -> None:
     write_manifest(bundle_dir)
     predictor = Predictor.load(bundle_dir)
     try:
-        prepared = predictor.prepare(predictor.decode((bundle_dir / golden["image"]).read_bytes()))
+        prepared = predictor.prepare(predictor.decode((bundle_dir / golden.image).read_bytes()))
         outputs = predictor.run(prepared.tensor)
         labels = predictor.postprocess(outputs, prepared).label_map
     finally:
         predictor.close()
-    (bundle_dir / golden["label_map"]).write_bytes(png_bytes(labels))
-    if golden.get("semantic"):
-        (bundle_dir / golden["semantic"]).write_bytes(png_bytes(semantic_labels(*outputs)[0].astype(np.uint8)))
+    (bundle_dir / golden.label_map).write_bytes(png_bytes(labels))
+    if golden.semantic:
+        (bundle_dir / golden.semantic).write_bytes(png_bytes(semantic_labels(*outputs)[0].astype(np.uint8)))
     write_manifest(bundle_dir)
 
 

@@ -109,11 +109,10 @@ def sample_image(h: int, w: int, seed: int) -> torch.Tensor:
 
 def normalise_and_pad(image_chw_0_255: torch.Tensor, divisor: int = 32) -> torch.Tensor:
     """What ModelScope's forward feeds its backbone: (x - mean) / std, zero-padded bottom/right to /32."""
-    from m2fpkit.export.model.m2fp import PIXEL_MEAN, PIXEL_STD
-
     _, h, w = image_chw_0_255.shape
-    mean = torch.tensor(PIXEL_MEAN, dtype=torch.float32)[:, None, None]
-    std = torch.tensor(PIXEL_STD, dtype=torch.float32)[:, None, None]
+    # ModelScope's PIXEL_MEAN / PIXEL_STD, written out: the reference does not take them from the code under test
+    mean = torch.tensor((123.675, 116.28, 103.53), dtype=torch.float32)[:, None, None]
+    std = torch.tensor((58.395, 57.12, 57.375), dtype=torch.float32)[:, None, None]
     x = (image_chw_0_255.float() - mean) / std
     ph, pw = -(-h // divisor) * divisor, -(-w // divisor) * divisor
     out = torch.zeros(1, 3, ph, pw, dtype=torch.float32)

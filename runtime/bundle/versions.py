@@ -1,15 +1,26 @@
-"""Version and alias names: validation (no path tricks) and semantic-version ordering."""
+"""The one grammar of version, alias and API-version names (no path tricks), and semantic-version order.
+
+Every check of a name calls these; the ``*_PATTERN`` strings are the same grammar as regular-expression
+source for documents that must state it (the OpenAPI schema).
+"""
 
 from __future__ import annotations
 
 import re
 from functools import total_ordering
 
-from .errors import InvalidVersionName
+from ..errors import InvalidVersionName
 
 _NUM = r"(0|[1-9][0-9]{0,5})"  # no leading zeros: v01.2 would be another name for v1.2
-_VERSION = re.compile(rf"v{_NUM}(?:\.{_NUM})?(?:\.{_NUM})?(?:-([0-9A-Za-z]+(?:\.[0-9A-Za-z]+)*))?")
-_ALIAS = re.compile(r"[a-z][a-z0-9_-]{0,31}", re.ASCII)
+#: a version name (``v1``, ``v1.2``, ``v1.2.3``, ``v2.0-beta.1``), to be matched whole
+VERSION_PATTERN = rf"v{_NUM}(?:\.{_NUM})?(?:\.{_NUM})?(?:-([0-9A-Za-z]+(?:\.[0-9A-Za-z]+)*))?"
+#: an alias name (``latest``, ``canary``), to be matched whole; a string of both grammars is a version
+ALIAS_PATTERN = r"[a-z][a-z0-9_-]{0,31}"
+#: an API version a bundle declares and a client speaks (``1.0``, ``2.0``): digits "." digits
+API_PATTERN = r"[0-9]{1,4}\.[0-9]{1,4}"
+_VERSION = re.compile(VERSION_PATTERN, re.ASCII)
+_ALIAS = re.compile(ALIAS_PATTERN, re.ASCII)
+_API = re.compile(API_PATTERN, re.ASCII)
 
 
 def is_version_name(name: str) -> bool:
@@ -18,6 +29,10 @@ def is_version_name(name: str) -> bool:
 
 def is_alias_name(name: str) -> bool:
     return bool(_ALIAS.fullmatch(name)) and not is_version_name(name)
+
+
+def is_api_version(text: object) -> bool:
+    return isinstance(text, str) and bool(_API.fullmatch(text))
 
 
 def check_name(name: str) -> str:
