@@ -13,14 +13,14 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from m2fpkit.runtime.registry import Registry
+from m2fpkit.runtime.routes_file import RoutesError
 
-from . import admin, compare, distribution, handlers, keys, oip
+from . import admin, compare, distribution, handlers, keys, oip, replies
 from .admission import Admission
 from .config import ServerConfig
 from .errors import HTTPProblem, classify, error_response
 from .metrics import Metrics
 from .routes_state import RoutesState
-from .routing import RoutesError
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("m2fpkit.access")
@@ -86,7 +86,7 @@ async def runtime_context(app: web.Application) -> AsyncIterator[None]:
     routes = RoutesState(registry, cfg.routes_file)
     app[keys.REGISTRY] = registry
     app[keys.ROUTES] = routes
-    app[keys.ADMISSION] = Admission(cfg.runtime.settings.concurrent_runs, cfg.max_queue, cfg.max_uploads)
+    app[keys.ADMISSION] = Admission.for_config(cfg)
     app[keys.BACKGROUND] = set()
     try:
         await registry.start()  # serves the last-known-good set first when one is recorded
@@ -95,7 +95,7 @@ async def runtime_context(app: web.Application) -> AsyncIterator[None]:
         raise
     if cfg.routes_file is not None:
         try:
-            routes.reload()
+            await routes.reload()
         except RoutesError as exc:
             # a broken routes file: fall back to the last routes that served, else refuse to start
             if not routes.restore_last_known_good():
@@ -127,6 +127,7 @@ def make_app(config: ServerConfig | None = None) -> web.Application:
     app = web.Application(client_max_size=cfg.max_body_bytes, middlewares=[request_context])
     app[keys.CONFIG] = cfg
     app[keys.METRICS] = Metrics()
+    replies.setup(app)  # the reply budget: size, bytes in flight, write deadline (server/replies.py)
     app.cleanup_ctx.append(runtime_context)
     app.on_response_prepare.append(stamp_request_id)
     app.router.add_get("/", handlers.index)

@@ -13,14 +13,17 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
 from m2fpkit.runtime import plans
+from m2fpkit.runtime.cli_errors import Command
 from m2fpkit.runtime.registry.options import RegistryOptions
 from m2fpkit.runtime.roots import ENV_STATE_DIR, bundles_option
 
 from .config import ServerConfig
+from .logs import RateLimit
 
 
 class JsonFormatter(logging.Formatter):
@@ -39,6 +42,7 @@ def setup_logging(fmt: str, level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else
                          logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    handler.addFilter(RateLimit())  # a repeated warning or error at most a few times a minute (server/logs.py)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -48,7 +52,12 @@ def setup_logging(fmt: str, level: str) -> None:
 _RUNTIME = RegistryOptions(plan=plans.DEFAULT_MODE)  # the plan's default is read at invocation (env M2FP_PLAN)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+def _mb(_ctx: click.Context, _param: click.Parameter, value: float) -> int:
+    """A ``--…-mb`` option as the bytes its config field holds."""
+    return int(value * 2**20)
+
+
+@click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
 @bundles_option()
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), envvar=ENV_STATE_DIR,
               help=f"Writable directory for the last-known-good record (env {ENV_STATE_DIR}). Default: the store "
@@ -62,13 +71,50 @@ _RUNTIME = RegistryOptions(plan=plans.DEFAULT_MODE)  # the plan's default is rea
 @click.option("--distribution-token", envvar="M2FP_DISTRIBUTION_TOKEN",
               help="Bearer token enabling read-only bundle downloads at /bundles for m2fp-bundle pull "
                    "(env M2FP_DISTRIBUTION_TOKEN; must differ from the admin token).")
+@click.option("--max-connections", default=ServerConfig.max_connections, show_default=True, type=click.IntRange(min=0),
+              help="Open connections, all clients together (503 and closed above); 0: the descriptor limit "
+                   "(ulimit -n) minus those in use at start and a reserve. See docs/limits.md.")
+@click.option("--max-connections-per-client", default=ServerConfig.max_connections_per_client, show_default=True,
+              type=click.IntRange(min=0),
+              help="Open connections from one client address (its oldest idle one is closed, else 503); 0: no "
+                   "per-client cap (behind a proxy every client has the proxy's address).")
+@click.option("--header-timeout", default=ServerConfig.header_timeout, show_default=True,
+              type=click.FloatRange(min=0.001),
+              help="Seconds from a connection's accept, or the first byte of its next request, to the complete "
+                   "request head (408 and closed after).")
+@click.option("--keepalive-timeout", default=ServerConfig.keepalive_timeout, show_default=True,
+              type=click.FloatRange(min=0.001), help="Seconds an idle keep-alive connection stays open.")
 @click.option("--max-body-mb", default=ServerConfig.max_body_bytes / 2**20, show_default=True,
               help="Largest request body (413 above).")
+@click.option("--min-body-rate", default=ServerConfig.min_body_rate, show_default=True, type=click.IntRange(min=1),
+              help="Bytes/s a request body must average after --body-grace (408 and closed below).")
+@click.option("--body-grace", default=ServerConfig.body_grace, show_default=True, type=click.FloatRange(min=0),
+              help="Seconds a request body may take before --min-body-rate applies.")
+@click.option("--max-uploads-per-client", default=ServerConfig.max_uploads_per_client, show_default=True,
+              type=click.IntRange(min=0),
+              help="Of --max-uploads, bodies received at once from one client address (0: no per-client cap).")
+@click.option("--upload-wait", default=ServerConfig.upload_wait, show_default=True, type=click.FloatRange(min=0),
+              help="Seconds a request waits for an upload slot before 503 + Retry-After.")
 @click.option("--body-timeout", default=ServerConfig.body_timeout, show_default=True, type=click.FloatRange(min=0.001),
               help="Seconds a request body may take to arrive (408 and the connection closed after).")
 @click.option("--max-uploads", default=ServerConfig.max_uploads, show_default=True, type=click.IntRange(min=1),
               help="Request bodies received at once (more wait briefly, then 503 + Retry-After); bodies in "
                    "reception hold at most this × --max-body-mb.")
+@click.option("--max-reply-mb", "max_reply_bytes", default=ServerConfig.max_reply_bytes / 2**20, show_default=True,
+              type=click.FloatRange(min=0.001), callback=_mb,
+              help="Largest parse reply (/api parse, compare, OIP infer): 413 above, before inference for OIP.")
+@click.option("--max-json-output-mb", "max_json_output_bytes", default=ServerConfig.max_json_output_bytes / 2**20,
+              show_default=True, type=click.FloatRange(min=0.001), callback=_mb,
+              help="Largest OIP output as JSON numbers (413 above, naming binary data: 4 bytes a pixel).")
+@click.option("--replies-in-flight-mb", "reply_bytes_in_flight", default=ServerConfig.reply_bytes_in_flight / 2**20,
+              show_default=True, type=click.FloatRange(min=0.001), callback=_mb,
+              help="Reply bytes built and not yet taken, all clients together (503 + Retry-After above).")
+@click.option("--reply-per-client-mb", "reply_bytes_per_client", default=ServerConfig.reply_bytes_per_client / 2**20,
+              show_default=True, type=click.FloatRange(min=0.001), callback=_mb,
+              help="Reply bytes built and not yet taken, one client address (503 + Retry-After above).")
+@click.option("--write-timeout", default=ServerConfig.write_timeout, show_default=True,
+              type=click.FloatRange(min=0.001),
+              help="Seconds a client has to take a whole reply (the connection is closed after, counted).")
 @click.option("--max-pixels", default=_RUNTIME.limits.max_pixels, show_default=True,
               help="Largest image, checked before decoding.")
 @click.option("--max-queue", default=ServerConfig.max_queue, show_default=True,
@@ -103,19 +149,18 @@ def main(bundles: Path, state_dir: Path | None, host: str, port: int, routes_fil
          max_uploads: int, max_pixels: int,
          max_queue: int, concurrency: int, request_timeout: float, idle_ttl: float, memory_budget_mb: int | None,
          preload: tuple[str, ...], lean_memory: bool, public_keys: tuple[Path, ...], plan: str, drain_timeout: float,
-         log_format: str, log_level: str) -> None:
-    """Serve M2FP bundles over HTTP: parse API, versions, WebUI, metrics."""
+         log_format: str, log_level: str, **bounds: Any) -> None:
+    """Serve M2FP bundles over HTTP: parse API, versions, WebUI, metrics. Bounds: docs/limits.md."""
     if distribution_token and distribution_token == admin_token:
         raise click.BadParameter("must differ from the admin token", param_hint="--distribution-token")
     setup_logging(log_format, log_level)
-    from aiohttp import web
-
     from m2fpkit.runtime.bundle.signature import TrustPolicy
     from m2fpkit.runtime.errors import BundleError
     from m2fpkit.runtime.imageio import limit_decoder_pixels
     from m2fpkit.runtime.session import cap_library_threads
 
     from .app import make_app
+    from .serve import BindError, bind, serve
 
     try:
         trust = TrustPolicy.from_keys(list(public_keys))
@@ -131,11 +176,14 @@ def main(bundles: Path, state_dir: Path | None, host: str, port: int, routes_fil
             preload=preload, trust=trust, state_dir=state_dir, plan=plan)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    cap_library_threads(1)
-    limit_decoder_pixels(max_pixels)
     cfg = ServerConfig(bundles=bundles, runtime=runtime, routes_file=routes_file, admin_token=admin_token,
                        distribution_token=distribution_token, max_body_bytes=int(max_body_mb * 2**20),
                        body_timeout=body_timeout, max_uploads=max_uploads,
-                       max_queue=max_queue, request_timeout=request_timeout, drain_timeout=drain_timeout)
-    web.run_app(make_app(cfg), host=host, port=port, access_log=None, shutdown_timeout=drain_timeout,
-                print=lambda msg: logging.getLogger("m2fpkit.server").info(msg.strip()))
+                       max_queue=max_queue, request_timeout=request_timeout, drain_timeout=drain_timeout, **bounds)
+    try:
+        socks = bind(host, port)  # before any work: a busy port fails now, in one line
+    except BindError as exc:
+        raise click.ClickException(str(exc)) from None
+    cap_library_threads(1)
+    limit_decoder_pixels(max_pixels)
+    serve(make_app(cfg), socks, cfg)

@@ -47,6 +47,16 @@ _STATUS: list[tuple[type[Exception], int, str]] = [
 ]
 
 
+#: the server option that raises the limit behind a 413 raised where flags are unknown (the runtime, aiohttp)
+_RAISED_BY = {"image_too_large": "--max-pixels", "request_entity_too_large": "--max-body-mb"}
+
+
+def name_option(status: int, code: str, detail: str) -> str:
+    """``detail`` naming the option that raises the limit a 413 reports (as the server's own 413s do)."""
+    option = _RAISED_BY.get(code) if status == 413 else None
+    return detail if option is None or option in detail else f"{detail} (the server's {option} raises it)"
+
+
 #: where the full text is, said instead of what was removed
 _SEE_LOG = "details in the server log"
 #: an absolute POSIX path of two or more parts (not glued to a word: ``image/png`` is no path)
@@ -99,9 +109,10 @@ def classify(exc: Exception) -> tuple[int, str, str, dict[str, str]]:
     for kind, status, code in _STATUS:
         if isinstance(exc, kind):
             headers = {"Retry-After": "1"} if status == 503 else {}
-            return status, code, str(exc), headers
+            return status, code, name_option(status, code, str(exc)), headers
     if isinstance(exc, web.HTTPException):
         code = exc.reason.lower().replace(" ", "_")
         detail = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
-        return exc.status, code, detail, {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
+        kept = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
+        return exc.status, code, name_option(exc.status, code, detail), kept
     return 500, "internal_error", "internal server error", {}

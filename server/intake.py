@@ -1,12 +1,14 @@
 """Request intake: the one way a parse request's image enters the server, at bounded cost.
 
 Invariant: no byte of a body is read before the request holds an upload slot (:class:`Admission`:
-at most ``max_uploads`` bodies are received at once; a request that gets none within ``upload_wait``
-s, or arrives while the parse queue is full, is refused with 503 + ``Retry-After`` unread). Holding
-the slot, the body is read within ``body_timeout`` s (else 408, connection closed) and up to
-``max_body_bytes`` (else 413: at once from ``Content-Length``, or as soon as the bytes read pass it).
+at most ``max_uploads`` bodies are received at once, ``max_uploads_per_client`` from one client address;
+a request that gets none within ``upload_wait`` s, or arrives while the parse queue is full, is refused
+with 503 + ``Retry-After`` unread). Holding the slot, the body is read within ``body_timeout`` s and at
+``min_body_rate`` bytes/s on average once ``body_grace`` s have passed (else 408, connection closed), and
+up to ``max_body_bytes`` (else 413: at once from ``Content-Length``, or as soon as the bytes read pass it).
 So bodies in reception hold at most ``max_uploads × max_body_bytes``, whatever the number of
-connections, and no connection keeps a slot longer than ``body_timeout``.
+connections; no connection keeps a slot longer than ``body_timeout``, nor a trickling one longer than
+``body_grace`` plus what it sent at the minimum rate.
 
 Accepted: ``multipart/form-data`` with exactly one file field ``image`` (other flat fields are read
 and dropped), or a raw ``image/*`` / ``application/octet-stream`` body. A nested multipart, a second
@@ -26,6 +28,8 @@ from aiohttp.helpers import parse_mimetype
 from aiohttp.http_exceptions import BadHttpMessage
 
 from . import keys
+from .admission import Admission
+from .connections import client_key
 from .errors import HTTPProblem
 
 log = logging.getLogger(__name__)
@@ -47,17 +51,38 @@ def malformed(detail: str) -> HTTPProblem:
 
 
 class _CappedStream:
-    """The request's body stream, refusing (413) once more than ``cap`` bytes were taken from it.
+    """The request's body stream, refusing (413) once more than ``cap`` bytes were taken from it, and moving
+    ``deadline`` as bytes come: ``min(start + timeout, start + grace + taken / rate)``.
 
     Offers what :class:`aiohttp.MultipartReader` uses of a :class:`aiohttp.StreamReader`."""
 
     def __init__(self, stream: StreamReader, cap: int) -> None:
         self._stream, self.cap, self.taken = stream, cap, 0
+        self._deadline: asyncio.Timeout | None = None
+        self.start = self.hard_deadline = 0.0
+        self.rate = self.grace = math.inf
+
+    def pace(self, deadline: asyncio.Timeout, timeout: float, rate: float, grace: float) -> None:
+        """From now, keep ``deadline`` (entered) at the body timeout or the minimum rate, whichever is sooner."""
+        self._deadline, self.rate, self.grace = deadline, rate, grace
+        self.start = asyncio.get_running_loop().time()
+        self.hard_deadline = self.start + timeout
+        self._move_deadline()
+
+    def too_slow(self) -> bool:
+        """Whether the deadline that passed was the minimum rate's, not the body timeout's."""
+        return asyncio.get_running_loop().time() < self.hard_deadline
+
+    def _move_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.reschedule(min(self.hard_deadline, self.start + self.grace + self.taken / self.rate))
 
     def _count(self, data: bytes) -> bytes:
         self.taken += len(data)
         if self.taken > self.cap:
             raise too_large(self.cap)
+        if data:
+            self._move_deadline()
         return data
 
     async def read(self, n: int = -1) -> bytes:
@@ -76,7 +101,7 @@ class _CappedStream:
 
 def too_large(cap: int) -> HTTPProblem:
     return HTTPProblem(413, "body_too_large", f"the request body is larger than the limit of {cap} bytes "
-                                              f"({cap / 2**20:g} MB)")
+                                              f"({cap / 2**20:g} MB; the server's --max-body-mb raises it)")
 
 
 def body_kind(request: web.Request) -> str:
@@ -107,29 +132,61 @@ async def read_body(request: web.Request, kind: str = "raw") -> bytes:
     cfg, admission = request.app[keys.CONFIG], request.app[keys.ADMISSION]
     cap = cfg.max_body_bytes
     if request.content_length is not None and request.content_length > cap:
+        drop_unread(request)
         raise too_large(cap)
     if admission.full():  # the parse would be refused anyway: do not take in its body
         raise admission.overloaded()
-    async with admission.upload(cfg.upload_wait, cfg.body_timeout) as admitted:
+    client = client_key(request.transport.get_extra_info("peername") if request.transport else None)
+    async with admission.upload(cfg.upload_wait, cfg.body_timeout, client) as admitted:
         if not admitted:
-            retry = max(1, math.ceil(admission.next_upload_free()))
-            raise HTTPProblem(503, "overloaded", f"server busy: {admission.receiving} uploads being received "
-                                                 f"(limit {admission.uploads}); retry in {retry} s",
-                              {"Retry-After": str(retry)})
+            raise no_upload_slot(admission, client)
         stream = _CappedStream(request.content, cap)
-        deadline = asyncio.timeout(cfg.body_timeout)
+        deadline = asyncio.timeout(None)
         try:
             async with deadline:
+                stream.pace(deadline, cfg.body_timeout, cfg.min_body_rate, cfg.body_grace)
                 return await (read_multipart(request, stream) if kind == "multipart" else read_raw(stream))
+        except HTTPProblem as exc:
+            if exc.status == 413:
+                drop_unread(request)
+            raise
         except TimeoutError:
             if not deadline.expired():
                 raise
             close_after_response(request)
+            if stream.too_slow():
+                raise HTTPProblem(408, "body_too_slow", f"the request body arrived slower than {cfg.min_body_rate} "
+                                                        f"bytes/s after {cfg.body_grace:g} s ({stream.taken} bytes "
+                                                        "received; the server's --min-body-rate)",
+                                  {"Connection": "close"}) from None
             raise HTTPProblem(408, "body_timeout", f"the request body did not arrive within {cfg.body_timeout:g} s "
                                                    f"({stream.taken} bytes received)",
                               {"Connection": "close"}) from None
         except ConnectionError:
             raise malformed("the connection closed before the body was complete") from None
+
+
+def no_upload_slot(admission: Admission, client: str) -> HTTPProblem:
+    """The 503 for a request that got no upload slot: its client holds its share, or every slot is taken."""
+    if admission.client_full(client):
+        retry = max(1, math.ceil(admission.next_upload_free(client)))
+        detail = (f"your address is sending {admission.receiving_from(client)} request bodies already (limit "
+                  f"{admission.per_client}: --max-uploads-per-client); retry in {retry} s")
+    else:
+        retry = max(1, math.ceil(admission.next_upload_free()))
+        detail = f"server busy: {admission.receiving} uploads being received (limit {admission.uploads}); " \
+                 f"retry in {retry} s"
+    return HTTPProblem(503, "overloaded", detail, {"Retry-After": str(retry)})
+
+
+def drop_unread(request: web.Request) -> None:
+    """A compressed body refused before its end is not read further: aiohttp's lingering close would read and
+    decompress the rest (a gzip bomb: gigabytes) on the event loop; the connection is closed once the response
+    is sent instead. A plain body is left to the lingering close (reading it costs no CPU, and the client
+    gets to finish sending and read its 413)."""
+    if (request.headers.get(hdrs.CONTENT_ENCODING) or "identity").lower() != "identity":
+        request.content.feed_eof()
+        close_after_response(request)
 
 
 def close_after_response(request: web.Request) -> None:
