@@ -13,9 +13,7 @@ Invariants:
   request timeout, metrics), one version after the other, so their latencies are comparable and a compare
   holds one worker at a time.
 * Agreement is computed on label maps at the original image size, by class *name* (two versions may number
-  their classes differently). For versions A and B: ``pixel_agreement`` = share of pixels whose class names
-  are equal; for each class present in either map, ``iou`` = |A = c and B = c| / |A = c or B = c| with both
-  pixel counts; ``mean_iou`` = the mean of those IoUs (Background included).
+  their classes differently): :func:`m2fpkit.runtime.agreement.by_class_name`.
 """
 
 from __future__ import annotations
@@ -32,12 +30,13 @@ import cv2
 import numpy as np
 from aiohttp import web
 
+from m2fpkit.runtime.agreement import by_class_name
 from m2fpkit.runtime.bundle.jsonfile import brief
+from m2fpkit.runtime.bundle.versions import ALIAS_PATTERN, VERSION_PATTERN, check_name
 from m2fpkit.runtime.errors import InvalidVersionName
 from m2fpkit.runtime.predictor import ImageLimits, Predictor
-from m2fpkit.runtime.versions import check_name
 
-from . import handlers, keys, render
+from . import handlers, keys, render, replies
 from .errors import HTTPProblem
 from .intake import read_image
 
@@ -47,8 +46,7 @@ MAX_VERSIONS = 8
 MAX_QUERY = 512
 #: what ``versions`` accepts, as the OpenAPI document states it (2..MAX_VERSIONS names, no spaces); a test
 #: checks that :func:`parse_versions` accepts exactly these strings
-_NAME = (r"(?:v(?:0|[1-9][0-9]{0,5})(?:\.(?:0|[1-9][0-9]{0,5})){0,2}(?:-[0-9A-Za-z]+(?:\.[0-9A-Za-z]+)*)?"
-         r"|[a-z][a-z0-9_-]{0,31})")
+_NAME = f"(?:{VERSION_PATTERN}|{ALIAS_PATTERN})"
 VERSIONS_PATTERN = rf"^{_NAME}(?:,{_NAME}){{1,{MAX_VERSIONS - 1}}}$"
 
 
@@ -82,36 +80,6 @@ def parse_versions(raw: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(items))
 
 
-# ------------------------------------------------------------------------------------- agreement
-def agreement(map_a: np.ndarray, classes_a: Sequence[str], map_b: np.ndarray,
-              classes_b: Sequence[str]) -> dict[str, Any]:
-    """Pixel agreement, per-class IoU and mean IoU of two label maps of one image (see the module docstring).
-
-    Class ids index ``classes_a`` / ``classes_b``; classes are matched by name."""
-    if map_a.shape != map_b.shape:
-        raise ValueError(f"label maps of different sizes: {map_a.shape} vs {map_b.shape}")
-    names = list(dict.fromkeys([*classes_a, *classes_b]))
-    index = {n: i for i, n in enumerate(names)}
-    k = len(names)
-    ids_a = np.asarray([index[n] for n in classes_a], np.int64)[map_a.astype(np.int64)]
-    ids_b = np.asarray([index[n] for n in classes_b], np.int64)[map_b.astype(np.int64)]
-    joint = np.bincount((ids_a * k + ids_b).ravel(), minlength=k * k).reshape(k, k)
-    total = int(joint.sum())
-    inter, count_a, count_b = np.diag(joint), joint.sum(axis=1), joint.sum(axis=0)
-    per_class = []
-    for c in range(k):
-        union = int(count_a[c] + count_b[c] - inter[c])
-        if union:
-            per_class.append({"class": names[c], "iou": round(float(inter[c]) / union, 6),
-                              "pixels_a": int(count_a[c]), "pixels_b": int(count_b[c]),
-                              "intersection": int(inter[c])})
-    return {
-        "pixel_agreement": round(float(inter.sum()) / total, 6) if total else 1.0,
-        "mean_iou": round(float(np.mean([c["iou"] for c in per_class])), 6) if per_class else 1.0,
-        "classes": per_class,
-    }
-
-
 def decode_label_map(b64: str) -> np.ndarray:
     """The label map of a parse body (``include=label_map``: base64 8-bit PNG of class ids)."""
     img = cv2.imdecode(np.frombuffer(base64.b64decode(b64), np.uint8), cv2.IMREAD_UNCHANGED)
@@ -136,12 +104,12 @@ def pairwise(results: list[dict[str, Any]], maps: list[np.ndarray], classes: lis
     out = []
     for i, j in itertools.combinations(range(len(results)), 2):
         out.append({"a": results[i]["version"], "b": results[j]["version"],
-                    **agreement(maps[i], classes[i], maps[j], classes[j])})
+                    **by_class_name(maps[i], classes[i], maps[j], classes[j])})
     return out
 
 
 # ---------------------------------------------------------------------------------------- handler
-async def compare(request: web.Request) -> web.Response:
+async def compare(request: web.Request) -> web.StreamResponse:
     registry = request.app[keys.REGISTRY]
     names = parse_versions(request.query.getall("versions", []))
     opts = handlers.render_options(request)
@@ -157,15 +125,15 @@ async def compare(request: web.Request) -> web.Response:
     results: list[dict[str, Any]] = []
     kept: list[tuple[np.ndarray, tuple[str, ...]]] = []
     for version, (rule, requested) in chosen.items():
-        request[keys.VERSION], request[keys.RULE] = version, rule  # what run_parse leases and labels
         t0 = time.perf_counter()
-        body = await handlers.run_parse(request, data, functools.partial(render_keeping_map, opts, kept))
+        body = await handlers.run_parse(request, version, rule, data, functools.partial(render_keeping_map, opts, kept))
         latency = (time.perf_counter() - t0) * 1000
         results.append({**body, "route": rule, "request_id": request[keys.REQUEST_ID], "requested": requested,
                         "latency_ms": round(latency, 2)})
-    request[keys.VERSION], request[keys.RULE] = ",".join(chosen), "compare"
     pairs = await registry.run_in_executor(pairwise, results, [m for m, _ in kept], [c for _, c in kept])
-    return web.json_response({"success": True, "request_id": request[keys.REQUEST_ID],
-                              "image": results[0]["image"], "versions": list(chosen), "results": results,
-                              "agreement": pairs},
-                             headers={"X-Model-Version": ",".join(chosen), "X-Route-Rule": "compare"})
+    del kept
+    return await replies.json_reply(request, {"success": True, "request_id": request[keys.REQUEST_ID],
+                                              "image": results[0]["image"], "versions": list(chosen),
+                                              "results": results, "agreement": pairs},
+                                    {"X-Model-Version": ",".join(chosen), "X-Route-Rule": "compare"},
+                                    "the compare reply (every version's parse)")

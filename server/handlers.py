@@ -6,26 +6,26 @@ import asyncio
 import functools
 import logging
 import random
-import re
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from m2fpkit.runtime.agreement import pixel_agreement
 from m2fpkit.runtime.bundle.jsonfile import brief
+from m2fpkit.runtime.bundle.versions import check_name, is_api_version, is_version_name
 from m2fpkit.runtime.errors import UnknownVersion, VersionUnavailable
 from m2fpkit.runtime.predictor import ImageLimits, Predictor
 from m2fpkit.runtime.registry import RegistrySnapshot
-from m2fpkit.runtime.versions import check_name, is_version_name
+from m2fpkit.runtime.routes_file import Routes
 
-from . import keys, render
+from . import keys, render, replies
 from .errors import HTTPProblem, public_reason
 from .intake import read_image
-from .routing import Routes, bucket, pick
+from .routing import bucket, pick
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).with_name("static")
@@ -38,10 +38,6 @@ def route_key(request: web.Request) -> str:
             or request.headers.get("X-Forwarded-For", "").split(",")[0].strip() or request.remote or "")
 
 
-#: an API version as clients send it (``X-API-Version`` / ``api``): digits "." digits, e.g. 1.0, 2.0
-API_VERSION = re.compile(r"[0-9]{1,4}\.[0-9]{1,4}")
-
-
 def client_api(request: web.Request) -> str | None:
     """The API version the client speaks (header, else query, else the server's default), well-formed.
 
@@ -49,7 +45,7 @@ def client_api(request: web.Request) -> str | None:
     registry's 409 ``incompatible_api``."""
     given = [v for v in (request.headers.get("X-API-Version"), request.query.get("api")) if v]
     for where, value in (("X-API-Version", request.headers.get("X-API-Version")), ("api", request.query.get("api"))):
-        if value and not API_VERSION.fullmatch(value):  # every value given must be well-formed, used or not
+        if value and not is_api_version(value):  # every value given must be well-formed, used or not
             raise HTTPProblem(400, "bad_api_version", f"{where}: expected an API version like 1.0 or 2.0 "
                                                       f"(digits.digits), got {brief(value, 40)}")
     return given[0] if given else request.app[keys.CONFIG].default_api
@@ -96,16 +92,17 @@ def render_options(request: web.Request) -> render.RenderOptions:
                                 visualization_max_side=max_side, visualization_format=vis_fmt)
 
 
-async def parse(request: web.Request) -> web.Response:
+async def parse(request: web.Request) -> web.StreamResponse:
     opts = render_options(request)
     name = request.match_info["version"]
-    request[keys.VERSION], request[keys.RULE] = choose_version(request, name)  # fail fast on bad names
+    version, rule = choose_version(request, name)  # fail fast on bad names, before the body is read
+    request[keys.VERSION], request[keys.RULE] = version, rule  # for the access log and the request metrics
     data = await read_image(request)  # bounded: upload slot, body deadline, size cap (server/intake.py)
-    body = await run_parse(request, data, functools.partial(render.parse, opts=opts))
-    version, rule = request[keys.VERSION], request[keys.RULE]
+    body = await run_parse(request, version, rule, data, functools.partial(render.parse, opts=opts))
     body["route"] = rule
     body["request_id"] = request[keys.REQUEST_ID]
-    return web.json_response(body, headers={"X-Model-Version": version, "X-Route-Rule": rule})
+    return await replies.json_reply(request, body, {"X-Model-Version": version, "X-Route-Rule": rule},
+                                    "the parse reply (visualization, include=…)")
 
 
 #: the work of one parse, run on the inference pool: (predictor, image bytes, limits) → a body whose
@@ -113,10 +110,10 @@ async def parse(request: web.Request) -> web.Response:
 Renderer = Callable[[Predictor, bytes, ImageLimits], dict[str, Any]]
 
 
-async def run_parse(request: web.Request, data: bytes, renderer: Renderer) -> dict[str, Any]:
-    """The one parse path (``/api/{version}/parse`` and OIP ``infer``): lease the version chosen in
-    ``request[keys.VERSION]``, wait for a worker (admission), run ``renderer`` within the request timeout,
-    record latency and inference metrics, maybe shadow. Returns the renderer's body with ``timing.queue``."""
+async def run_parse(request: web.Request, version: str, rule: str, data: bytes, renderer: Renderer) -> dict[str, Any]:
+    """The one parse path (``/api/{version}/parse``, ``/api/compare`` and OIP ``infer``): lease ``version``
+    (chosen by ``rule``), wait for a worker (admission), run ``renderer`` within the request timeout, record
+    latency and inference metrics, maybe shadow. Returns the renderer's body with ``timing.queue``."""
     app = request.app
     cfg, registry, admission, metrics = app[keys.CONFIG], app[keys.REGISTRY], app[keys.ADMISSION], app[keys.METRICS]
     t_start = time.perf_counter()
@@ -125,7 +122,6 @@ async def run_parse(request: web.Request, data: bytes, renderer: Renderer) -> di
     async def work() -> dict[str, Any]:
         # lease first: a queued request keeps the version it was routed to, even if that version is
         # swapped out or removed while it waits for a worker (it drains, it does not vanish)
-        version = request[keys.VERSION]
         async with registry.lease(version) as predictor:
             async with admission.slot():
                 queued = time.perf_counter() - t_start
@@ -146,7 +142,6 @@ async def run_parse(request: web.Request, data: bytes, renderer: Renderer) -> di
     finally:
         metrics.queue_depth.set(admission.waiting)
     elapsed = time.perf_counter() - t_start
-    version, rule = request[keys.VERSION], request[keys.RULE]
     metrics.latency.labels(version, rule).observe(elapsed)
     metrics.inference.labels(version).observe(body["timing"]["inference"] / 1000)
     maybe_shadow(request, version, data)
@@ -172,8 +167,7 @@ def maybe_shadow(request: web.Request, primary: str, data: bytes) -> None:
                 async with registry.lease(primary) as p, registry.lease(shadow.version) as s:
                     a = await registry.run_in_executor(p.predict, data, limits)
                     b = await registry.run_in_executor(s.predict, data, limits)
-            same = a.result.label_map.shape == b.result.label_map.shape
-            agree = float(np.mean(a.result.label_map == b.result.label_map)) if same else 0.0
+            agree = pixel_agreement(a.result.label_map, b.result.label_map)
             metrics.shadow_agreement.labels(primary, shadow.version).observe(agree)
             metrics.shadow_runs.labels(primary, shadow.version, "compared").inc()
         except Exception:  # shadow work never affects users; count and move on
@@ -230,15 +224,25 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "alive"})
 
 
+def readiness(snapshot: RegistrySnapshot) -> tuple[list[str], str | None]:
+    """(the versions that answer, why none does — None once one does): the one readiness rule, of
+    ``/readyz`` and the protocol's ``/v2/health/ready``."""
+    ready = snapshot.ready()
+    if ready:
+        return ready, None
+    if not snapshot.versions:
+        return ready, "no versions yet"
+    return ready, "no version is ready: " + ", ".join(f"{s.version} {s.state.value}" for s in snapshot.versions)
+
+
 async def readyz(request: web.Request) -> web.Response:
     """200 once a version answers; 503 with the reason otherwise (no versions yet, or none ready)."""
     snapshot = request.app[keys.REGISTRY].status()
-    ready = snapshot.ready()
+    ready, why = readiness(snapshot)
     body: dict = {"ready": bool(ready), "versions": ready, "latest": snapshot.latest,
                   "last_known_good": snapshot.last_known_good}
-    if not ready:
-        body["detail"] = ("no versions yet" if not snapshot.versions else "no version is ready: " + ", ".join(
-            f"{s.version} {s.state.value}" for s in snapshot.versions))
+    if why is not None:
+        body["detail"] = why
     return web.json_response(body, status=200 if ready else 503)
 
 

@@ -40,6 +40,10 @@ class Metrics:
                                    buckets=LATENCY_BUCKETS, registry=r)
         self.in_flight = Gauge("m2fp_in_flight", "Parse requests being processed", registry=r)
         self.queue_depth = Gauge("m2fp_queue_depth", "Parse requests waiting for a worker", registry=r)
+        self.reply_bytes = Gauge("m2fp_reply_bytes_in_flight", "Bytes of parse replies built and not yet taken by "
+                                 "their clients (--replies-in-flight-mb)", registry=r)
+        self.replies_cut = Counter("m2fp_replies_cut_total", "Parse replies not taken whole: 'write_timeout' (cut "
+                                   "after --write-timeout) or 'client_gone'", ["reason"], registry=r)
         self.queue_limit = Gauge("m2fp_queue_limit", "Parse requests allowed to wait (--max-queue); more get 503",
                                  registry=r)
         self.lifecycle = Gauge("m2fp_version_events", "Registry events since start (loads, unloads, swaps, …)",

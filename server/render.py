@@ -109,6 +109,19 @@ def summary(predictor: Predictor, pred: Prediction) -> dict[str, Any]:
     }
 
 
+def persons(res: ParseResult, mask_format: str | None = None) -> list[dict[str, Any]]:
+    """The persons of a parse as every answer lists them (``/parse``'s ``persons``, OIP ``instances``): id,
+    score and parts, with each person's mask in ``mask_format`` when one is given."""
+    out = []
+    for p in res.persons:
+        person: dict[str, Any] = {"id": p.id, "score": round(float(p.score), 6)}
+        if mask_format is not None:
+            person["mask"] = encode_mask(p.mask, mask_format)
+        person["parts"] = [{"label": q.class_name, "score": round(float(q.score), 6)} for q in p.parts]
+        out.append(person)
+    return out
+
+
 def parse(predictor: Predictor, data: bytes, limits: ImageLimits, opts: RenderOptions) -> dict[str, Any]:
     """Decode, predict and render one request; every step timed."""
     rgb, pred = predicted(predictor, data, limits)
@@ -131,10 +144,7 @@ def parse(predictor: Predictor, data: bytes, limits: ImageLimits, opts: RenderOp
     if "person_map" in opts.include and res.person_map is not None:
         body["person_map"] = png_b64(res.person_map.astype(np.uint16))
     if "persons" in opts.include:
-        body["persons"] = [{
-            "id": p.id, "score": round(float(p.score), 6), "mask": encode_mask(p.mask, opts.mask_format),
-            "parts": [{"label": q.class_name, "score": round(float(q.score), 6)} for q in p.parts],
-        } for p in res.persons]
+        body["persons"] = persons(res, opts.mask_format)
     if "masks" in opts.include:
         body["masks"] = [encode_mask(i.mask, opts.mask_format) for i in res.instances]
     timings["render"] = drawn  # the overlay; encode: images, maps and masks to base64 / RLE

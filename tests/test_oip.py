@@ -16,6 +16,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import tritonclient.http as triton
@@ -271,6 +272,13 @@ def test_errors_use_the_servers_mapping_in_the_protocols_shape(server, client):
     oip_error(status, body, "not_found")
 
 
+def test_json_output_too_large_is_refused_before_inference_naming_binary_data(client):
+    """A flat 2100x2100 PNG (a few KB): its label map as JSON could take 17.6 MB, over the default 16 MB cap."""
+    ok, png = cv2.imencode(".png", np.full((2100, 2100, 3), 128, np.uint8))
+    message = raises(413, infer, client, png.tobytes(), "v1.2", binary=False, outputs=("label_map",))
+    assert "--max-json-output-mb" in message and "binary_data" in message, message
+
+
 # -------------------------------------------------------------------------------- repository
 def test_repository_extension_needs_the_admin_token(client):
     for call, args in ((client.get_model_repository_index, ()), (client.load_model, (MODEL,)),
@@ -334,17 +342,21 @@ def test_a_server_with_no_versions_and_no_admin_token(empty_root: Path, tmp_path
         proc.stop()
 
 
-def test_the_readme_example_runs_as_written(server, tmp_path: Path):
-    """README's tritonclient example, copied and pasted: only the address and the image file differ."""
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+def test_the_readme_example_runs_as_written(server):
+    """README's tritonclient example, copied and pasted, run from the repository root: only the address differs."""
+    repo = Path(__file__).resolve().parent.parent
+    readme = (repo / "README.md").read_text()
     section = readme.split("## Open Inference Protocol (Triton/KServe clients)", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.S)
     assert code, "the README's OIP section has no python example"
-    (tmp_path / "person.jpg").write_bytes(IMAGES["two_people.jpg"])
+    sample = re.search(r'open\("([^"]+)", "rb"\)', code.group(1))
+    assert sample, "the README's OIP example reads no image file"
+    img = cv2.imread(str(repo / sample.group(1)))
+    assert img is not None, f"{sample.group(1)} (the README's example image) is not in the repository"
     script = code.group(1).replace("127.0.0.1:8080", server.url.removeprefix("http://"))
-    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    proc = subprocess.run([sys.executable, "-c", script], cwd=repo, capture_output=True, text=True, timeout=120,
                           stdin=subprocess.DEVNULL, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     first, second = proc.stdout.splitlines()
-    assert first.startswith("v1.2 (240, 320) ")
+    assert first.startswith(f"v1.2 {img.shape[:2]} ")
     assert second.split()[0] in ("v1.0", "v1.2") and second.split()[1] == "auto"

@@ -1,4 +1,4 @@
-"""The Open Inference Protocol codec (``server/oip.py``): untrusted bodies and ``Inference-Header-Content-Length``
+"""The Open Inference Protocol codec (``server/oip_codec.py``): untrusted bodies and ``Inference-Header-Content-Length``
 values give a parsed request or a clean 400, never anything else; and what tritonclient's own code writes
 and reads round-trips exactly (binary and JSON, any image bytes, non-uniform label maps in row-major order).
 """
@@ -16,12 +16,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from m2fpkit.server.errors import HTTPProblem
-from m2fpkit.server.oip import (
+from m2fpkit.server.oip_codec import (
+    MAX_HEADER_BYTES,
     InferRequest,
     RequestedOutput,
     Tensor,
     decode_request,
     encode_response,
+    output_bound,
     pack_bytes,
     split_body,
     unpack_bytes,
@@ -168,8 +170,9 @@ def test_responses_read_back_with_tritonclient(h: int, w: int, seed: int, binary
     tensors = [Tensor("label_map", "INT32", (h, w), labels.astype("<i4")),
                Tensor("instances", "BYTES", (1,), json.dumps({"t": text}).encode())]
     req = InferRequest(image=b"", id="abc", binary_output=binary)
-    body, header_length = encode_response(req, "v1.2", tensors, {"route": "exact"})
-    assert (header_length is not None) == binary
+    reply = encode_response(req, "v1.2", tensors, {"route": "exact"})
+    body, header_length = b"".join(reply.chunks), reply.header_length
+    assert (header_length is not None) == binary and len(body) == reply.size
     result = triton.InferenceServerClient.parse_response_body(body, header_length=header_length)
     got = result.as_numpy("label_map")
     assert got.shape == (h, w) and got.dtype == np.int32 and np.array_equal(got, labels)
@@ -177,3 +180,41 @@ def test_responses_read_back_with_tritonclient(h: int, w: int, seed: int, binary
     assert json.loads(inst if isinstance(inst, (str, bytes)) else str(inst)) == {"t": text}
     response = result.get_response()
     assert response["model_name"] == "m2fp" and response["model_version"] == "v1.2" and response["id"] == "abc"
+
+
+@settings(max_examples=60, deadline=None)
+@given(h=st.integers(1, 60), w=st.integers(1, 60), seed=st.integers(0, 2**16), binary=st.booleans(),
+       name=st.sampled_from(["label_map", "person_map"]), extreme=st.booleans())
+def test_an_outputs_size_is_within_its_bound_from_the_shape(h: int, w: int, seed: int, binary: bool, name: str,
+                                                             extreme: bool):
+    """What the caps are checked against before inference: exact for binary data, an upper bound for JSON
+    (here with the largest ids a map can hold), and only the outputs asked for are in the body."""
+    top = 255 if name == "label_map" else 65535
+    rng = np.random.default_rng(seed)
+    data = np.full((h, w), top) if extreme else rng.integers(0, top + 1, (h, w))
+    req = InferRequest(image=b"", outputs=(RequestedOutput(name, binary),))
+    tensors = [Tensor(n, "INT32", (h, w), data.astype("<i4")) for n in ("label_map", "person_map")]
+    reply = encode_response(req, "v1.2", tensors, {})
+    body = b"".join(reply.chunks)
+    if binary:
+        assert reply.header_length is not None
+        assert reply.size - reply.header_length == output_bound(name, True, h * w)
+    else:
+        start = body.index(b'"data":[') + len(b'"data":[')
+        assert body.index(b"]", start) - start <= output_bound(name, False, h * w)
+    result = triton.InferenceServerClient.parse_response_body(b"".join(reply.chunks),
+                                                              header_length=reply.header_length)
+    assert [o["name"] for o in result.get_response()["outputs"]] == [name]
+    assert np.array_equal(result.as_numpy(name), data)
+
+
+def test_a_binary_requests_json_header_is_capped_and_a_json_only_request_is_not():
+    image = b"\x89PNG" + bytes(MAX_HEADER_BYTES)
+    body, size = request_body(image, binary=True)
+    padded = body[:int(size) - 1] + b" " * MAX_HEADER_BYTES + body[int(size) - 1:]
+    with pytest.raises(HTTPProblem) as exc:
+        decode_request(padded, str(int(size) + MAX_HEADER_BYTES))
+    assert exc.value.status == 413 and exc.value.error == "infer_header_too_large"
+    assert str(MAX_HEADER_BYTES) in exc.value.detail
+    body, size = request_body(image, binary=False)  # the image as base64 inside the JSON: > 64 KiB, accepted
+    assert size is None and len(body) > MAX_HEADER_BYTES and decode_request(body, None).image == image
