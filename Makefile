@@ -1,5 +1,7 @@
 # Set-up and everyday commands. Every target installs what it needs first (idempotent).
 PYTHON ?= python3.11
+# a target run from another make (make test runs make serve in a test) prints only its own output
+MAKEFLAGS += --no-print-directory
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
@@ -8,11 +10,26 @@ TORCH  := torch==2.13.0
 HOST   ?= 127.0.0.1
 PORT   ?= 8080
 BUNDLES ?= bundles
+# pip's and setuptools' output goes here; printed only when an install fails
+INSTALL_LOG := $(VENV)/install.log
 
-.PHONY: serve test bundles bench bench-quick setup clean-bundles
+.PHONY: serve shell test bundles bench bench-quick setup clean-bundles
 
-serve: bundles  ## build the demo bundles if missing, then run the server (the main job)
-	$(VENV)/bin/m2fp-serve --bundles $(BUNDLES) --host $(HOST) --port $(PORT)
+# `make serve ADMIN_TOKEN=…` enables /admin/* and the OIP repository routes (`DISTRIBUTION_TOKEN=…`: /bundles);
+# passed in the environment (M2FP_ADMIN_TOKEN), so the token is not on m2fp-serve's command line
+ifdef ADMIN_TOKEN
+serve: export M2FP_ADMIN_TOKEN := $(ADMIN_TOKEN)
+endif
+ifdef DISTRIBUTION_TOKEN
+serve: export M2FP_DISTRIBUTION_TOKEN := $(DISTRIBUTION_TOKEN)
+endif
+
+serve: bundles  ## build the demo bundles if missing, then run the server (the main job; PORT=, HOST=, ADMIN_TOKEN=)
+	@$(VENV)/bin/m2fp-serve --bundles $(BUNDLES) --host $(HOST) --port $(PORT)
+
+shell: $(VENV)/.stamp-base  ## a shell with .venv active: m2fp-export, m2fp-bundle, m2fp-serve on PATH (exit to leave)
+	@echo "m2fp-export, m2fp-bundle and m2fp-serve are on PATH in this shell; 'exit' leaves it"
+	@VIRTUAL_ENV="$(CURDIR)/$(VENV)" PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $${SHELL:-/bin/sh}
 
 test: $(VENV)/.stamp-test /usr/bin/chromium /usr/sbin/nginx /usr/bin/promtool  ## lint, type-check, then the whole test suite
 	$(VENV)/bin/ruff check m2fpkit/__init__.py runtime server export tests benchmarks
@@ -23,7 +40,8 @@ test: $(VENV)/.stamp-test /usr/bin/chromium /usr/sbin/nginx /usr/bin/promtool  #
 	test $$tests -eq 0 && test $$typed -eq 0
 
 bundles: $(VENV)/.stamp-base  ## export the demo versions (tiny random-init models) into bundles/
-	$(VENV)/bin/m2fp-export --all --bundles $(BUNDLES)
+	@test -d $(BUNDLES)/m2fp || echo "exporting the demo versions into $(BUNDLES)/ (first time: about 2 minutes)"
+	@$(VENV)/bin/m2fp-export --all --quiet --bundles $(BUNDLES)
 
 bench-quick: $(VENV)/.stamp-bench  ## benchmarks on tiny bundles (asserts nothing about speed)
 	$(PY) -m benchmarks.run --quick
@@ -37,19 +55,21 @@ $(VENV)/.stamp-bench: $(VENV)/.stamp-test
 
 setup: $(VENV)/.stamp-test /usr/bin/chromium /usr/sbin/nginx /usr/bin/promtool
 
-# the venv (created if missing) with the target's EXTRAS, in one pip pass
-INSTALL = test -x $(PY) || $(PYTHON) -m venv $(VENV); \
-	$(PIP) install -q --upgrade pip && $(PIP) install -q $(TORCH) -e '.[$(EXTRAS)]'
+# the venv (created if missing) with the target's EXTRAS, in one pip pass; quiet unless it fails
+INSTALL = echo "installing into $(VENV) ($(EXTRAS); first time: several minutes; log: $(INSTALL_LOG))"; \
+	mkdir -p $(VENV) && { { test -x $(PY) || $(PYTHON) -m venv $(VENV); } && \
+	  $(PIP) install --upgrade pip && $(PIP) install $(TORCH) -e '.[$(EXTRAS)]'; } > $(INSTALL_LOG) 2>&1 || \
+	{ status=$$?; tail -n 40 $(INSTALL_LOG); echo "install failed (exit $$status); full log: $(INSTALL_LOG)"; exit 1; }
 
 $(VENV)/.stamp-base: EXTRAS = export
 $(VENV)/.stamp-base: pyproject.toml
-	$(INSTALL)
-	touch $@
+	@$(INSTALL)
+	@touch $@
 
 $(VENV)/.stamp-test: EXTRAS = export,test,openvino
 $(VENV)/.stamp-test: pyproject.toml  # a superset of base: one pip pass, both stamps
-	$(INSTALL)
-	touch $(VENV)/.stamp-base $@
+	@$(INSTALL)
+	@touch $(VENV)/.stamp-base $@
 
 /usr/bin/chromium:  ## headless browser for the WebUI test (Debian's build; no downloads by test tools)
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null

@@ -32,9 +32,9 @@ import pytest
 import yaml
 from docker.utils.build import PatternMatcher
 
-from m2fpkit.runtime.bundle.signature import keygen, sign
+from m2fpkit.runtime.bundle.signing import keygen, sign
 from m2fpkit.runtime.delivery.install import verify
-from m2fpkit.server.routing import loads_routes
+from m2fpkit.runtime.routes_file import loads_routes
 from reference.bundles import clone_bundle, corrupt
 from server_fixtures import ServerProcess
 

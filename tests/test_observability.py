@@ -246,14 +246,27 @@ def server_metrics(server: ServerProcess) -> str:
         return r.read().decode()
 
 
-def wait_until(predicate, timeout: float, what: str, step: float = 0.5):
+def poll(predicate, timeout: float, step: float = 0.5):
+    """``predicate()``'s first truthy value within ``timeout`` seconds, else None (checked at least once)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while True:
         value = predicate()
-        if value:
-            return value
+        if value or time.monotonic() >= deadline:
+            return value or None
         time.sleep(step)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def wait_until(predicate, timeout: float, what: str, step: float = 0.5):
+    value = poll(predicate, timeout, step)
+    if not value:
+        raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+    return value
+
+
+def scraped_after(prometheus: Prometheus, t: float, scrapes: int = 2) -> bool:
+    """Prometheus scraped every m2fp target at least ``scrapes`` more times (1 s apart) since wall time ``t``."""
+    last = prometheus.query('timestamp(up{job="m2fp"})')
+    return bool(last) and all(float(r["value"][1]) >= t + scrapes for r in last)
 
 
 def broken_copy(src: Path, store: BundleStore, version: str) -> None:
@@ -319,8 +332,7 @@ def test_a_real_prometheus_scraping_m2fp_serve_answers_every_dashboard_query(dem
                     if 503 in burst:
                         break
                 assert 503 in burst and 200 in burst, burst
-                time.sleep(3)
-                if prometheus.query(refused_rate):
+                if poll(lambda: prometheus.query(refused_rate), 3):  # a few scrapes, else another burst
                     break
             assert prometheus.query(refused_rate), "Prometheus never saw the 503 refusals grow"
         # a hot swap of v1.0
@@ -340,7 +352,9 @@ def test_a_real_prometheus_scraping_m2fp_serve_answers_every_dashboard_query(dem
                    and prometheus.query('sum(m2fp_requests_total{job="m2fp", status="503"}) > 0')
                    and prometheus.query('sum(m2fp_requests_total{job="m2fp"}) >= 20'), 60,
                    "Prometheus to scrape the traffic")
-        time.sleep(3)  # a few more scrapes: every rate() has two samples of every new series
+        # two more scrapes of every target: every rate() has two samples of every new series
+        since = time.time()
+        wait_until(lambda: scraped_after(prometheus, since), 30, "two more scrapes")
 
         values = {"job": "m2fp", "instance": f"127.0.0.1:{server.port}", "version": "v1.2|v1.0|v1.1",
                   "__rate_interval": "2m", "datasource": "m2fp-prometheus"}

@@ -92,6 +92,21 @@ def compare(page, versions: tuple[str, ...]) -> None:
     expect(page.locator("#compare-grid figure[data-version]")).to_have_count(len(versions), timeout=120_000)
 
 
+# the cells of a table whose text wraps inside a word (more lines than words: broken letter by letter)
+BROKEN_WORDS = """sel => Array.from(document.querySelectorAll(sel)).filter(c => {
+  const r = document.createRange(); r.selectNodeContents(c);
+  const lines = new Set(Array.from(r.getClientRects()).map(x => Math.round(x.top))).size;
+  return lines > Math.max(1, c.textContent.trim().split(/\\s+/).length);
+}).map(c => c.textContent)"""
+# the options of a <select> whose label does not fit in the select's box (cut off when chosen)
+CUT_OFF_OPTIONS = """s => {
+  const st = getComputedStyle(s), ctx = document.createElement("canvas").getContext("2d");
+  ctx.font = st.font;
+  const room = s.clientWidth - parseFloat(st.paddingLeft) - parseFloat(st.paddingRight) - 20;  // 20: the arrow
+  return Array.from(s.options).filter(o => ctx.measureText(o.text).width > room).map(o => o.text);
+}"""
+
+
 def test_webui_parses_a_sample_and_an_upload(browser, server):
     from playwright.sync_api import expect
 
@@ -106,11 +121,15 @@ def test_webui_parses_a_sample_and_an_upload(browser, server):
     for v, channel, task in (("v1.0", "stable", "multi-human"), ("v1.1", "stable", "single-human"),
                              ("v1.2", "recommended", "multi-human"), ("v2.0-beta", "experimental", "multi-human")):
         text, disabled = options[v]
-        assert channel in text and task in text and "demo weights" in text and not disabled, (v, text)
+        assert channel in text and "demo" in text and not disabled, (v, text)
+        # the whole description (task, weights) is the option's tooltip and, once chosen, the line below
+        title = version.locator(f"option[value='{v}']").get_attribute("title")
+        assert task in title and "demo weights" in title, (v, title)
     assert "v1.2" in options["latest"][0] and "v1.0" in options["stable"][0]
     text, disabled = options["v0.9"]
     assert disabled and "failed" in text, text
     assert version.input_value() == "latest"
+    expect(page.locator("#version-info")).to_contain_text("multi-human — demo weights")
 
     # experimental versions carry a visible warning; others do not
     warning = page.locator("#warning")
@@ -209,6 +228,15 @@ def test_webui_compares_two_versions(browser, server):
     expect(page.locator("#error")).to_be_hidden()
     page.screenshot(path=str(SHOTS / "webui-compare-desktop.png"), full_page=True)
 
+    # "all" ticks every version that can serve, loaded or not (v1.1 is not loaded yet), never a failed one
+    page.locator("#compare-none").click()
+    states = {v["version"]: v["state"] for v in page.evaluate("() => fetch('/api/versions').then(r => r.json())"
+                                                             ".then(b => b.versions)")}
+    assert states["v0.9"] == "failed" and {"ready"} < set(states.values()), states
+    page.locator("#compare-all").click()
+    ticked = {i.get_attribute("value") for i in page.locator("#compare-picker input:checked").all()}
+    assert ticked == {"v1.0", "v1.1", "v1.2", "v2.0-beta"}, (ticked, states)
+
     # one version is refused in the page, before any request
     page.locator("#compare-none").click()
     page.locator("#compare-picker input[value='v1.0']").check()
@@ -225,6 +253,8 @@ def test_webui_fits_a_phone_in_every_state(browser, server):
     page = open_page(browser, server, PHONE)
     expect(page.locator("#version option[value='v2.0-beta']")).to_have_count(1, timeout=30_000)
     widths = {"picker": scroll_width(page)}
+    # every entry of the model select shows whole when chosen: nothing cut off at the select's edge
+    cut_off = page.locator("#version").evaluate(CUT_OFF_OPTIONS)
     choose_sample(page, "crowd.png")
     page.locator("#version").select_option("v1.2")
     page.locator("#parse").click()
@@ -236,6 +266,8 @@ def test_webui_fits_a_phone_in_every_state(browser, server):
     page.locator("#versions-details summary").click()
     expect(page.locator("#versions-table")).to_be_visible()
     widths["versions table"] = scroll_width(page)
+    # the table scrolls inside its frame rather than breaking words letter by letter
+    broken = page.evaluate(BROKEN_WORDS, "#versions-table th, #versions-table td")
     page.locator("#versions-details summary").click()
     compare(page, ("v1.0", "v1.1", "v1.2"))
     expect(page.locator("#agreement tbody tr")).to_have_count(3)
@@ -250,5 +282,7 @@ def test_webui_fits_a_phone_in_every_state(browser, server):
     expect(page.locator("#error")).to_be_visible(timeout=30_000)
     widths["error"] = scroll_width(page)
     assert all(w <= PHONE["width"] for w in widths.values()), widths
+    assert not cut_off, f"model select entries cut off on a phone: {cut_off}"
+    assert not broken, f"versions table cells broken inside words: {broken}"
     assert not page.outside, page.outside
     page.close()
