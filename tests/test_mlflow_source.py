@@ -61,7 +61,7 @@ class Registry:
 
 
 def digest(root: Path) -> str:
-    """The artifact digest as README documents it, computed here independently of the exporter."""
+    """The artifact digest as docs/mlflow.md documents it, computed here independently of the exporter."""
     files = sorted((p.relative_to(root).as_posix().encode(), p) for p in root.rglob("*") if p.is_file())
     text = "".join(f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {rel.decode()}\n" for rel, p in files)
     return hashlib.sha256(text.encode()).hexdigest()

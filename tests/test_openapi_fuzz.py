@@ -104,7 +104,7 @@ def test_openapi_matches_the_server(fuzz_server) -> None:
     seed = fresh_seed()
     log.info("schemathesis fresh seed: %d (replay with %s=%d)", seed, FRESH_SEED_ENV, seed)
     for name, run_seed in (("with_tokens_pinned_seed", SEED), ("with_tokens_fresh_seed", seed)):
-        authed = schemathesis_run(server, work, name, tokens, seed=run_seed, max_time=20, timeout=90)
+        authed = schemathesis_run(server, work, name, tokens, seed=run_seed, max_time=15, timeout=90)
         assert re.search(r"Operations:\s+(\d+) selected / \1 total", authed), "every documented operation is fuzzed"
     log_before = server.log_path.stat().st_size
     anonymous = schemathesis_run(server, work, "without_tokens", "", "--include-tag", "admin",
