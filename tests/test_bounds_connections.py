@@ -104,10 +104,11 @@ async def test_a_dripped_request_head_is_cut_at_the_header_deadline(server):
     try:
         status, body, at = await conn.response(timeout=4)
         assert status == 408 and body["error"] == "header_timeout" and "--header-timeout" in body["detail"], body
-        assert 1.0 <= at < 2.0, at
+        # the client's clock starts once its connect returns, a little after the server's accept: 0.9, not 1.0
+        assert 0.9 <= at < 2.0, at
         assert await conn.closed_within(2) is not None
         at = await silent.closed_within(3)  # a connection that never sends a byte is closed too, unanswered
-        assert at is not None and 1.0 <= at < 2.0, at
+        assert at is not None and 0.9 <= at < 2.0, at
     finally:
         dripping.cancel()
         conn.close()
