@@ -12,20 +12,14 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from m2fpkit.runtime.figures import CIHP_PARSING, LIP_PARSING
+
 log = logging.getLogger(__name__)
 
 #: Class names of the CIHP multi-human model (20 parsing classes + the "Human" instance class).
-CIHP_CLASSES: tuple[str, ...] = (
-    "Background", "Hat", "Hair", "Glove", "Sunglasses", "UpperClothes", "Dress", "Coat", "Socks",
-    "Pants", "Torso-skin", "Scarf", "Skirt", "Face", "Left-arm", "Right-arm", "Left-leg",
-    "Right-leg", "Left-shoe", "Right-shoe", "Human",
-)
+CIHP_CLASSES: tuple[str, ...] = (*CIHP_PARSING, "Human")
 #: Class names of the LIP single-human model.
-LIP_CLASSES: tuple[str, ...] = (
-    "Background", "Hat", "Hair", "Glove", "Sunglasses", "Upper-clothes", "Dress", "Coat", "Socks",
-    "Pants", "Jumpsuits", "Scarf", "Skirt", "Face", "Left-arm", "Right-arm", "Left-leg",
-    "Right-leg", "Left-shoe", "Right-shoe",
-)
+LIP_CLASSES: tuple[str, ...] = LIP_PARSING
 
 
 class ConfigError(ValueError):
