@@ -184,10 +184,10 @@ def parity_summary(parity: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"passed": parity.get("passed"), "gate": parity.get("gate")}
     for entry in parity.get("inputs", []):
         for name, figures in entry.items():
-            if isinstance(figures, dict):
-                worst = out.setdefault(name, {"max_abs": 0.0, "within_tolerance": 1.0})
+            if isinstance(figures, dict) and "noise_ratio" in figures:
+                worst = out.setdefault(name, {"max_abs": 0.0, "noise_ratio": 0.0})
                 worst["max_abs"] = max(worst["max_abs"], figures.get("max_abs", 0.0))
-                worst["within_tolerance"] = min(worst["within_tolerance"], figures.get("within_tolerance", 1.0))
+                worst["noise_ratio"] = max(worst["noise_ratio"], figures["noise_ratio"])
             elif name == "label_agreement":
                 out["label_agreement"] = min(out.get("label_agreement", 1.0), figures)
     return out

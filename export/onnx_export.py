@@ -14,7 +14,8 @@ still compares every graph with the PyTorch model.
 
 The cache lives in ``$M2FP_EXPORT_CACHE``, else ``$XDG_CACHE_HOME/m2fpkit/onnx-graphs`` (``~/.cache``);
 ``M2FP_EXPORT_CACHE=off`` disables it. Entries are published by an atomic rename (concurrent exports
-never see half a graph), the least recently used beyond :data:`CACHE_KEEP` are deleted, and a cache
+never see half a graph), an export holds a lock per key while it looks up and traces (concurrent exports of
+one architecture trace it once), the least recently used beyond :data:`CACHE_KEEP` are deleted, and a cache
 that cannot be written only costs the time of a trace.
 
 The cache trusts only what this user traced: each entry holds an HMAC-SHA256 of its key and graph bytes
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import hmac
 import io
@@ -39,6 +41,7 @@ import shutil
 import stat
 import uuid
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -76,19 +79,40 @@ def export_onnx(model: M2FP, path: Path, *, opset: int, example_hw: tuple[int, i
         raise ValueError(f"example size {example_hw} must be a multiple of {SIZE_DIVISIBILITY}")
     cache = _open_cache()
     entry = cache[0] / cache_key(model, opset=opset, example_hw=example_hw) if cache else None
-    stored = _load(entry, cache[1]) if cache and entry is not None else None
-    program = _with_weights(stored, model) if stored is not None else None
-    if program is not None:
-        log.info("ONNX graph reused from the export cache, the model's weights applied")
-    else:
-        graph = _without_weights(_trace(model, opset=opset, example_hw=example_hw), model)
-        if cache and entry is not None:
-            _store(entry, graph, cache[1])
-        program = _with_weights(graph, model)
-        assert program is not None, "a fresh trace always fits its own model"
+    with _tracing_lock(entry):
+        stored = _load(entry, cache[1]) if cache and entry is not None else None
+        program = _with_weights(stored, model) if stored is not None else None
+        if program is not None:
+            log.info("ONNX graph reused from the export cache, the model's weights applied")
+        else:
+            graph = _without_weights(_trace(model, opset=opset, example_hw=example_hw), model)
+            if cache and entry is not None:
+                _store(entry, graph, cache[1])
+            program = _with_weights(graph, model)
+            assert program is not None, "a fresh trace always fits its own model"
     with _quiet_exporter_logs(), contextlib.redirect_stdout(io.StringIO()):
         program.optimize()
     program.save(str(path), external_data=True)
+
+
+@contextlib.contextmanager
+def _tracing_lock(entry: Path | None) -> Iterator[None]:
+    """Held while an export looks ``entry`` up and traces on a miss: concurrent exports of one architecture
+    (the same key) trace it once, the others wait and reuse it. Without a cache, or if the lock file cannot
+    be made, nothing is locked (they may trace twice, never wrongly)."""
+    if entry is None:
+        yield
+        return
+    try:
+        fd = os.open(entry.with_name(f".lock-{entry.name}"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def cache_dir() -> Path | None:
@@ -300,12 +324,18 @@ def _store(entry: Path, graph: onnx.ModelProto, key: bytes) -> None:
                 f.write(content)
         tmp.rename(entry)
         keep_most_recent((p for p in entry.parent.iterdir() if p.is_dir() and not p.name.startswith(".")),
-                         CACHE_KEEP, lambda old: shutil.rmtree(old, ignore_errors=True))
+                         CACHE_KEEP, _drop)
     except OSError as exc:  # another export stored the same entry first, or the cache is not writable
         if not entry.is_dir():
             log.warning("export cache %s not written (%s): the next export traces again", entry.parent, exc)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _drop(entry: Path) -> None:
+    """Delete a pruned entry and its lock file (an export holding that lock only traces once more)."""
+    shutil.rmtree(entry, ignore_errors=True)
+    entry.with_name(f".lock-{entry.name}").unlink(missing_ok=True)
 
 
 def set_metadata(path: Path, props: dict[str, str]) -> None:

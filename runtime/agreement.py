@@ -13,18 +13,42 @@ from typing import Any
 
 import numpy as np
 
+#: A pixel is *decisive* when its top semantic score beats the runner-up by at least this share of the top
+#: score. float32 rounding moves these scores by ~1e-6 relative, so no rounding difference between two correct
+#: engines can flip a decisive pixel: a flip there is an error, not noise.
+DECISIVE_MARGIN = 0.02
 
-def semantic_labels(logits: np.ndarray, masks: np.ndarray) -> np.ndarray:
-    """(B, C) class argmax per pixel of (B, Q, H, W) masks: ``(B, H, W)`` int64."""
+
+def semantic_scores(logits: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """Per-class score of every pixel, Σ_q softmax(class)[:-1] · sigmoid(mask): ``(B, C, H, W)``, computed in
+    the inputs' float type."""
     e = np.exp(logits - logits.max(-1, keepdims=True))
     probs = (e / e.sum(-1, keepdims=True))[..., :-1]
     sig = 1.0 / (1.0 + np.exp(-masks))
-    return np.einsum("bqc,bqhw->bchw", probs, sig).argmax(1)
+    return np.einsum("bqc,bqhw->bchw", probs, sig)
+
+
+def semantic_labels(logits: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """(B, C) class argmax per pixel of (B, Q, H, W) masks: ``(B, H, W)`` int64."""
+    return semantic_scores(logits, masks).argmax(1)
+
+
+def decisive(scores: np.ndarray, margin: float = DECISIVE_MARGIN) -> np.ndarray:
+    """``(B, H, W)`` bool: pixels of ``(B, C, H, W)`` scores whose top class leads the second by ≥ ``margin`` × top."""
+    top2 = np.partition(scores, -2, axis=1)[:, -2:]
+    first, second = top2[:, 1], top2[:, 0]
+    return (first - second) >= margin * np.abs(first)
 
 
 def pixel_agreement(a: np.ndarray, b: np.ndarray) -> float:
     """Fraction of equal pixels; 0.0 when the shapes differ (nothing can be compared)."""
     return float((a == b).mean()) if a.shape == b.shape else 0.0
+
+
+def agreement_on(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> float:
+    """Fraction of the ``where`` pixels on which label maps ``a`` and ``b`` agree; 1.0 when ``where`` is empty."""
+    n = int(where.sum())
+    return float((a[where] == b[where]).sum()) / n if n else 1.0
 
 
 def by_class_name(map_a: np.ndarray, classes_a: Sequence[str], map_b: np.ndarray,

@@ -14,10 +14,10 @@ Session fixtures (built once, read-only — copy a bundle with ``shutil.copytree
 ``export_cache`` (autouse)
     ``$M2FP_EXPORT_CACHE`` for the session, empty at its start: an architecture is traced once
     (~20 s), every later export of it applies its own weights to the cached graph.
-``full_depth_graph``
-    The ONNX graph of ``r101``'s depth at ``tiny``'s widths (``reference.full_depth``): the benchmarks'
-    current r101 graph if there is one, else exported in a background process that starts with the
-    session's first test when a collected test asks for it (~40 s of the otherwise idle second core).
+``full_depth_graph`` / ``uncached_tiny_export`` / ``demo_root`` (server_fixtures)
+    Built by a background process (``reference.background``) that starts with the session's first test
+    when a collected test asks for one of them, on the otherwise idle second core: the full-depth graph
+    (``r101``'s depth at ``tiny``'s widths), a fresh uncached ``tiny`` export, the demo bundle root.
 
 Function fixtures:
 
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import pytest
 
-from reference import full_depth
+from reference import background
 from reference.bundles import clone_bundle
 from reference.cases import ReferenceCase, make_case
 from reference.modelscope_pipeline import Reference, reference, torch_threads
@@ -66,42 +66,38 @@ def export_cache(tmp_path_factory: pytest.TempPathFactory):
         os.environ[CACHE_ENV] = before
 
 
+#: fixtures the background builder (``reference.background``) makes; it starts when a collected test uses one
+BACKGROUND_FIXTURES = {"demo_root", "full_depth_graph", "uncached_tiny_export"}
+
+
 @pytest.fixture(scope="session", autouse=True)
-def _full_depth_export(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-                       ) -> Iterator[tuple[subprocess.Popen | None, Path] | None]:
-    """What ``full_depth_graph`` returns, decided at the session's first test when a collected test uses that
-    fixture: the benchmarks' current graph (no process), else a background export, killed at the end if
-    unused. Niced, one thread, no graph cache: it takes the core the (mostly single-threaded) suite leaves idle."""
-    if not any("full_depth_graph" in getattr(item, "fixturenames", ()) for item in request.session.items):
+def _background(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+                export_cache: Path) -> Iterator[tuple[subprocess.Popen, Path] | None]:
+    """The background builder, started at the session's first test when a collected test needs what it makes:
+    niced, one thread, through the session's graph cache; killed at the end if still running."""
+    if not any(BACKGROUND_FIXTURES & set(getattr(item, "fixturenames", ())) for item in request.session.items):
         yield None
         return
-    cached = full_depth.benchmark_graph()
-    if cached is not None:
-        yield None, cached
-        return
-    from m2fpkit.export.onnx_export import CACHE_ENV
-
-    out = tmp_path_factory.mktemp("full_depth") / "model.onnx"
-    env = {**os.environ, CACHE_ENV: "off", "OMP_NUM_THREADS": "1"}
-    with open(out.with_name("export.log"), "wb") as log:  # a file, not a pipe: nobody reads it until the end
-        proc = subprocess.Popen(["nice", "-n", "10", sys.executable, "-m", "reference.full_depth", str(out)],
+    base = tmp_path_factory.mktemp("background")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(base / "log.txt", "wb") as log:  # a file, not a pipe: nobody reads it until the end
+        proc = subprocess.Popen(["nice", "-n", "10", sys.executable, "-m", "reference.background", str(base)],
                                 cwd=Path(__file__).parent, env=env, stdout=log, stderr=subprocess.STDOUT)
-    yield proc, out
+    yield proc, base
     if proc.poll() is None:
         proc.kill()
     proc.wait()
 
 
 @pytest.fixture(scope="session")
-def full_depth_graph(_full_depth_export: tuple[subprocess.Popen | None, Path] | None,
-                     tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if _full_depth_export is None:  # asked for although no collected test named it (getfixturevalue)
-        return full_depth.export(tmp_path_factory.mktemp("full_depth") / "model.onnx")
-    proc, out = _full_depth_export
-    if proc is not None and proc.wait(timeout=900) != 0:
-        log = out.with_name("export.log").read_text(errors="replace")
-        pytest.fail(f"the full-depth export failed (exit {proc.returncode}):\n{log[-3000:]}")
-    return out
+def full_depth_graph(_background: tuple[subprocess.Popen, Path] | None) -> Path:
+    return background.step(_background, "full_depth") / "model.onnx"
+
+
+@pytest.fixture(scope="session")
+def uncached_tiny_export(_background: tuple[subprocess.Popen, Path] | None) -> Path:
+    """``tiny`` multi-human, seed ``reference.background.UNCACHED_SEED``, exported with the graph cache off."""
+    return background.step(_background, "uncached") / "model.onnx"
 
 
 @pytest.fixture(scope="session")

@@ -47,7 +47,9 @@ def _has_demo_versions(root: Path) -> bool:
 
 
 @pytest.fixture(scope="session")
-def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def demo_root(tmp_path_factory: pytest.TempPathFactory, _background) -> Path:
+    """The demo versions and aliases, built by the session's background builder (``conftest._background``),
+    or copied from ``$M2FP_TEST_DEMO_BUNDLES``. Read-only: copy it (``copy_root``) before changing anything."""
     given = os.environ.get("M2FP_TEST_DEMO_BUNDLES")
     if given:
         root = Path(given)
@@ -55,14 +57,9 @@ def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
             pytest.fail(f"M2FP_TEST_DEMO_BUNDLES={given} lacks one of {', '.join(DEMO_VERSIONS)}")
         # a private copy all the same: tests must never depend on (or risk) a root they do not own
         return copy_root(root, tmp_path_factory.mktemp("demo_bundles") / "root")
-    from m2fpkit.export import build, specs
+    from reference import background
 
-    root = tmp_path_factory.mktemp("demo_bundles")
-    sf = specs.load()
-    for version in DEMO_VERSIONS:
-        build.export_version(sf.get(version), root)
-    build.update_aliases(root, sf.aliases)
-    return root
+    return background.step(_background, "demo_bundles")
 
 
 def copy_root(src: Path, dst: Path, versions: tuple[str, ...] | None = None) -> Path:

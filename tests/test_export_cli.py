@@ -471,10 +471,14 @@ def test_parity_gate_passes_with_the_reused_graph(reuse_onnx, ms_multi, tmp_bund
     reader.inspect(result.bundle_dir)
 
 
+def _no_tolerance(monkeypatch) -> None:
+    """The gate allowing no error at all: every real graph then fails it (its rounding differs from PyTorch's)."""
+    monkeypatch.setattr(parity, "NOISE_FACTOR", 0.0)
+    monkeypatch.setattr(parity, "ABS_FLOOR", 0.0)
+
+
 def test_parity_failure_on_tolerance_publishes_nothing(reuse_onnx, ms_multi, tmp_bundles, monkeypatch):
-    monkeypatch.setattr(parity, "ATOL", 0.0)
-    monkeypatch.setattr(parity, "RTOL", 0.0)
-    monkeypatch.setattr(parity, "MAX_ABS", 0.0)
+    _no_tolerance(monkeypatch)
     with pytest.raises(parity.ParityError) as info:
         build.export_version(_spec(ms_multi), tmp_bundles)
     msg = str(info.value)
@@ -514,7 +518,7 @@ def test_parity_failure_on_perturbed_output_publishes_nothing(reuse_onnx, ms_mul
 
 
 def test_parity_failure_through_the_cli(reuse_onnx, ms_multi, tmp_bundles, monkeypatch, caplog):
-    monkeypatch.setattr(parity, "MAX_ABS", 0.0)
+    _no_tolerance(monkeypatch)
     result = invoke("v5.0", "--source", str(ms_multi.model_dir), "--bundles", str(tmp_bundles))
     assert_clean_failure(result, caplog, "ONNX graph differs from the PyTorch model", "pred_masks")
     assert_nothing_published(tmp_bundles)
@@ -523,7 +527,7 @@ def test_parity_failure_through_the_cli(reuse_onnx, ms_multi, tmp_bundles, monke
 def test_parity_failure_keeps_the_old_version_on_force(reuse_onnx, ms_multi, tmp_bundles, monkeypatch):
     first = build.export_version(_spec(ms_multi), tmp_bundles)
     manifest = (first.bundle_dir / MANIFEST).read_bytes()
-    monkeypatch.setattr(parity, "MAX_ABS", 0.0)
+    _no_tolerance(monkeypatch)
     with pytest.raises(parity.ParityError):
         build.export_version(_spec(ms_multi), tmp_bundles, force=True)
     assert (first.bundle_dir / MANIFEST).read_bytes() == manifest
@@ -534,13 +538,15 @@ def test_parity_failure_keeps_the_old_version_on_force(reuse_onnx, ms_multi, tmp
 
 # ------------------------------------------------------------------------------ the graph cache
 
-def test_graph_cache_traces_an_architecture_once_for_any_weights(export_cache, tmp_path, monkeypatch, caplog):
+def test_graph_cache_traces_an_architecture_once_for_any_weights(export_cache, uncached_tiny_export, tmp_path,
+                                                                   monkeypatch, caplog):
     """The graph cache (the session's, ``conftest.export_cache``): one trace per architecture + export code,
     whatever the weights. A reused graph carries the new model's weights (the parity gate passes against
-    that model) and its files equal an uncached export of the same model byte for byte; ``off`` caches
-    nothing."""
+    that model) and its files equal an uncached export of the same model (a fresh trace, made by the
+    session's background builder) byte for byte; ``off`` caches nothing."""
     from m2fpkit.export.model import config as mcfg
     from m2fpkit.export.model.m2fp import build as build_model
+    from reference.background import UNCACHED_SEED
 
     traced: list[int] = []
     real_trace = onnx_export._trace
@@ -563,18 +569,19 @@ def test_graph_cache_traces_an_architecture_once_for_any_weights(export_cache, t
 
     first = export("a", seed=101)  # traced here unless an earlier test exported this architecture
     with caplog.at_level("INFO", logger="m2fpkit.export.onnx_export"):
-        second = export("b", seed=102)
+        second = export("b", seed=UNCACHED_SEED)
     assert len(traced) <= 1 and "reused from the export cache" in caplog.text
     assert files(first)[1] != files(second)[1]  # the weights are the new model's
-    report = parity.check(build_model(cfg, seed=102), second, [(256, 320), (320, 256), (320, 320)], enforce=True)
+    report = parity.check(build_model(cfg, seed=UNCACHED_SEED), second, [(256, 320), (320, 256), (320, 320)],
+                          enforce=True)
     assert report["passed"] is True
     assert (export_cache / onnx_export.cache_key(build_model(cfg), opset=18, example_hw=(256, 320))).is_dir()
+    assert files(uncached_tiny_export) == files(second)
     entries = sorted(export_cache.iterdir())
     monkeypatch.setenv(onnx_export.CACHE_ENV, "off")
-    before = len(traced)
-    uncached = export("c", seed=102)
-    assert len(traced) == before + 1
-    assert files(uncached) == files(second)
+    monkeypatch.setattr(onnx_export, "_trace", lambda model, **kwargs: pytest.fail("traced"))
+    with pytest.raises(pytest.fail.Exception, match="traced"):  # off: no lookup, straight to a trace
+        export("c", seed=UNCACHED_SEED)
     assert sorted(export_cache.iterdir()) == entries
 
 
@@ -647,7 +654,7 @@ def test_a_failed_export_changes_nothing_in_the_store(store, reuse_onnx, ms_mult
     before = alias_state(store)
     source = str(ms_multi.model_dir)
     if failure == "parity gate":
-        monkeypatch.setattr(parity, "MAX_ABS", 0.0)
+        _no_tolerance(monkeypatch)
     else:
         source = "random:nope"
     result = export_into(store, "v1.0", "--source", source, *flags)

@@ -180,18 +180,28 @@ def test_config_records_passed_parity(case):
     assert rep["passed"] is True
     assert rep["runtime"] == f"onnxruntime {ort.__version__}"
     tol = rep["tolerance"]
-    assert tol == {"atol": parity.ATOL, "rtol": parity.RTOL, "min_within": parity.MIN_WITHIN,
-                   "max_abs": parity.MAX_ABS, "min_label_agreement": parity.PARITY_MIN_AGREEMENT}
+    assert tol == {"noise_factor": parity.NOISE_FACTOR, "quantile": parity.QUANTILE, "abs_floor": parity.ABS_FLOOR,
+                   "threshold_factor": parity.THRESHOLD_FACTOR, "decisive_margin": parity.DECISIVE_MARGIN,
+                   "label_slack": parity.LABEL_SLACK}
     sizes = [(e["height"], e["width"]) for e in rep["inputs"]]
     assert len(sizes) >= 3 and len(set(sizes)) == len(sizes)
     assert sizes == parity_sizes(cfg.preprocess)
+    assert [e["reference"] for e in rep["inputs"]] == ["float64 PyTorch"] + ["float32 PyTorch"] * (len(sizes) - 1)
     for entry in rep["inputs"]:
         for name in ("pred_logits", "pred_masks"):
             fig = entry[name]
-            assert set(fig) >= {"max_abs", "max_rel", "within_tolerance"}
-            assert 0 <= fig["max_abs"] <= tol["max_abs"]
-            assert fig["within_tolerance"] >= tol["min_within"]
-        assert entry["label_agreement"] >= tol["min_label_agreement"]
+            assert 0 < fig["noise_rms"] <= fig["noise_quantile"]  # the floor was measured, not zero
+            assert fig["noise_ratio"] <= fig["allowed_ratio"]
+            assert fig["rms_error"] <= fig["allowed_ratio"] * fig["noise_rms"] + tol["abs_floor"] * fig["scale"]
+        labels = entry["labels"]
+        assert labels["decisive_pixels"] > 0 and labels["onnx_miss"] <= labels["fp32_miss"] + tol["label_slack"]
+        attention = entry["attention"]  # every masked-attention decision read; any flip within rounding of 0
+        assert attention["decisions"] == case_layers(case) and attention["worst_flip_logit"] <= attention[
+            "allowed_flip_logit"]
+
+
+def case_layers(case) -> int:
+    return int(case.config.architecture["decoder"]["dec_layers"])
 
 
 def test_bundle_describes_the_checkpoint(case):

@@ -139,7 +139,7 @@ def test_export_by_alias_records_the_lineage_and_tags_the_model_version(registry
     assert tag["parity"]["passed"] is True and tag["parity"]["gate"] == "enforced"
     for output in ("pred_logits", "pred_masks"):
         assert tag["parity"][output]["max_abs"] == max(e[output]["max_abs"] for e in parity["inputs"])
-        assert tag["parity"][output]["within_tolerance"] == min(e[output]["within_tolerance"] for e in parity["inputs"])
+        assert tag["parity"][output]["noise_ratio"] == max(e[output]["noise_ratio"] for e in parity["inputs"])
     assert tag["parity"]["label_agreement"] == min(e["label_agreement"] for e in parity["inputs"])
     assert "m2fpkit.bundle.v3.0" not in registry.client().get_model_version(MODEL, "2").tags
 

@@ -44,8 +44,7 @@ def test_the_agreement_floors_are_defined_once_in_the_bundle_config():
     copies = _found(floor, CONFIG)
     assert not copies, copies
     config = import_module(CONFIG)
-    assert 0 < config.GOLDEN_MIN_AGREEMENT <= config.PLAN_MIN_AGREEMENT <= 1
-    assert 0 < config.PARITY_MIN_AGREEMENT <= 1
+    assert 0 < config.GOLDEN_MIN_AGREEMENT <= config.PLAN_MIN_DECISIVE_AGREEMENT <= 1
 
 
 def test_label_map_agreement_is_computed_only_by_runtime_agreement():

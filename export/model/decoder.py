@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -94,6 +96,9 @@ class MaskedTransformerDecoder(nn.Module):
         self.class_embed = nn.Linear(d, cfg.num_classes + 1)
         self.mask_embed = MLP(d, d, cfg.mask_dim, 3)
         self.num_pos_feats = d // 2
+        #: None when serving or exporting. The parity gate sets it to see each layer's mask logits and choose
+        #: which pixels the layer hides (``export.parity``): (logits, hidden) → hidden, once per layer in order.
+        self.attention_hook: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def _mask_embedding(self, output: torch.Tensor) -> torch.Tensor:
         """``[Q, B, C]`` decoder state → ``[B, Q, mask_dim]`` per-query mask embeddings."""
@@ -108,7 +113,10 @@ class MaskedTransformerDecoder(nn.Module):
         the same logits without a stride-4 projection per layer. The rule runs on ``[B, Q, h·w]`` and is
         only broadcast over the heads at the end.
         """
-        m = torch.matmul(embedding, features.flatten(2)).sigmoid() < 0.5
+        logits = torch.matmul(embedding, features.flatten(2))
+        m = logits.sigmoid() < 0.5
+        if self.attention_hook is not None:
+            m = self.attention_hook(logits, m)
         m = m & ~m.all(-1, keepdim=True)
         bias = torch.zeros_like(m, dtype=embedding.dtype).masked_fill(m, float("-inf"))
         return bias.unsqueeze(1).expand(-1, self.num_heads, -1, -1).flatten(0, 1)

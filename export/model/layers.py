@@ -61,12 +61,12 @@ def sine_position_encoding(x: torch.Tensor, num_feats: int, temperature: float =
     """
     b, _, h, w = x.shape
     scale, eps = 2 * math.pi, 1e-6
-    ones = torch.ones((1, h, w), dtype=torch.float32, device=x.device)
-    y_embed = ones.cumsum(1, dtype=torch.float32)
-    x_embed = ones.cumsum(2, dtype=torch.float32)
+    ones = torch.ones((1, h, w), dtype=x.dtype, device=x.device)  # float64 for the parity gate's reference
+    y_embed = ones.cumsum(1, dtype=x.dtype)
+    x_embed = ones.cumsum(2, dtype=x.dtype)
     y_embed = y_embed / (y_embed[:, -1:, :] + eps) * scale
     x_embed = x_embed / (x_embed[:, :, -1:] + eps) * scale
-    dim_t = torch.arange(num_feats, dtype=torch.float32, device=x.device)
+    dim_t = torch.arange(num_feats, dtype=x.dtype, device=x.device)
     dim_t = temperature ** (2 * (dim_t // 2) / num_feats)
     pos_x = x_embed[:, :, :, None] / dim_t
     pos_y = y_embed[:, :, :, None] / dim_t

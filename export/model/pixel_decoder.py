@@ -154,8 +154,8 @@ class DeformableEncoder(nn.Module):
         """Centres of every cell of every level, normalised to [0, 1]: ``[1, S, 2]`` as (x, y)."""
         refs = []
         for h, w in shapes:
-            ys = (torch.arange(h, dtype=torch.float32, device=like.device) + 0.5) / h
-            xs = (torch.arange(w, dtype=torch.float32, device=like.device) + 0.5) / w
+            ys = (torch.arange(h, dtype=like.dtype, device=like.device) + 0.5) / h
+            xs = (torch.arange(w, dtype=like.dtype, device=like.device) + 0.5) / w
             ref_y = ys[:, None].expand(h, w).reshape(-1)
             ref_x = xs[None, :].expand(h, w).reshape(-1)
             refs.append(torch.stack((ref_x, ref_y), -1))

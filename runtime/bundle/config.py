@@ -79,8 +79,6 @@ class Variant:
 
 # The agreement floors: each the lowest share of pixels whose labels must agree (pixel agreement,
 # ``runtime.agreement.pixel_agreement``) for a graph to count as computing what the PyTorch model computed.
-#: export's parity gate: onnxruntime's semantic labels vs PyTorch's on every parity input (``export.parity``)
-PARITY_MIN_AGREEMENT = 0.995
 #: the golden self-test of the reference graph at load (final label map vs PyTorch's), when
 #: ``golden → min_agreement`` is absent; export writes this value there (``export.golden``)
 GOLDEN_MIN_AGREEMENT = 0.99

@@ -9,40 +9,31 @@ in the background at its first test, at low priority, so the trace runs on the c
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
-
-def benchmark_graph() -> Path | None:
-    """The benchmarks' cached ``r101`` multi-human graph if it was built from this export code by the
-    installed exporter versions (its stamp is current), else None."""
-    import onnxscript
-    import torch
-
-    from benchmarks import bundles as bench
-
-    config = bench.bundle_dir("full", "multi") / "config.json"
-    if not config.is_file() or bench.stale("full", "multi"):
-        return None
-    tools = json.loads(config.read_text()).get("tools", {})
-    if tools.get("torch") != torch.__version__ or tools.get("onnxscript") != onnxscript.__version__:
-        return None
-    return config.with_name("model.onnx")
+#: the seed of the full-depth graph's weights
+SEED = 0
 
 
-def export(path: Path) -> Path:
-    """Export the full-depth graph (at tiny widths, seed 0) to ``path``; returns ``path``."""
-    from m2fpkit.export import onnx_export
+def config(task: str = "multi-human"):
+    """``r101``'s layer counts at ``tiny``'s widths (an ``M2FPConfig``)."""
     from m2fpkit.export.model import config as mcfg
-    from m2fpkit.export.model.m2fp import build
 
-    tiny, r101 = mcfg.preset("tiny"), mcfg.preset("r101")
-    deep = dataclasses.replace(
+    tiny, r101 = mcfg.preset("tiny", task), mcfg.preset("r101", task)
+    return dataclasses.replace(
         tiny, backbone=dataclasses.replace(tiny.backbone, depth=r101.backbone.depth),
         encoder=dataclasses.replace(tiny.encoder, transformer_enc_layers=r101.encoder.transformer_enc_layers),
         decoder=dataclasses.replace(tiny.decoder, dec_layers=r101.decoder.dec_layers))
-    onnx_export.export_onnx(build(deep, seed=0), path, opset=18)
+
+
+def export(path: Path) -> Path:
+    """Export the full-depth graph (seed :data:`SEED`) to ``path`` through the graph cache of ``$M2FP_EXPORT_CACHE``
+    (the test session's: a later export of this architecture with other weights reuses the trace); returns ``path``."""
+    from m2fpkit.export import onnx_export
+    from m2fpkit.export.model.m2fp import build
+
+    onnx_export.export_onnx(build(config(), seed=SEED), path, opset=18)
     return path
 
 
