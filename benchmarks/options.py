@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from m2fpkit.runtime import cpu
-from m2fpkit.runtime.bundle.config import PLAN_MIN_AGREEMENT
+from m2fpkit.runtime.bundle.config import PLAN_MIN_DECISIVE_AGREEMENT
 
 from . import bundles
 from .common import Mode, Timer, graph_bundle, jpeg_bytes, log, person_image, run_all, run_child, summary, write_json
@@ -53,8 +53,9 @@ if TYPE_CHECKING:
     from m2fpkit.runtime.preprocess import Prepared
     from m2fpkit.runtime.session import RuntimeSettings, SessionFactory
 
-#: an option's worst label-map agreement below the plans' floor loses it (the bar a plan must pass to serve)
-AGREEMENT_BAR = PLAN_MIN_AGREEMENT
+#: an option's worst label-map agreement below the plans' decisive-pixel floor loses it (measured here on every
+#: pixel, a stricter bar than the one a plan must pass to serve)
+AGREEMENT_BAR = PLAN_MIN_DECISIVE_AGREEMENT
 
 #: name → (bundle role, what it changes)
 OPTIONS: dict[str, tuple[str, str]] = {

@@ -39,7 +39,7 @@ def _child(bundle_dir: Path, repeats: int, timing_runs: int) -> dict:
     factory = SessionFactory()
     planner = Planner(factory, plans.AUTO, cpu=cpu.detect(), timing_runs=timing_runs)
     out: dict = {"bundle": content.config.version, "cpu": cpu.detect().to_dict(),
-                 "engines": engine_versions(), "min_agreement": content.config.plans.min_agreement,
+                 "engines": engine_versions(), "min_agreement": content.config.plans.min_decisive_agreement,
                  "variants": sorted(content.config.plans.variants), "plans": {}}
     ready = {}
     for plan in plans.PLANS.values():
@@ -62,7 +62,9 @@ def _child(bundle_dir: Path, repeats: int, timing_runs: int) -> dict:
         if agreement is not None:
             entry["agreement"] = {"label": agreement.label, "semantic": agreement.semantic, "worst": agreement.worst}
         try:
-            planner.verify(plan, predictor)
+            evidence = planner.verify(plan, predictor)[1]
+            if evidence is not None:
+                entry["evidence"] = evidence.to_dict()
         except BundleError as exc:
             entry["refused"] = str(exc)
             log(f"plans: {plan.name} refused: {exc}")

@@ -96,7 +96,8 @@ def _box_footer(box: dict | None) -> str:
 
 def section_plans(p: dict) -> list[str]:
     out = ["## Execution plans on this box (multi-human bundle, one process)", "",
-           f"Golden agreement with the export's PyTorch fp32 reference (floor {_pct(p.get('min_agreement'))}); forward "
+           f"Golden agreement with the export's PyTorch fp32 reference; a plan is verified on evidence against "
+           f"ort-fp32 (floor {_pct(p.get('min_agreement'))} of decisive pixels, docs/plans.md); forward "
            f"on the {p.get('image')} image's input {p.get('input_shape')}, plans alternating, {p.get('repeats')} runs "
            "each; speed-up = paired ratio ort-fp32 / plan (median). A plan the golden check refused is timed too "
            "(what it would give where it verifies); the runtime never serves it.", "",

@@ -89,13 +89,17 @@ def make_config(spec: VersionSpec, ck: sources.Checkpoint, pre: Preprocess, repo
 
 
 def export_version(spec: VersionSpec, bundles: Path, *, force: bool = False,
-                   enforce_parity: bool = True, calibration: Path | None = None) -> ExportResult:
+                   enforce_parity: bool = True, calibration: Path | None = None,
+                   golden_image: Path | None = None, strict_golden: bool = False) -> ExportResult:
     """Build ``spec`` into ``bundles/m2fp/<version>``; nothing is published unless parity passes.
 
     With ``spec.int8`` the bundle also ships an int8 QDQ variant calibrated on the images of
     ``calibration`` (default: synthetic scenes), its golden agreement recorded (``config.json → plans``).
     ``enforce_parity=False`` is for benchmark bundles only: a parity failure is recorded in
     ``config.json → parity`` (``gate: "recorded, not enforced"``) instead of stopping the export.
+    The golden sample is ``golden_image`` (a photo, decoded before anything is staged) or a drawn scene of
+    people (``export.golden``); ``strict_golden`` refuses the export when its label map is degenerate
+    (``runtime.bundle.golden_check``) instead of recording it in ``config.json → golden → degenerate``.
     """
     store = BundleStore(bundles, MODEL)
     progress = Progress(8 if spec.int8 else 7, f"{spec.version}:")
@@ -103,6 +107,7 @@ def export_version(spec: VersionSpec, bundles: Path, *, force: bool = False,
     writer.check_new(store, spec.version, force=force)
     # what can fail without a stage fails before one: a bad source or spec leaves the store untouched
     images = quantize.calibration_images(calibration) if spec.int8 else []
+    golden_rgb = golden.read_image(golden_image) if golden_image is not None else None
     with progress(f"load source {spec.source}"):
         ck = sources.resolve(spec.source, task=spec.task)
         if spec.task and ck.config.task != spec.task:
@@ -130,7 +135,11 @@ def export_version(spec: VersionSpec, bundles: Path, *, force: bool = False,
             }
             onnx_export.set_metadata(onnx_path, metadata)
         with progress("golden sample (PyTorch label map, checked by the runtime at load)"):
-            config = dataclasses.replace(config, golden=golden.write_golden(model, config, stage))
+            sample = golden.write_golden(model, config, stage, golden_rgb)
+            if strict_golden and sample.degenerate:
+                raise ExportError(f"{spec.version}: golden sample degenerate ({sample.degenerate}); "
+                                  "--strict-golden refuses it (pass --golden IMAGE with a photo of people)")
+            config = dataclasses.replace(config, golden=sample)
         if spec.int8:
             with progress("int8 variant (static QDQ, calibrated) and its golden agreement"):
                 variant = quantize.write_int8(stage, config, images)

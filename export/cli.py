@@ -60,6 +60,12 @@ def _alias_names(ctx: click.Context, param: click.Parameter, value: tuple[str, .
 @click.option("--calibration", type=click.Path(file_okay=False, exists=True, path_type=Path),
               help="Directory of real photos (JPEG/PNG) to calibrate the int8 variant on; shipped in the bundle "
                    "(default: synthetic scenes, fine for random weights only).")
+@click.option("--golden", "golden_image", type=click.Path(dir_okay=False, path_type=Path), metavar="IMAGE",
+              help="Golden sample: this photo (JPEG/PNG/…, people in it) instead of the drawn scene of people; "
+                   "the runtime re-parses it at every load.")
+@click.option("--strict-golden", is_flag=True,
+              help="Refuse an export whose golden label map is degenerate (one class, or no person pixel) instead "
+                   "of marking it in config.json.")
 @click.option("--mlflow-tag", is_flag=True,
               help="After export, tag the MLflow model version with the bundle's content key and parity figures "
                    "(mlflow: sources only).")
@@ -74,8 +80,8 @@ def _alias_names(ctx: click.Context, param: click.Parameter, value: tuple[str, .
 @click.option("-q", "--quiet", is_flag=True, help="Warnings and errors only.")
 def main(versions: tuple[str, ...], build_all: bool, list_specs: bool, source: str | None, task: str | None,
          channel: str | None, bundles: Path, specs_path: Path | None, force: bool, int8: bool,
-         calibration: Path | None, mlflow_tag: bool, alias_names: tuple[str, ...], apply_aliases: bool,
-         verbose: int, quiet: bool) -> None:
+         calibration: Path | None, golden_image: Path | None, strict_golden: bool, mlflow_tag: bool,
+         alias_names: tuple[str, ...], apply_aliases: bool, verbose: int, quiet: bool) -> None:
     """Export M2FP VERSIONS (e.g. v1.2) into verified, self-describing ONNX bundles under --bundles
     (created if it does not exist).
 
@@ -120,6 +126,8 @@ def main(versions: tuple[str, ...], build_all: bool, list_specs: bool, source: s
 
     if calibration:  # the photos are checked before minutes of export, not after
         build.quantize.calibration_images(calibration)
+    if golden_image is not None:  # so is the golden photo: a bad one fails before any stage is written
+        build.golden.read_image(golden_image)
     failed = []
     for version in versions:
         if not is_version_name(version):
@@ -137,7 +145,8 @@ def main(versions: tuple[str, ...], build_all: bool, list_specs: bool, source: s
         if int8 or calibration:
             spec = dataclasses.replace(spec, int8=True)
         try:
-            result = build.export_version(spec, bundles, force=force, calibration=calibration)
+            result = build.export_version(spec, bundles, force=force, calibration=calibration,
+                                          golden_image=golden_image, strict_golden=strict_golden)
         except (M2FPError, OSError) as exc:
             logging.getLogger("m2fpkit.export").error("%s: %s", version, one_line(exc))
             failed.append(version)

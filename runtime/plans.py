@@ -81,20 +81,25 @@ class PlanChoice:
 
     plan: Plan
     mode: str
-    #: golden-sample label-map agreement of the served plan with the fp32 PyTorch reference (None: no golden)
+    #: the reference: its golden-sample label-map agreement with the fp32 PyTorch reference; another plan: its
+    #: semantic labels' agreement with ort-fp32 on ort-fp32's decisive pixels of its evidence (None: no golden)
     agreement: float | None
     #: median forward seconds on the golden input in its last race (None: not raced — a single verified candidate)
     forward_seconds: float | None
-    #: the decision came from the plan cache (only the chosen plan was built)
+    #: the decision came from the plan cache (only the chosen plan was built, and the reference for its evidence)
     cached: bool
     cpu: str
-    #: every candidate considered: {name: {"agreement", "forward_seconds"} | {"skipped": reason}}
+    #: every candidate considered: {name: {"agreement", "forward_seconds"[, "evidence"][, "raced", "time_ratio"]}
+    #: | {"skipped": reason[, "evidence"]}}; "evidence" (``plan_evidence.Evidence.to_dict``) for each plan judged
+    #: against ort-fp32
     trials: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: how the plan was decided: "timed", "cache", "previous content", "named" or "only candidate"
     basis: str = "timed"
+    #: the served plan's evidence, measured by this load (None: the reference, which the golden self-test verifies)
+    evidence: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.plan.to_dict(), "mode": self.mode, "agreement": self.agreement,
+        return {**self.plan.to_dict(), "mode": self.mode, "agreement": self.agreement, "evidence": self.evidence,
                 "forward_seconds": self.forward_seconds, "cached": self.cached, "basis": self.basis,
                 "cpu": self.cpu,
                 "trials": self.trials}

@@ -217,6 +217,7 @@ async def meta(request: web.Request) -> web.Response:
         "parity": cfg.parity, "source": cfg.source, "tools": cfg.tools,
         "random_weights": cfg.random_weights, "weights_note": cfg.weights_note,
         "plan": status.plan if status else None,
+        "golden": status.golden if status else None,
     }, headers={"X-Model-Version": cfg.version})
 
 
@@ -251,7 +252,7 @@ async def metrics(request: web.Request) -> web.Response:
     m, registry = app[keys.METRICS], app[keys.REGISTRY]
     for event, n in registry.events.items():
         m.lifecycle.labels(event).set(n)
-    for gauge in (m.loaded, m.failed, m.load_seconds, m.plan, m.plan_agreement):
+    for gauge in (m.loaded, m.failed, m.load_seconds, m.plan, m.plan_agreement, m.golden_degenerate):
         gauge.clear()
     for s in registry.status().versions:
         m.loaded.labels(s.version, s.state.value).set(1 if s.loaded else 0)
@@ -261,6 +262,8 @@ async def metrics(request: web.Request) -> web.Response:
             m.failed.labels(s.version, "update").set(1)
         if s.load_seconds is not None:
             m.load_seconds.labels(s.version).set(s.load_seconds)
+        if s.golden is not None:
+            m.golden_degenerate.labels(s.version).set(1 if s.golden["degenerate"] else 0)
         if s.plan is not None:
             m.plan.labels(s.version, s.plan["name"], s.plan["engine"], s.plan["precision"]).set(1)
             if s.plan["agreement"] is not None:

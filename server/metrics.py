@@ -56,8 +56,13 @@ class Metrics:
                                   "(verify, session, warm-up, self-test)", ["version"], registry=r)
         self.plan = Gauge("m2fp_version_plan_info", "1 for the execution plan a loaded version serves with",
                           ["version", "plan", "engine", "precision"], registry=r)
-        self.plan_agreement = Gauge("m2fp_version_plan_agreement", "Golden-sample label-map agreement of the "
-                                    "served plan with the fp32 PyTorch reference (0..1)", ["version"], registry=r)
+        self.golden_degenerate = Gauge("m2fp_golden_degenerate", "1 if the version's golden sample is degenerate "
+                                       "(one class, or no person pixel, in its golden label map: its self-test "
+                                       "proves little), 0 if not; absent without a golden sample",
+                                       ["version"], registry=r)
+        self.plan_agreement = Gauge("m2fp_version_plan_agreement", "Agreement of the served plan (0..1): ort-fp32's "
+                                    "golden label map with PyTorch's; another plan's labels with ort-fp32's on its "
+                                    "decisive pixels of the evidence images", ["version"], registry=r)
         self.weights = Gauge("m2fp_weight_bytes", "Weights of the loaded versions: 'used' by their sessions, "
                              "'mapped' once for all (identical tensors are shared)", ["kind"], registry=r)
         self.shadow_runs = Counter("m2fp_shadow_runs_total", "Shadow comparisons", ["primary", "candidate", "outcome"],

@@ -212,7 +212,8 @@ def test_golden_is_a_frozen_dataclass_read_from_the_format_export_writes():
                                 ("Background", "Face", "Hair"))
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.golden.min_agreement = 0.5  # type: ignore[misc]
-    assert json.loads(cfg.to_json())["golden"] == GOLDEN_ON_DISK  # written back in the same shape
+    # written back in the same shape, with ``degenerate`` (null: this config records no verdict) added
+    assert json.loads(cfg.to_json())["golden"] == {**GOLDEN_ON_DISK, "degenerate": None}
     assert BundleConfig.from_bytes(cfg.to_json().encode()) == cfg
     assert cfg.files()[-3:] == ("golden/input.png", "golden/labels.png", "golden/semantic.png")
 

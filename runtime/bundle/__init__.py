@@ -12,6 +12,7 @@ module                        one job
 :mod:`.writer`                **write** one: stage → weights index → config → manifest → signature →
                               verify → atomic publish
 :mod:`.config`                ``config.json`` ⇄ :class:`BundleConfig`; the agreement floors
+:mod:`.golden_check`          the one rule of a *degenerate* golden label map (one class, or no person)
 :mod:`.versions`              the version and alias name grammar, semantic-version order
 :mod:`.manifest`              ``manifest.json``: size and SHA-256 of every file
 :mod:`.weights_index`         ``weights.json``: where each tensor lies in the data file

@@ -82,18 +82,41 @@ class Variant:
 #: the golden self-test of the reference graph at load (final label map vs PyTorch's), when
 #: ``golden → min_agreement`` is absent; export writes this value there (``export.golden``)
 GOLDEN_MIN_AGREEMENT = 0.99
-#: a non-reference execution plan (another engine or precision) on the golden sample, when
-#: ``plans → min_agreement`` is absent (``runtime.plans``)
-PLAN_MIN_AGREEMENT = 0.995
+
+# A non-reference execution plan (another engine, layout or precision) against ``ort-fp32`` on its evidence
+# images, the golden sample and generated scenes (``runtime.plan_evidence``); each floor is overridden by the
+# ``config.json → plans`` key of the same name in lower case (``PLAN_MIN_X`` → ``min_x``).
+#: share of ort-fp32's decisive pixels (``runtime.agreement.decisive``) whose semantic label the plan matches
+PLAN_MIN_DECISIVE_AGREEMENT = 0.999
+#: the lowest per-class IoU of the plan's semantic label map with ort-fp32's, over the classes that hold
+#: at least :data:`PLAN_MIN_CLASS_PIXELS` pixels of ort-fp32's map
+PLAN_MIN_CLASS_IOU = 0.9
+#: the least evidence: ort-fp32's decisive pixels over all evidence images (at the agreement floor's
+#: default, ten disagreeing pixels then refuse a plan)
+PLAN_MIN_DECISIVE_PIXELS = 10_000
+#: a class counts (for the evidence and for the IoU floor) with at least this many of ort-fp32's pixels
+PLAN_MIN_CLASS_PIXELS = 100
+#: the least evidence: classes on ort-fp32's decisive pixels (a declared value may raise it, never lower it:
+#: a one-class comparison proves nothing)
+PLAN_MIN_CLASSES = 2
 PRECISIONS = ("int8",)
 
 
 @dataclass(frozen=True)
 class Plans:
-    """``config.json → plans``: the graph variants this bundle ships and the agreement floor for plans."""
+    """``config.json → plans``: the graph variants this bundle ships and the evidence a plan must show.
 
-    min_agreement: float = PLAN_MIN_AGREEMENT
+    ``decisive_margin`` None: ``runtime.agreement.DECISIVE_MARGIN``. A ``min_agreement`` (the floor of the
+    whole-map golden agreement with PyTorch that this rule replaced) is still checked to be a fraction, then
+    ignored: it measured another thing, and a low value written for it must not loosen this rule."""
+
     variants: dict[str, Variant] = field(default_factory=dict)
+    min_decisive_agreement: float = PLAN_MIN_DECISIVE_AGREEMENT
+    min_class_iou: float = PLAN_MIN_CLASS_IOU
+    decisive_margin: float | None = None
+    min_decisive_pixels: int = PLAN_MIN_DECISIVE_PIXELS
+    min_class_pixels: int = PLAN_MIN_CLASS_PIXELS
+    min_classes: int = PLAN_MIN_CLASSES
 
 
 @dataclass(frozen=True)
@@ -109,6 +132,9 @@ class Golden:
     min_agreement: float = GOLDEN_MIN_AGREEMENT
     #: names of the classes in ``label_map`` (descriptive)
     classes_present: tuple[str, ...] = ()
+    #: why export found ``label_map`` degenerate (``bundle.golden_check.judge``), None when it was not or
+    #: the bundle predates the field; descriptive: the runtime judges the label map itself
+    degenerate: str | None = None
 
     def files(self) -> tuple[str, ...]:
         return (self.image, self.label_map, *((self.semantic,) if self.semantic else ()))
@@ -444,8 +470,22 @@ def _parse_plans(d: Any) -> Plans:
             calibration=tuple(_file_name(f, f"{vp}calibration → {i}") for i, f in enumerate(calibration)),
             agreement=None if agreement is None else _fraction(agreement, vp + "agreement"),
         )
-    return Plans(min_agreement=_fraction(d.get("min_agreement", PLAN_MIN_AGREEMENT), p + "min_agreement"),
-                 variants=variants)
+    if "min_agreement" in d:  # the replaced floor (see Plans): still a fraction, no longer a rule
+        _fraction(d["min_agreement"], p + "min_agreement")
+    margin = d.get("decisive_margin")
+    return Plans(
+        variants=variants,
+        min_decisive_agreement=_fraction(d.get("min_decisive_agreement", PLAN_MIN_DECISIVE_AGREEMENT),
+                                         p + "min_decisive_agreement"),
+        min_class_iou=_fraction(d.get("min_class_iou", PLAN_MIN_CLASS_IOU), p + "min_class_iou"),
+        decisive_margin=None if margin is None else _fraction(margin, p + "decisive_margin"),
+        min_decisive_pixels=_at_least(_get(d, "min_decisive_pixels", p, int, PLAN_MIN_DECISIVE_PIXELS), 1,
+                                      p + "min_decisive_pixels"),
+        min_class_pixels=_at_least(_get(d, "min_class_pixels", p, int, PLAN_MIN_CLASS_PIXELS), 1,
+                                   p + "min_class_pixels"),
+        min_classes=_at_least(_get(d, "min_classes", p, int, PLAN_MIN_CLASSES), PLAN_MIN_CLASSES,
+                              p + "min_classes", 1024),
+    )
 
 
 def _parse_golden(d: Any) -> Golden:
@@ -456,10 +496,14 @@ def _parse_golden(d: Any) -> Golden:
     classes = _get(d, "classes_present", p, list, [])
     if not all(isinstance(c, str) for c in classes):
         raise _err(p + "classes_present", "expected a list of class names")
+    degenerate = d.get("degenerate")
+    if degenerate is not None and (not isinstance(degenerate, str) or not degenerate.strip()):
+        raise _err(p + "degenerate", f"expected null or the reason, got {jsonfile.brief(degenerate)}")
     return Golden(
         image=_file_name(d.get("image"), p + "image"),
         label_map=_file_name(d.get("label_map"), p + "label_map"),
         semantic=None if semantic is None else _file_name(semantic, p + "semantic"),
         min_agreement=_fraction(d.get("min_agreement", GOLDEN_MIN_AGREEMENT), p + "min_agreement"),
         classes_present=tuple(classes),
+        degenerate=degenerate,
     )

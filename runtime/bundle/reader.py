@@ -27,6 +27,7 @@ distribution alike. :func:`stat_fingerprint` is only a cheap "did anything chang
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from collections.abc import Iterator
@@ -40,6 +41,7 @@ from ..errors import BundleError, IntegrityError, MalformedFile
 from . import manifest as manifest_mod
 from . import regular, signature, weights_index
 from .config import CONFIG, BundleConfig
+from .golden_check import GoldenVerdict, judge_bundle
 from .manifest import MANIFEST, SIDE_FILES, Manifest
 from .signature import NO_KEYS, TrustPolicy
 from .weights_index import IndexEntry, WeightsIndex
@@ -329,6 +331,14 @@ class BundleContent:
     def config(self) -> BundleConfig:
         return self.info.config
 
+    @functools.cached_property
+    def golden_verdict(self) -> GoldenVerdict | None:
+        """Is the golden sample degenerate, and why (``.degenerate``, ``.reason``, ``.classes``): the runtime's
+        own verdict on the verified golden label map (``golden_check.judge``), None without a golden sample;
+        BundleError if that map is unreadable. Judged once per content."""
+        golden = self.config.golden
+        return None if golden is None else judge_bundle(self.config, self.files[golden.label_map])
+
     def model_bytes(self) -> bytes:
         return self.files[self.info.config.model_file]
 
@@ -375,6 +385,17 @@ def _hash_range(fd: int, h: Any, start: int, length: int, rel: str) -> None:
         h.update(chunk)
         start += len(chunk)
         length -= len(chunk)
+
+
+def read_listed(info: BundleInfo, rel: str) -> bytes:
+    """File ``rel`` of a verified bundle read again from disk, checked against its manifest entry
+    (IntegrityError if it is not listed or no longer holds the listed bytes)."""
+    entry = info.manifest.files.get(rel)
+    if entry is None:
+        raise IntegrityError(f"{rel} is not in {MANIFEST}")
+    data = _read_verified(info.path, rel, entry, True)
+    assert data is not None  # keep=True
+    return data
 
 
 def load(bundle_dir: str | os.PathLike, trust: TrustPolicy = NO_KEYS) -> BundleContent:

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from ..bundle import reader
 from ..bundle.config import BundleConfig
+from ..bundle.golden_check import GoldenVerdict
 from ..errors import BundleError, VersionUnavailable
 from ..memory import rss_bytes, trim_heap
 from ..planner import Planner
@@ -97,6 +98,9 @@ class Slot:
     last_used: float = 0.0
     removed: bool = False
     requests: int = 0
+    #: the runtime's verdict on the golden label map of the content ``config`` describes (``golden_check``):
+    #: read from disk at discovery, from the verified bytes at load; None without a golden sample or unknown
+    golden: GoldenVerdict | None = None
 
     @property
     def state(self) -> State:
@@ -156,10 +160,12 @@ class Lifecycle:
         slot = self.slots[name] = Slot(name, path, fingerprint=fingerprint)
         return slot
 
-    def offer(self, slot: Slot, info: reader.BundleInfo) -> None:
-        """Verified content on disk: describe it, or load it aside when another content is serving."""
+    def offer(self, slot: Slot, info: reader.BundleInfo, golden: GoldenVerdict | None = None) -> None:
+        """Verified content on disk (``golden``: the verdict on its golden label map): describe it, or load it
+        aside when another content is serving."""
         if slot.active is None:
             slot.config, slot.reason, slot.identity = info.config, None, info.identity
+            slot.golden = golden
             log.info("%s: discovered (%s, %s)", slot.name, info.config.task, info.config.channel)
         elif info.identity == slot.active.predictor.identity:
             slot.update_error = None  # files touched or rewritten with the very same content
@@ -199,6 +205,7 @@ class Lifecycle:
         # the plan's golden verification is the self-test, and its run the warm-up (no second run)
         predictor = self.planner.load(reader.load(path, self.options.trust))
         try:
+            _ = predictor.content.golden_verdict  # judged here, off the event loop (cached on the content)
             if self.options.warmup and not predictor.config.golden:
                 predictor.warmup()
         except Exception:
@@ -233,7 +240,7 @@ class Lifecycle:
         """``new`` serves the slot from now on; a predictor it replaces is released (swap)."""
         old = slot.active
         slot.active, slot.config, slot.fingerprint = new, new.predictor.config, new.fingerprint
-        slot.identity = new.predictor.identity
+        slot.identity, slot.golden = new.predictor.identity, new.predictor.content.golden_verdict
         slot.reason, slot.update_error, slot.was_loaded = None, None, True
         slot.last_used = time.monotonic()
         self.events["loads"] += 1

@@ -15,8 +15,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
 from ..bundle import reader
+from ..bundle.golden_check import GoldenVerdict, judge_bundle
 from ..bundle.signature import TrustPolicy
 from ..bundle.store import BundleStore
 from ..errors import BundleError
@@ -24,6 +26,21 @@ from ..priority import run_in_background
 from .lifecycle import Lifecycle
 
 log = logging.getLogger(__name__)
+
+
+def _inspect_sync(path: Path, trust: TrustPolicy) -> tuple[reader.BundleInfo, GoldenVerdict | None]:
+    """``reader.inspect``, and the verdict on the golden label map it verified (``golden_check``), read again
+    and checked against the manifest; None without a golden sample, or if that file changed since (the load
+    then judges the bytes it verifies)."""
+    info = reader.inspect(path, trust)
+    golden = info.config.golden
+    if golden is None:
+        return info, None
+    try:
+        return info, judge_bundle(info.config, reader.read_listed(info, golden.label_map))
+    except (BundleError, OSError) as exc:
+        log.info("%s: golden label map not judged before load: %s", info.version, exc)
+        return info, None
 
 
 class ScannedStore(BundleStore):
@@ -56,10 +73,10 @@ class Scanner:
         self.view = ScannedStore(store)
         self._lock = asyncio.Lock()
 
-    async def _inspect(self, version: str) -> reader.BundleInfo:
+    async def _inspect(self, version: str) -> tuple[reader.BundleInfo, GoldenVerdict | None]:
         loop = asyncio.get_running_loop()
         # hashing a whole bundle must not stall the forwards being served
-        return await loop.run_in_executor(self.lifecycle.executor, run_in_background, reader.inspect,
+        return await loop.run_in_executor(self.lifecycle.executor, run_in_background, _inspect_sync,
                                           self.store.dir / version, self.trust)
 
     async def adopt(self, version: str) -> str | None:
@@ -68,10 +85,10 @@ class Scanner:
             path = self.store.dir / version
             fingerprint = await asyncio.to_thread(reader.stat_fingerprint, path)
             try:
-                info = await self._inspect(version)
+                info, golden = await self._inspect(version)
             except BundleError as exc:
                 return str(exc)
-            self.lifecycle.offer(self.lifecycle.add(version, path, fingerprint), info)
+            self.lifecycle.offer(self.lifecycle.add(version, path, fingerprint), info, golden)
             return None
 
     async def scan(self) -> None:
@@ -93,8 +110,8 @@ class Scanner:
                     slot = self.lifecycle.add(name, path)
                 slot.fingerprint = fingerprint
                 try:
-                    info = await self._inspect(name)
+                    info, golden = await self._inspect(name)
                 except BundleError as exc:
                     self.lifecycle.refuse(slot, str(exc))
                     continue
-                self.lifecycle.offer(slot, info)
+                self.lifecycle.offer(slot, info, golden)

@@ -50,6 +50,9 @@ class VersionStatus:
     shared_weight_bytes: int
     #: the execution plan the loaded content serves with and its evidence (``PlanChoice.to_dict``)
     plan: dict[str, Any] | None = None
+    #: the runtime's verdict on the golden sample (``GoldenVerdict.to_dict``: degenerate, reason, classes);
+    #: None without a golden sample (or before it could be read)
+    golden: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A new JSON-ready dict (the caller may add to it)."""
@@ -95,7 +98,8 @@ def version_status(slot: Slot, aliases: list[str], pinned: bool, now: float) -> 
         load_seconds=round(active.load_seconds, 3) if active else None,
         memory_bytes=active.memory_bytes if active else 0,
         shared_weight_bytes=active.shared_bytes if active else 0,
-        plan=active.predictor.plan.to_dict() if active and active.predictor.plan else None)
+        plan=active.predictor.plan.to_dict() if active and active.predictor.plan else None,
+        golden=slot.golden.to_dict() if slot.golden else None)
 
 
 def snapshot(slots: Mapping[str, Slot], names: Names, last_known_good: str) -> RegistrySnapshot:

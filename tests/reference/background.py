@@ -68,7 +68,8 @@ def _demo_bundles(out: Path) -> None:
     from server_fixtures import DEMO_VERSIONS
 
     sf = specs.load()
-    for version in DEMO_VERSIONS:
+    # single-human first: the main process traces the multi-human architecture for ms_multi meanwhile
+    for version in sorted(DEMO_VERSIONS, key=lambda v: sf.get(v).task != "single-human"):
         build.export_version(sf.get(version), out)
     build.update_aliases(out, sf.aliases)
 
