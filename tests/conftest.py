@@ -66,23 +66,26 @@ def export_cache(tmp_path_factory: pytest.TempPathFactory):
         os.environ[CACHE_ENV] = before
 
 
-#: fixtures the background builder (``reference.background``) makes; it starts when a collected test uses one
-BACKGROUND_FIXTURES = {"demo_root", "full_depth_graph", "uncached_tiny_export"}
+#: the background builder's step (``reference.background``) behind each fixture it serves
+BACKGROUND_FIXTURES = {"demo_root": "demo_bundles", "uncached_tiny_export": "uncached",
+                       "full_depth_graph": "full_depth"}
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _background(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
                 export_cache: Path) -> Iterator[tuple[subprocess.Popen, Path] | None]:
-    """The background builder, started at the session's first test when a collected test needs what it makes:
+    """The background builder, started at the session's first test with the steps the collected tests need:
     niced, one thread, through the session's graph cache; killed at the end if still running."""
-    if not any(BACKGROUND_FIXTURES & set(getattr(item, "fixturenames", ())) for item in request.session.items):
+    used = set().union(*(getattr(item, "fixturenames", ()) for item in request.session.items))
+    steps = [step for fixture, step in BACKGROUND_FIXTURES.items() if fixture in used]
+    if not steps:
         yield None
         return
     base = tmp_path_factory.mktemp("background")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with open(base / "log.txt", "wb") as log:  # a file, not a pipe: nobody reads it until the end
-        proc = subprocess.Popen(["nice", "-n", "10", sys.executable, "-m", "reference.background", str(base)],
-                                cwd=Path(__file__).parent, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(["nice", "-n", "10", sys.executable, "-m", "reference.background", str(base),
+                                 *steps], cwd=Path(__file__).parent, env=env, stdout=log, stderr=subprocess.STDOUT)
     yield proc, base
     if proc.poll() is None:
         proc.kill()

@@ -1,7 +1,8 @@
 """What the test session builds on the core the (mostly single-threaded) suite leaves idle.
 
-``python -m reference.background DIR`` (from ``tests/``, with the session's ``$M2FP_EXPORT_CACHE``) makes, in
-the order the suite first needs them, each published by an atomic rename so a reader sees all or nothing:
+``python -m reference.background DIR [STEP...]`` (from ``tests/``, with the session's ``$M2FP_EXPORT_CACHE``)
+makes the steps asked for (default: all), in the order the suite first needs them, each published by an atomic
+rename so a reader sees all or nothing:
 
 1. ``DIR/demo_bundles``: the demo versions of ``export/versions.toml`` and their aliases (``demo_root``). It
    traces the single-human architecture; the multi-human one is traced by the main process for ``ms_multi``
@@ -42,7 +43,8 @@ def wait_for(base: Path, step: str, alive, timeout: float = 900.0) -> Path:
         if not alive():
             if (base / step).exists():  # published just before it exited
                 return base / step
-            raise RuntimeError(f"the background builder exited before {step} (log: {base / 'log.txt'})")
+            raise RuntimeError(f"the background builder exited before {step}, or was not asked for it "
+                               f"(log: {base / 'log.txt'})")
         if time.monotonic() > deadline:
             raise RuntimeError(f"background step {step} not done after {timeout:.0f} s")
         time.sleep(0.2)
@@ -94,10 +96,12 @@ def _full_depth(out: Path) -> None:
     full_depth.export(out / "model.onnx")
 
 
-def main(base: Path) -> int:
+def main(base: Path, wanted: list[str]) -> int:
     cache = os.environ.get("M2FP_EXPORT_CACHE")
     failed = 0
     for step, make in zip(STEPS, (_demo_bundles, _uncached, _full_depth)):
+        if step not in wanted:
+            continue
         tmp = base / f".{step}.tmp"
         try:
             make(tmp)
@@ -113,4 +117,4 @@ def main(base: Path) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(Path(sys.argv[1])))
+    sys.exit(main(Path(sys.argv[1]), sys.argv[2:] or list(STEPS)))
