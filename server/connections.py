@@ -1,18 +1,26 @@
-"""Connections: how many one client and all clients may hold, and how long a request head may take.
+"""Connections: how many one client and all clients may hold, how long a request head may take, and how
+long a client may leave what is sent to it untaken.
 
 Invariants (bounds in :class:`~m2fpkit.server.config.ServerConfig`, documented in docs/limits.md):
 
 * at most ``max_connections`` connections are open (by default the descriptor limit minus those in use at
   start and :data:`FD_RESERVE`), at most ``max_connections_per_client`` from one client address. A new
   connection over a cap first closes the oldest *idle* one (no request under way) of that client, or of
-  anyone at the global cap; when none is idle it is answered 503 and closed, before any of it is read;
+  anyone at the global cap; when none is idle it is answered 503 and closed, before any of it is read
+  (what its client sent is dropped: see :meth:`GuardedHandler.refuse`);
 * a request head (request line and headers) must be complete within ``header_timeout`` s of the
   connection's accept, or of the first byte of the next request on a kept-alive connection; else 408 and
-  the connection is closed. An idle kept-alive connection is aiohttp's: closed after ``keepalive_timeout``.
+  the connection is closed. An idle kept-alive connection is aiohttp's: closed after ``keepalive_timeout``;
+* a client must take what is sent to it: a connection whose writing stays paused for ``write_timeout`` s
+  (the transport's buffer went over its high-water mark, 64 KiB, and has not come down to its low-water
+  mark, 16 KiB, since), or that is closing and still holds unsent bytes ``write_timeout`` s after, is
+  aborted (asyncio's ``close`` waits for the buffer to drain with no deadline: the connection, its reply and
+  its descriptor would stay as long as the client wished). An evicted connection drops its unsent bytes at
+  once, so that its descriptor is free when the guard counts it free.
 
 The client is the connection's peer address (an IPv6 client by its /64 prefix); headers such as
-X-Forwarded-For are never trusted for this. aiohttp has no head deadline: :class:`GuardedHandler` is its
-``RequestHandler`` with one, made by the protocol factory of :class:`GuardedSite`.
+X-Forwarded-For are never trusted for this. aiohttp has neither a head deadline nor a write deadline:
+:class:`GuardedHandler` is its ``RequestHandler`` with both, made by the protocol factory of :class:`GuardedSite`.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ import os
 import resource
 import socket
 from collections import OrderedDict
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
@@ -40,10 +48,18 @@ FD_RESERVE = 64
 BACKLOG = 64
 #: idle connections looked at, oldest first, before a new one over the global cap is refused
 _EVICT_SCAN = 32
+#: seconds a refused connection stays open after its 503, for its client to read it (see ``refuse``)
+REFUSED_LINGER = 1.0
+#: refused connections staying open at once (their descriptors come from the accept batch kept free)
+MAX_LINGERING = 16
 #: what :class:`GuardedHandler` reads of aiohttp's handler (checked at import: an aiohttp that renames
 #: them fails here, loudly, instead of silently losing the head deadline)
 _USED = ("_request_count", "_messages", "_force_close", "_loop")
+#: and what it overrides or calls of it beyond them (an override of a renamed method would never run)
+_HOOKS = ("connection_made", "connection_lost", "data_received", "eof_received", "start", "finish_response",
+          "force_close", "pause_writing", "resume_writing", "writing_paused")
 _missing = [name for name in _USED if not any(name in getattr(k, "__slots__", ()) for k in RequestHandler.__mro__)]
+_missing += [name for name in _HOOKS if not hasattr(RequestHandler, name)]
 if _missing:
     raise ImportError(f"aiohttp {RequestHandler.__module__}.RequestHandler lacks {', '.join(_missing)}: "
                       "server/connections.py needs updating for this aiohttp")
@@ -106,6 +122,10 @@ class ConnectionGuard:
         self._by_client: dict[str, dict[GuardedHandler, None]] = {}
         self.refused = 0
         self.evicted = 0
+        #: refused connections open now (``GuardedHandler.refuse``)
+        self.lingering = 0
+        #: connections aborted because their client took nothing for ``write_timeout`` s
+        self.aborted = 0
 
     def __len__(self) -> int:
         return len(self._open)
@@ -132,7 +152,7 @@ class ConnectionGuard:
             if conn.idle():
                 log.debug("closing idle connection from %s to make room", conn.client)
                 self.evicted += 1
-                conn.force_close()
+                conn.evict()
                 self.release(conn)
                 return True
         return False
@@ -152,14 +172,22 @@ class ConnectionGuard:
 
 
 class GuardedHandler(RequestHandler):
-    """aiohttp's connection handler, counted by a :class:`ConnectionGuard` and with a request-head deadline."""
+    """aiohttp's connection handler, counted by a :class:`ConnectionGuard`, with a request-head deadline and a
+    write deadline."""
 
-    def __init__(self, manager: web.Server, *, guard: ConnectionGuard, header_timeout: float, **kwargs: Any) -> None:
+    def __init__(self, manager: web.Server, *, guard: ConnectionGuard, header_timeout: float, write_timeout: float,
+                 **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
-        self.guard, self.header_timeout = guard, header_timeout
+        self.guard, self.header_timeout, self.write_timeout = guard, header_timeout, write_timeout
         self.client = "local"
         self._admitted = False
+        #: the transport from the accept to ``connection_lost`` (aiohttp lets go of it when it closes it; its
+        #: descriptor stays open until its buffer is sent)
+        self._socket: asyncio.Transport | None = None
         self._head_timer: asyncio.TimerHandle | None = None
+        self._write_timer: asyncio.TimerHandle | None = None
+        #: a refused connection's close (``refuse``)
+        self._linger: asyncio.TimerHandle | None = None
         self._head_bytes = 0
         #: requests answered on this connection (aiohttp's ``_request_count`` counts the heads received)
         self._answered = 0
@@ -170,23 +198,63 @@ class GuardedHandler(RequestHandler):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.client = client_key(transport.get_extra_info("peername"))
         refusal = self.guard.admit(self)
-        if refusal is not None:  # never handed to aiohttp: answered and closed, nothing read
+        if refusal is not None:  # never handed to aiohttp: answered and closed, nothing of it parsed
             self.guard.refused += 1
             log.warning("connection from %s refused: %s", self.client, refusal)
-            assert isinstance(transport, asyncio.Transport)
-            transport.write(_answer(503, "Service Unavailable", "too_many_connections", refusal, "Retry-After: 1\r\n"))
-            transport.close()
+            self.refuse(cast(asyncio.Transport, transport), refusal)
             return
         self._admitted = True
+        self._socket = cast(asyncio.Transport, transport)
         super().connection_made(transport)
         self._arm()  # a new connection: its first head is due header_timeout s after the accept
 
+    def refuse(self, transport: asyncio.Transport, refusal: str) -> None:
+        """Answer 503 and close without handing the connection to aiohttp. The answer is followed by a FIN,
+        and what the client sends is read and dropped (``data_received``) until it closes, or for
+        :data:`REFUSED_LINGER` s: closing a socket with unread bytes resets the connection, and the client
+        loses its 503 (a busy server, the one refusing, often finds the request already queued). At most
+        :data:`MAX_LINGERING` refused connections stay open so; others are closed at once."""
+        transport.write(_answer(503, "Service Unavailable", "too_many_connections", refusal, "Retry-After: 1\r\n"))
+        if self.guard.lingering >= MAX_LINGERING or not transport.can_write_eof():
+            transport.close()
+            return
+        self.guard.lingering += 1
+        self._linger = self._loop.call_later(REFUSED_LINGER, transport.abort)
+        transport.write_eof()
+
     def connection_lost(self, exc: BaseException | None) -> None:
         self._disarm()
+        self._unwatch()
+        self._socket = None
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+            self.guard.lingering -= 1
         if self._admitted:
             self._admitted = False
             self.guard.release(self)
             super().connection_lost(exc)
+
+    async def start(self) -> None:
+        try:
+            await super().start()
+        finally:
+            self._watch_close()  # aiohttp closes the transport when it is done with the connection
+
+    def force_close(self) -> None:
+        super().force_close()
+        self._watch_close()
+
+    def eof_received(self) -> None:
+        super().eof_received()
+        self._watch()  # the client's FIN: asyncio closes the transport once this returns
+
+    def evict(self) -> None:
+        """Close at once, dropping unsent bytes (those of an answered reply its client is not reading)."""
+        sock = self._socket
+        self.force_close()
+        if sock is not None and sock.get_write_buffer_size():
+            sock.abort()
 
     def idle(self) -> bool:
         """No request under way: nothing of a head received, every head received answered, no body unfinished."""
@@ -220,6 +288,39 @@ class GuardedHandler(RequestHandler):
             if self._head_timer is None:  # the next request started on a kept-alive connection
                 self._arm()
 
+    # ----------------------------------------------------------------------------- write deadline
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._watch()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._socket is not None and not self._socket.is_closing():
+            self._unwatch()  # the client took its bytes (a closing transport keeps its deadline)
+
+    def _watch_close(self) -> None:
+        if self._socket is not None and self._socket.is_closing():
+            self._watch()
+
+    def _watch(self) -> None:
+        if self._write_timer is None and self._socket is not None:
+            self._write_timer = self._loop.call_later(self.write_timeout, self._write_expired)
+
+    def _unwatch(self) -> None:
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+
+    def _write_expired(self) -> None:
+        self._write_timer = None
+        sock = self._socket
+        if sock is None or not (self.writing_paused or sock.is_closing()):
+            return
+        self.guard.aborted += 1
+        log.info("connection from %s aborted: %d bytes not taken within %g s (--write-timeout)", self.client,
+                 sock.get_write_buffer_size(), self.write_timeout)
+        sock.abort()
+
     # ------------------------------------------------------------------------------ head deadline
     def _arm(self) -> None:
         self._disarm()
@@ -251,9 +352,10 @@ class GuardedSite(web.BaseSite):
     """A listening socket bound beforehand (``serve.bind``) whose connections are :class:`GuardedHandler`."""
 
     def __init__(self, runner: web.AppRunner, sock: socket.socket, guard: ConnectionGuard, header_timeout: float,
-                 handler_args: dict[str, Any], backlog: int = BACKLOG) -> None:
+                 write_timeout: float, handler_args: dict[str, Any], backlog: int = BACKLOG) -> None:
         super().__init__(runner, backlog=backlog)
-        self._sock, self.guard, self.header_timeout, self.handler_args = sock, guard, header_timeout, handler_args
+        self._sock, self.guard, self.handler_args = sock, guard, handler_args
+        self.header_timeout, self.write_timeout = header_timeout, write_timeout
         host, port = sock.getsockname()[:2]
         self._name = f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
@@ -269,6 +371,6 @@ class GuardedSite(web.BaseSite):
 
         def protocol() -> GuardedHandler:
             return GuardedHandler(server, loop=loop, guard=self.guard, header_timeout=self.header_timeout,
-                                  **self.handler_args)
+                                  write_timeout=self.write_timeout, **self.handler_args)
 
         self._server = await loop.create_server(protocol, sock=self._sock, backlog=self._backlog)

@@ -29,18 +29,25 @@ class BindError(Exception):
 
 
 def bind(host: str, port: int) -> list[socket.socket]:
-    """Listening sockets for every address ``host`` resolves to (as aiohttp's TCPSite would open)."""
+    """Listening sockets for every address ``host`` resolves to (as aiohttp's TCPSite would open: an address
+    family the host cannot make sockets of, such as IPv6 on a kernel without it, is skipped)."""
     where = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         raise BindError(f"cannot listen on {where}: {exc.strerror} (check --host)") from None
     socks: list[socket.socket] = []
+    lacking: OSError | None = None
     try:
         for family, kind, proto, _, addr in infos:
             if any(s.getsockname()[:2] == addr[:2] and s.family == family for s in socks):
                 continue
-            sock = socket.socket(family, kind, proto)
+            try:
+                sock = socket.socket(family, kind, proto)
+            except OSError as exc:  # as asyncio's create_server: a family this host lacks is skipped
+                log.debug("no socket of family %s for %s: %s", family, addr[0], exc)
+                lacking = exc
+                continue
             socks.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio does for a TCP server
             if family == socket.AF_INET6:
@@ -54,6 +61,9 @@ def bind(host: str, port: int) -> list[socket.socket]:
         hint = ("another process listens there: stop it, or choose another port with --port N "
                 "(make serve: PORT=N)") if exc.errno == errno.EADDRINUSE else "check --host and --port"
         raise BindError(f"cannot listen on {where}: {exc.strerror or exc} — {hint}") from None
+    if not socks:
+        reason = (lacking.strerror or str(lacking)) if lacking is not None else "no address"
+        raise BindError(f"cannot listen on {where}: {reason} — check --host and --port")
     return socks
 
 
@@ -67,14 +77,15 @@ async def start(app: web.Application, socks: list[socket.socket], cfg: ServerCon
     try:
         guard = ConnectionGuard(descriptor_cap(cfg.max_connections), cfg.max_connections_per_client)
         for sock in socks:
-            await GuardedSite(runner, sock, guard, cfg.header_timeout, handler_args, backlog=BACKLOG).start()
+            await GuardedSite(runner, sock, guard, cfg.header_timeout, cfg.write_timeout, handler_args,
+                              backlog=BACKLOG).start()
     except BaseException:
         await runner.cleanup()
         raise
     names = ", ".join(sorted(site.name for site in runner.sites))
     log.info("listening on %s: at most %d connections (%s per client), request heads within %g s, idle "
-             "keep-alive %g s", names, guard.max_connections, cfg.max_connections_per_client or "no cap",
-             cfg.header_timeout, cfg.keepalive_timeout)
+             "keep-alive %g s, replies taken within %g s", names, guard.max_connections,
+             cfg.max_connections_per_client or "no cap", cfg.header_timeout, cfg.keepalive_timeout, cfg.write_timeout)
     return runner, guard
 
 

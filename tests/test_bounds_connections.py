@@ -1,6 +1,8 @@
 """What one client can make the server hold in connections (``server/connections.py``, ``server/serve.py``):
 a request head has a deadline, an idle keep-alive connection does not; one address holds at most its share of
-connections and all of them stay below the descriptor limit, so other clients keep being served; a busy port
+connections and all of them stay below the descriptor limit, so other clients keep being served, and a refused
+client reads its 503; a client that does not take what is sent to it loses its connection after the write
+deadline, descriptor included; shutdown answers the request under way and closes the rest; a busy port
 fails in one line before anything loads. Everything on loopback; a second client is another loopback address
 (127.0.0.2)."""
 
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from m2fpkit.server import serve
 from m2fpkit.server.app import make_app
@@ -91,6 +94,16 @@ async def drip(conn: Conn, every: float = 0.2) -> None:
     while True:
         conn.writer.write(b"X")
         await asyncio.sleep(every)
+
+
+async def until(predicate, what: str, timeout: float = 5.0) -> float:
+    """Poll ``predicate`` until true; seconds waited (fails naming ``what`` after ``timeout``)."""
+    t0 = time.monotonic()
+    while not predicate():
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"not seen within {timeout:g} s: {what}")
+        await asyncio.sleep(0.02)
+    return time.monotonic() - t0
 
 
 # ------------------------------------------------------------------------------------------ head deadline
@@ -183,6 +196,42 @@ async def test_an_idle_connection_makes_room_for_a_new_one_from_its_address(serv
             c.close()
 
 
+async def test_a_refused_client_whose_request_was_already_sent_reads_its_503_not_a_reset(server):
+    """Before: a busy server (when caps are reached) finds the request of a connection it refuses already
+    queued; closing with unread bytes makes the kernel reset the connection, and the client saw
+    "connection reset by peer" instead of the 503 and its Retry-After. Now the refusal is sent with a FIN
+    and what the client sends is read and dropped until it closes (or for ``REFUSED_LINGER`` s)."""
+    port, guard = await server(max_connections_per_client=1, header_timeout=30)
+    holder = await Conn.open(port)
+    holder.writer.write(HEAD_START)  # mid-head: not idle, so not evicted
+    await until(lambda: len(guard) == 1, "the holder admitted")
+    loop = asyncio.get_running_loop()
+    refused: list[socket.socket] = []
+    try:
+        for _ in range(5):  # connect and send while the event loop is held (blocking calls): a busy server
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            sock.setblocking(False)
+            refused.append(sock)
+        time.sleep(0.2)
+        for sock in refused:
+            data = b""
+            while chunk := await asyncio.wait_for(loop.sock_recv(sock, 4096), 5):
+                data += chunk
+            head, _, body = data.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 1" in head, data
+            assert json.loads(body)["error"] == "too_many_connections"
+        assert guard.refused == 5 and len(guard) == 1
+        for sock in refused:
+            sock.close()
+        await until(lambda: guard.lingering == 0, "the refused connections closed once their clients closed",
+                    timeout=0.5)  # well before REFUSED_LINGER
+    finally:
+        for sock in refused:
+            sock.close()
+        holder.close()
+
+
 async def test_all_clients_together_hold_at_most_max_connections(server):
     port, guard = await server(max_connections=3, max_connections_per_client=0, header_timeout=30)
     drips = [await Conn.open(port, f"127.0.0.{i}") for i in (1, 2, 3)]
@@ -199,6 +248,126 @@ async def test_all_clients_together_hold_at_most_max_connections(server):
             t.cancel()
         for c in drips:
             c.close()
+
+
+# ---------------------------------------------------------------------------------- replies nobody reads
+async def unread_reply(port: int, guard, path: str) -> tuple[socket.socket, object, asyncio.Transport]:
+    """A client that asks for ``path`` and never reads, with small socket buffers at both ends (its receive
+    window, the server's send buffer) so that the reply's tail waits in aiohttp's transport, not in the
+    kernel; (its socket, the server's handler of that connection, the handler's transport)."""
+    loop = asyncio.get_running_loop()
+    before = set(guard._open)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+    sock.setblocking(False)
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    await until(lambda: set(guard._open) - before, "the connection admitted")
+    (conn,) = set(guard._open) - before
+    transport = conn.transport
+    transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    await loop.sock_sendall(sock, f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+    return sock, conn, transport
+
+
+async def test_a_reply_its_client_does_not_read_does_not_hold_the_connection_past_the_write_timeout(server):
+    """Before: a client that asked for the OpenAPI document (172 KB) and read nothing held its connection (a
+    slot of both caps, a descriptor, the reply) for as long as it stayed connected: aiohttp waits for its
+    buffer to drain with no deadline, and a connection with a request under way is neither idle (no eviction)
+    nor under the keep-alive timeout. Now: writing paused for ``write_timeout`` s aborts it."""
+    port, guard = await server(write_timeout=1.0, keepalive_timeout=30, header_timeout=30)
+    sock, conn, transport = await unread_reply(port, guard, "/api/openapi.json")
+    try:
+        await until(lambda: conn.writing_paused, "the reply stuck at the transport's high-water mark")
+        assert not conn.idle()
+        waited = await until(lambda: len(guard) == 0, "the connection aborted", timeout=6)
+        assert 0.8 <= waited < 3.0, waited
+        assert transport.get_extra_info("socket").fileno() == -1  # the descriptor is closed
+    finally:
+        sock.close()
+
+
+async def test_a_connection_closed_with_unsent_bytes_is_aborted_after_the_write_timeout(server):
+    """Before: once aiohttp closed an idle kept-alive connection whose client had not read the tail of its
+    reply (34 KB: all of it written, below the high-water mark), asyncio kept the socket open until the tail
+    was taken, with no deadline: the connection stayed counted, its descriptor open, as long as its client
+    wished. Now it is aborted ``write_timeout`` s after the close."""
+    port, guard = await server(write_timeout=1.0, keepalive_timeout=2.0, header_timeout=30)
+    sock, conn, transport = await unread_reply(port, guard, "/")
+    try:
+        await until(transport.is_closing, "the keep-alive timeout closing the connection")
+        assert conn.idle() and transport.get_write_buffer_size() > 0  # answered, its tail unsent
+        waited = await until(lambda: len(guard) == 0, "the closing connection aborted", timeout=6)
+        assert waited < 3.0, waited
+        assert transport.get_extra_info("socket").fileno() == -1
+    finally:
+        sock.close()
+
+
+async def test_evicting_an_idle_connection_with_unsent_bytes_frees_its_descriptor_at_once(server):
+    """Before: eviction closed such a connection gracefully, so its socket stayed open until its client read
+    the tail (never) while the guard counted it gone: one address, at its cap of connections, could hold any
+    number of descriptors by opening new connections. Now an evicted connection's unsent bytes are dropped."""
+    port, guard = await server(max_connections_per_client=1, write_timeout=30, keepalive_timeout=30,
+                               header_timeout=30)
+    sock, conn, transport = await unread_reply(port, guard, "/")
+    newcomer = None
+    try:
+        await until(lambda: conn.idle() and transport.get_write_buffer_size() > 0, "the reply answered, its tail "
+                                                                                   "unsent")
+        newcomer = await Conn.open(port)
+        assert await newcomer.get() == 200  # room made by evicting the idle one
+        await until(lambda: transport.get_extra_info("socket").fileno() == -1, "the evicted socket closed",
+                    timeout=2)
+        assert guard.count("127.0.0.1") == 1 and guard.evicted == 1
+    finally:
+        sock.close()
+        if newcomer is not None:
+            newcomer.close()
+
+
+# ------------------------------------------------------------------------------------------- shutdown
+async def test_shutdown_lets_the_request_under_way_finish_and_closes_the_other_connections(empty_root):
+    """``runner.cleanup()`` (what SIGTERM runs): the listening socket closes, a request being handled is
+    answered, an idle kept-alive connection and one halfway through its head are closed without waiting
+    for it, and every connection leaves the guard."""
+    cfg = ServerConfig(bundles=empty_root, header_timeout=30, drain_timeout=10)
+    app = make_app(cfg)
+    started = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        started.set()
+        await asyncio.sleep(1.5)
+        return web.json_response({"done": True})
+
+    app.router.add_get("/slow", slow)
+    socks = serve.bind("127.0.0.1", 0)
+    port = socks[0].getsockname()[1]
+    runner, guard = await serve.start(app, socks, cfg)
+    conns: list[Conn] = []
+    cleanup: asyncio.Future | None = None
+    try:
+        conns = [await Conn.open(port) for _ in range(3)]
+        busy, idle, heading = conns
+        busy.writer.write(b"GET /slow HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert await idle.get() == 200
+        heading.writer.write(HEAD_START)
+        await asyncio.wait_for(started.wait(), 5)
+        await until(lambda: len(guard) == 3, "three connections admitted")
+        t0 = time.monotonic()
+        cleanup = asyncio.ensure_future(runner.cleanup())
+        for c in (idle, heading):
+            assert await c.closed_within(1.0) is not None
+        assert time.monotonic() - t0 < 1.0  # not after the slow request
+        with pytest.raises(OSError):
+            await Conn.open(port)  # no longer listening
+        status, body, _ = await busy.response(timeout=5)
+        assert status == 200 and body == {"done": True}
+        await asyncio.wait_for(cleanup, 10)
+        assert len(guard) == 0
+    finally:
+        for c in conns:
+            c.close()
+        await (cleanup if cleanup is not None else runner.cleanup())
 
 
 # ------------------------------------------------------------------------------- a real process, few fds
@@ -287,6 +456,33 @@ def test_a_busy_port_fails_in_one_line_before_anything_loads(latest_only_root, t
     lines = out.splitlines()
     assert len(lines) == 1, out
     assert f"127.0.0.1:{port}" in lines[0] and "--port" in lines[0] and "PORT=" in lines[0], out
+
+
+def test_an_address_family_the_host_lacks_is_skipped_as_asyncio_does(monkeypatch):
+    """Before: a host name resolving to an IPv6 address on a kernel without IPv6 (``socket()`` fails with
+    EAFNOSUPPORT) refused to start, where aiohttp's own site (asyncio's ``create_server``) skips the family
+    and listens on the others. A host with no usable family at all still fails in one line."""
+    real_socket = socket.socket
+
+    def no_ipv6(family=socket.AF_INET, *args, **kwargs):
+        if family == socket.AF_INET6:
+            raise OSError(97, "Address family not supported by protocol")
+        return real_socket(family, *args, **kwargs)
+
+    infos = [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", 0, 0, 0)),
+             (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", 0))]
+    monkeypatch.setattr(serve.socket, "getaddrinfo", lambda *a, **k: infos)
+    monkeypatch.setattr(serve.socket, "socket", no_ipv6)
+    socks = serve.bind("localhost", 0)
+    try:
+        assert [s.family for s in socks] == [socket.AF_INET]
+        assert socks[0].getsockname()[0] == "127.0.0.1"
+    finally:
+        for s in socks:
+            s.close()
+    monkeypatch.setattr(serve.socket, "getaddrinfo", lambda *a, **k: infos[:1])
+    with pytest.raises(serve.BindError, match=r"cannot listen on localhost:0: .*--host"):
+        serve.bind("localhost", 0)
 
 
 # ------------------------------------------------------------------------------------------ pure parts

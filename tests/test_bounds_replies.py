@@ -15,15 +15,19 @@ import asyncio
 import dataclasses
 import json
 import socket
+import struct
 import time
 import zlib
 from pathlib import Path
 
+import aiohttp
 import numpy as np
 import pytest
 import tritonclient.http as triton
 from prometheus_client.parser import text_string_to_metric_families
 
+from m2fpkit.server import keys
+from m2fpkit.server import serve as serving
 from m2fpkit.server.app import make_app
 from m2fpkit.server.config import ServerConfig
 
@@ -153,6 +157,65 @@ async def test_a_reply_the_client_does_not_take_is_cut_at_the_write_deadline(ser
         sock.close()
     small, small_headers = infer_body(png_bytes(160, 120), {"label_map": True})
     assert (await client.post(INFER, data=small, headers=small_headers)).status == 200  # budget released
+
+
+@pytest.fixture
+async def served(latest_only_root: Path):
+    """``start(**limits)`` runs the app as ``m2fp-serve`` does (``serve.start``: its connection handler, and
+    handlers left running when their client hangs up, where ``aiohttp_client``'s test server cancels them);
+    (port, app)."""
+    runners = []
+
+    async def start(root: Path = latest_only_root, **limits):
+        cfg = dataclasses.replace(ServerConfig(bundles=root), **limits)
+        app = make_app(cfg)
+        socks = serving.bind("127.0.0.1", 0)
+        runner, _ = await serving.start(app, socks, cfg)
+        runners.append(runner)
+        return socks[0].getsockname()[1], app
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+def sample(app, name: str, **labels: str) -> float:
+    return app[keys.METRICS].registry.get_sample_value(name, labels) or 0.0
+
+
+async def test_a_client_hanging_up_mid_reply_releases_its_bytes_and_is_counted_gone(served):
+    """The other way a reply ends early: its client resets the connection while its 16 MB reply waits to be
+    taken. The lease is released at once (not at the write deadline, 30 s here), the cut is counted
+    ``client_gone``, not ``write_timeout``, and the client's next reply fits the budget again."""
+    port, app = await served(reply_bytes_per_client=20 * 2**20)
+    body, headers = infer_body(flat_png(2000, 2000), {"label_map": True})
+    expected = 2000 * 2000 * 4
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    head = (f"POST {INFER} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(body)}\r\n"
+            + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n").encode()
+    try:
+        await loop.sock_sendall(sock, head + body)
+        # the reply is being sent (its lease was taken before inference): its first bytes are here
+        first = await asyncio.wait_for(loop.sock_recv(sock, 64), 60)
+        assert first.startswith(b"HTTP/1.1 200"), first
+        assert sample(app, "m2fp_reply_bytes_in_flight") >= expected
+    finally:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = reset
+        sock.close()
+    t0 = time.monotonic()
+
+    async def gone() -> bool:
+        return sample(app, "m2fp_replies_cut_total", reason="client_gone") == 1
+    await until(gone, "the reset counted as client_gone", timeout=10)
+    assert time.monotonic() - t0 < 10 < ServerConfig().write_timeout  # not the write deadline's doing
+    assert sample(app, "m2fp_reply_bytes_in_flight") == 0
+    assert sample(app, "m2fp_replies_cut_total", reason="write_timeout") == 0
+    async with aiohttp.ClientSession() as session:  # the whole budget is this client's again
+        async with session.post(f"http://127.0.0.1:{port}{INFER}", data=body, headers=headers) as r:
+            assert r.status == 200 and len(await r.read()) > expected
 
 
 # --------------------------------------------------------------------------- JSON output (fault 2)
