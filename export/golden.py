@@ -46,11 +46,7 @@ MULTI_HUMAN_SIZE = (384, 512)
 def scene_size(config: BundleConfig) -> tuple[int, int]:
     """``(height, width)`` of the default golden scene: the canvas of a single-human bundle (within the
     generator's side limits), else :data:`MULTI_HUMAN_SIZE`."""
-    canvas = config.preprocess.canvas
-    if config.preprocess.resize == "center-canvas" and canvas:
-        w, h = canvas
-        return (min(max(h, figures.MIN_SIDE), figures.MAX_SIDE), min(max(w, figures.MIN_SIDE), figures.MAX_SIDE))
-    return MULTI_HUMAN_SIZE
+    return figures.size_for(config.preprocess.resize, config.preprocess.canvas, MULTI_HUMAN_SIZE)
 
 
 def default_image(config: BundleConfig) -> np.ndarray:

@@ -623,6 +623,15 @@ def _compose(rng: np.random.Generator, cv: _Canvas, humans: np.ndarray, backdrop
     return cv2.convertScaleAbs(cv2.max(img, 0.0))
 
 
+def size_for(resize: str, canvas: tuple[int, int] | None, default: tuple[int, int]) -> tuple[int, int]:
+    """``(height, width)`` of a scene for a bundle's preprocessing: a center-canvas bundle's canvas
+    (``(width, height)``, each side clamped to MIN_SIDE..MAX_SIDE), else ``default``."""
+    if resize == "center-canvas" and canvas:
+        w, h = canvas
+        return min(max(h, MIN_SIDE), MAX_SIDE), min(max(w, MIN_SIDE), MAX_SIDE)
+    return default
+
+
 def scene(seed: int, height: int = 384, width: int = 512, *, task: str = "multi-human",
           people: int | None = None) -> Scene:
     """Draw scene ``seed``: ``people`` persons (default 2-4 for multi-human, 1 for single-human).

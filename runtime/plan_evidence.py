@@ -75,11 +75,7 @@ class ReferenceMaps:
 
 def scene_size(config: BundleConfig) -> tuple[int, int]:
     """``(height, width)`` of the generated evidence scenes of ``config``'s bundle."""
-    canvas = config.preprocess.canvas
-    if config.preprocess.resize == "center-canvas" and canvas:
-        w, h = canvas
-        return (min(max(h, figures.MIN_SIDE), figures.MAX_SIDE), min(max(w, figures.MIN_SIDE), figures.MAX_SIDE))
-    return MULTI_HUMAN_SCENE
+    return figures.size_for(config.preprocess.resize, config.preprocess.canvas, MULTI_HUMAN_SCENE)
 
 
 def evidence_tensors(predictor: Predictor) -> list[np.ndarray]:
