@@ -28,7 +28,9 @@ status in one place (``server/errors.py``), the CLIs print one line for any of t
     │   ├── UndecodableImage
     │   ├── UnsupportedImageFormat                                                       -> 415
     │   ├── ImageTooLarge          pixel count over the limit (header, decoder, result)  -> 413
-    │   └── BadAspectRatio                                                               -> 422
+    │   ├── BadAspectRatio                                                               -> 422
+    │   └── DatasetError           labeled data is unusable: a dataset's file or a label  -> 400
+    │                              map (``.file`` names it; ``quality.dataset``)
     └── Overloaded                 no capacity to queue the request                      -> 503
 """
 
@@ -140,6 +142,16 @@ class ImageTooLarge(InputError):
 
 class BadAspectRatio(InputError):
     pass
+
+
+class DatasetError(InputError):
+    """Labeled data (a dataset directory's file, or a label map given with an image) is unusable; ``file``
+    names it (a dataset file by its path under the dataset directory as given, an upload by the caller's name)."""
+
+    def __init__(self, file: str, reason: str) -> None:
+        super().__init__(f"{file}: {reason}")
+        self.file = file
+        self.reason = reason
 
 
 class Overloaded(M2FPError):
