@@ -15,11 +15,12 @@ from aiohttp import web
 from m2fpkit.runtime.registry import Registry
 from m2fpkit.runtime.routes_file import RoutesError
 
-from . import admin, compare, distribution, handlers, keys, oip, replies
+from . import admin, compare, distribution, handlers, keys, oip, replies, score
 from .admission import Admission
 from .config import ServerConfig
 from .errors import HTTPProblem, classify, error_response
 from .metrics import Metrics
+from .quality import GradeBoard, grades_dir
 from .routes_state import RoutesState
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ async def request_context(request: web.Request, handler) -> web.StreamResponse:
     request[keys.REQUEST_ID], id_ok = request_id(request)
     t0 = time.perf_counter()
     metrics = request.app[keys.METRICS]
-    is_parse = request.path.endswith(("/parse", "/infer"))  # /api/{v}/parse and OIP infer
+    is_parse = request.path.endswith(("/parse", "/infer", "/score"))  # /api/{v}/parse|score and OIP infer
     if is_parse:
         metrics.in_flight.inc()
     try:
@@ -88,6 +89,7 @@ async def runtime_context(app: web.Application) -> AsyncIterator[None]:
     app[keys.ROUTES] = routes
     app[keys.ADMISSION] = Admission.for_config(cfg)
     app[keys.BACKGROUND] = set()
+    app[keys.GRADES] = grades = GradeBoard(grades_dir(cfg.runtime.state_dir, registry.store.dir))
     try:
         await registry.start()  # serves the last-known-good set first when one is recorded
     except BaseException:
@@ -103,6 +105,7 @@ async def runtime_context(app: web.Application) -> AsyncIterator[None]:
                 raise
             log.error("routes file refused (%s); serving the last-known-good routes", exc)
         await registry.preload()  # versions the routes weight or alias are pinned: load them now
+    await grades.current()  # the first read, so that the first requests show the grades
     stop = asyncio.Event()
     watcher = asyncio.ensure_future(routes.watch(stop)) if cfg.runtime.watch else None
     status = registry.status()
@@ -119,6 +122,7 @@ async def runtime_context(app: web.Application) -> AsyncIterator[None]:
         background: set[asyncio.Future] = app[keys.BACKGROUND]
         for t in list(background):
             t.cancel()
+        grades.close()
         await registry.close(drain_timeout=cfg.drain_timeout)
 
 
@@ -138,6 +142,7 @@ def make_app(config: ServerConfig | None = None) -> web.Application:
     app.router.add_get("/api/openapi.json", handlers.openapi)
     app.router.add_get("/api/versions", handlers.versions)
     app.router.add_post("/api/{version}/parse", handlers.parse)
+    app.router.add_post("/api/{version}/score", score.score)
     app.router.add_post("/api/compare", compare.compare)
     app.router.add_get("/api/{version}/meta", handlers.meta)
     app.router.add_get("/admin/routes", admin.get_routes)

@@ -7,7 +7,7 @@ import functools
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +19,11 @@ from m2fpkit.runtime.bundle.jsonfile import brief
 from m2fpkit.runtime.bundle.versions import check_name, is_api_version, is_version_name
 from m2fpkit.runtime.errors import UnknownVersion, VersionUnavailable
 from m2fpkit.runtime.predictor import ImageLimits, Predictor
+from m2fpkit.runtime.quality.grades import Grade
 from m2fpkit.runtime.registry import RegistrySnapshot
 from m2fpkit.runtime.routes_file import Routes
 
-from . import keys, render, replies
+from . import keys, quality, render, replies
 from .errors import HTTPProblem, public_reason
 from .intake import read_image
 from .routing import bucket, pick
@@ -179,16 +180,19 @@ def maybe_shadow(request: web.Request, primary: str, data: bytes) -> None:
 
 
 # ------------------------------------------------------------------------------- introspection
-def versions_body(snapshot: RegistrySnapshot, routes: Routes) -> dict:
-    """``/api/versions``: the registry's snapshot with each version's routing weight, and the routes.
+def versions_body(snapshot: RegistrySnapshot, routes: Routes,
+                  grades: Mapping[str, Sequence[Grade]] | None = None) -> dict:
+    """``/api/versions``: the registry's snapshot with each version's routing weight, its grades (``grades``:
+    bundle identity → grades, most recent first; ``server/quality.py``), and the routes.
 
     Unauthenticated: a version's ``reason`` / ``update_error`` are shown as public reasons (no paths, no
     library text; the full text was logged when the version failed)."""
-    weights = dict(routes.weights)
+    weights, grades = dict(routes.weights), grades or {}
     body = snapshot.to_dict()
     body["versions"] = [{**s.to_dict(), "weight": weights.get(s.version, 0.0),
                          "reason": None if s.reason is None else public_reason(s.reason),
-                         "update_error": None if s.update_error is None else public_reason(s.update_error)}
+                         "update_error": None if s.update_error is None else public_reason(s.update_error),
+                         "quality": [quality.to_public(g) for g in grades.get(s.identity or "", ())]}
                         for s in snapshot.versions]
     body["routes"] = routes.to_dict()
     return body
@@ -196,7 +200,8 @@ def versions_body(snapshot: RegistrySnapshot, routes: Routes) -> dict:
 
 async def versions(request: web.Request) -> web.Response:
     app = request.app
-    return web.json_response(versions_body(app[keys.REGISTRY].status(), app[keys.ROUTES].current))
+    grades = await app[keys.GRADES].current()
+    return web.json_response(versions_body(app[keys.REGISTRY].status(), app[keys.ROUTES].current, grades))
 
 
 async def meta(request: web.Request) -> web.Response:
@@ -208,6 +213,7 @@ async def meta(request: web.Request) -> web.Response:
     if cfg is None:
         raise VersionUnavailable(f"{version} has no readable config")
     status = registry.status().get(version)
+    graded = await request.app[keys.GRADES].of(status.identity if status else None)
     return web.json_response({
         "version": cfg.version, "semver": str(cfg.semver), "name": cfg.name, "task": cfg.task,
         "channel": cfg.channel, "notes": cfg.notes, "created_at": cfg.created_at, "backbone": cfg.backbone,
@@ -218,6 +224,7 @@ async def meta(request: web.Request) -> web.Response:
         "random_weights": cfg.random_weights, "weights_note": cfg.weights_note,
         "plan": status.plan if status else None,
         "golden": status.golden if status else None,
+        "quality": graded,
     }, headers={"X-Model-Version": cfg.version})
 
 
@@ -250,11 +257,15 @@ async def readyz(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     app = request.app
     m, registry = app[keys.METRICS], app[keys.REGISTRY]
+    grades = await app[keys.GRADES].current()  # before the gauges are cleared: no await between clear and fill
     for event, n in registry.events.items():
         m.lifecycle.labels(event).set(n)
-    for gauge in (m.loaded, m.failed, m.load_seconds, m.plan, m.plan_agreement, m.golden_degenerate):
+    for gauge in (m.loaded, m.failed, m.load_seconds, m.plan, m.plan_agreement, m.golden_degenerate, m.quality):
         gauge.clear()
     for s in registry.status().versions:
+        for g in quality.latest_per_dataset(grades.get(s.identity or "", ())):
+            for metric in quality.METRICS:
+                m.quality.labels(s.version, g.dataset.name, metric).set(getattr(g, metric))
         m.loaded.labels(s.version, s.state.value).set(1 if s.loaded else 0)
         if s.reason is not None:
             m.failed.labels(s.version, "version").set(1)

@@ -11,7 +11,8 @@ connections; no connection keeps a slot longer than ``body_timeout``, nor a tric
 ``body_grace`` plus what it sent at the minimum rate.
 
 Accepted: ``multipart/form-data`` with exactly one file field ``image`` (other flat fields are read
-and dropped), or a raw ``image/*`` / ``application/octet-stream`` body. A nested multipart, a second
+and dropped), or a raw ``image/*`` / ``application/octet-stream`` body; ``/api/{version}/score`` reads the
+file fields ``image`` and ``label`` the same way (:func:`read_files`). A nested multipart, a second
 ``image``, ``image`` as a plain field, an encoded part or any malformed body is a 400 whose reason
 names the problem; aiohttp's own exception text goes to the log only.
 """
@@ -19,9 +20,12 @@ names the problem; aiohttp's own exception text goes to the log only.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import warnings
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from aiohttp import MultipartReader, StreamReader, hdrs, web
 from aiohttp.helpers import parse_mimetype
@@ -44,6 +48,7 @@ _PLAIN_TRANSFER = (None, "binary", "8bit", "7bit")
 _PLAIN_ENCODING = (None, "identity")
 #: what aiohttp's multipart reader raises on a malformed body
 _MALFORMED = (ValueError, RuntimeError, LookupError, BadHttpMessage)
+T = TypeVar("T")
 
 
 def malformed(detail: str) -> HTTPProblem:
@@ -129,6 +134,23 @@ async def read_image(request: web.Request) -> bytes:
 async def read_body(request: web.Request, kind: str = "raw") -> bytes:
     """The body of a parse request (``"raw"``: all of it; ``"multipart"``: its ``image`` field), read under
     the invariant above (slot, deadline, size cap). OIP ``infer`` reads its body raw through this too."""
+    if kind == "multipart":
+        return (await receive(request, functools.partial(read_multipart, request, files=("image",))))["image"]
+    return await receive(request, read_raw)
+
+
+async def read_files(request: web.Request, files: tuple[str, ...], refusal: str) -> dict[str, bytes]:
+    """The file fields ``files`` of a multipart/form-data request, each required, read under the invariant
+    above (slot, deadline, size cap: the whole body, every field together). Another content type is 415 with
+    ``refusal`` as the reason."""
+    if request.content_type != "multipart/form-data":
+        raise HTTPProblem(415, "unsupported_media_type", f"{refusal}, not {request.content_type!r}")
+    body_kind(request)  # the boundary's checks
+    return await receive(request, functools.partial(read_multipart, request, files=files))
+
+
+async def receive(request: web.Request, read: Callable[[_CappedStream], Awaitable[T]]) -> T:
+    """``read(stream)`` over the request's body under the invariant above (slot, deadline, size cap)."""
     cfg, admission = request.app[keys.CONFIG], request.app[keys.ADMISSION]
     cap = cfg.max_body_bytes
     if request.content_length is not None and request.content_length > cap:
@@ -145,7 +167,7 @@ async def read_body(request: web.Request, kind: str = "raw") -> bytes:
         try:
             async with deadline:
                 stream.pace(deadline, cfg.body_timeout, cfg.min_body_rate, cfg.body_grace)
-                return await (read_multipart(request, stream) if kind == "multipart" else read_raw(stream))
+                return await read(stream)
         except HTTPProblem as exc:
             if exc.status == 413:
                 drop_unread(request)
@@ -208,10 +230,12 @@ async def read_raw(stream: _CappedStream) -> bytes:
     return b"".join(chunks)
 
 
-async def read_multipart(request: web.Request, stream: _CappedStream) -> bytes:
-    """The one file field ``image`` of a multipart/form-data body (read to its closing boundary)."""
+async def read_multipart(request: web.Request, stream: _CappedStream,
+                         files: tuple[str, ...] = ("image",)) -> dict[str, bytes]:
+    """The file fields ``files`` of a multipart/form-data body (read to its closing boundary), each required
+    once (a missing one is 400 ``missing_<name>``); other fields are read and dropped."""
     reader = MultipartReader(request.headers, stream)  # type: ignore[arg-type]  # what it uses of a StreamReader
-    image: bytes | None = None
+    found: dict[str, bytes] = {}
     for n in range(1, MAX_PARTS + 2):
         try:
             part = await reader.next()
@@ -231,7 +255,8 @@ async def read_multipart(request: web.Request, stream: _CappedStream) -> bytes:
         if n > MAX_PARTS:
             raise malformed(f"multipart body has more than {MAX_PARTS} parts")
         if isinstance(part, MultipartReader):
-            raise malformed(f"multipart body: part {n} is itself multipart; send the image as one file field 'image'")
+            raise malformed(f"multipart body: part {n} is itself multipart; send the file field"
+                            f"{'s' if len(files) > 1 else ''} {_fields(files)} at the top level")
         try:
             with warnings.catch_warnings():  # aiohttp warns on odd dispositions; the checks below refuse them
                 warnings.simplefilter("ignore", RuntimeWarning)
@@ -240,31 +265,38 @@ async def read_multipart(request: web.Request, stream: _CappedStream) -> bytes:
             raise malformed(f"multipart body: part {n} has an undecodable Content-Disposition") from None
         if name is None:
             raise malformed(f"multipart body: part {n} has no Content-Disposition name")
-        if name == "image":
-            if image is not None:
-                raise malformed("multipart body has more than one field named 'image'")
+        wanted = name in files
+        if wanted:
+            if name in found:
+                raise malformed(f"multipart body has more than one field named {name!r}")
             if filename is None:
-                raise HTTPProblem(400, "missing_image", "field 'image' must be a file upload (a part with a filename)")
+                raise HTTPProblem(400, f"missing_{name}", f"field {name!r} must be a file upload (a part with a "
+                                                          "filename)")
             transfer = (part.headers.get(hdrs.CONTENT_TRANSFER_ENCODING) or "").lower() or None
             encoding = (part.headers.get(hdrs.CONTENT_ENCODING) or "").lower() or None
             if transfer not in _PLAIN_TRANSFER:
-                raise malformed(f"multipart body: Content-Transfer-Encoding {transfer[:40]!r} on the 'image' part; "
+                raise malformed(f"multipart body: Content-Transfer-Encoding {transfer[:40]!r} on the {name!r} part; "
                                 "send the file's bytes as they are")
             if encoding not in _PLAIN_ENCODING:
-                raise malformed(f"multipart body: Content-Encoding {encoding[:40]!r} on the 'image' part; "
+                raise malformed(f"multipart body: Content-Encoding {encoding[:40]!r} on the {name!r} part; "
                                 "send the file's bytes as they are")
         chunks: list[bytes] = []
         try:
             while not part.at_eof():
                 chunk = await part.read_chunk(_CHUNK)
-                if name == "image":
+                if wanted:
                     chunks.append(chunk)
         except _MALFORMED as exc:
             log.info("multipart part %d (%r) refused: %r", n, name[:40], exc)
             raise malformed(f"multipart body: part {n} (field {name[:40]!r}) ends before its closing boundary") \
                 from None
-        if name == "image":
-            image = b"".join(chunks)
-    if image is None:
-        raise HTTPProblem(400, "missing_image", "multipart body has no field named 'image'")
-    return image
+        if wanted:
+            found[name] = b"".join(chunks)
+    for name in files:
+        if name not in found:
+            raise HTTPProblem(400, f"missing_{name}", f"multipart body has no field named {name!r}")
+    return found
+
+
+def _fields(files: tuple[str, ...]) -> str:
+    return " and ".join(repr(f) for f in files)

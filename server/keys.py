@@ -11,6 +11,7 @@ from m2fpkit.runtime.registry import Registry
 from .admission import Admission
 from .config import ServerConfig
 from .metrics import Metrics
+from .quality import GradeBoard
 from .routes_state import RoutesState
 
 CONFIG = web.AppKey("config", ServerConfig)
@@ -19,6 +20,8 @@ ROUTES = web.AppKey("routes", RoutesState)
 ADMISSION = web.AppKey("admission", Admission)
 METRICS = web.AppKey("metrics", Metrics)
 BACKGROUND = web.AppKey("background", set[asyncio.Future])
+#: the versions' grades, read from the state directory (server/quality.py)
+GRADES = web.AppKey("grades", GradeBoard)
 
 #: per-request state
 REQUEST_ID = web.RequestKey("request_id", str)

@@ -63,6 +63,9 @@ class Metrics:
         self.plan_agreement = Gauge("m2fp_version_plan_agreement", "Agreement of the served plan (0..1): ort-fp32's "
                                     "golden label map with PyTorch's; another plan's labels with ort-fp32's on its "
                                     "decisive pixels of the evidence images", ["version"], registry=r)
+        self.quality = Gauge("m2fp_version_quality", "The version's grade on a labeled dataset (0..1; m2fp-eval "
+                             "--state-dir): the most recent per dataset, metric miou, pixel_accuracy or "
+                             "mean_class_accuracy", ["version", "dataset", "metric"], registry=r)
         self.weights = Gauge("m2fp_weight_bytes", "Weights of the loaded versions: 'used' by their sessions, "
                              "'mapped' once for all (identical tensors are shared)", ["kind"], registry=r)
         self.shadow_runs = Counter("m2fp_shadow_runs_total", "Shadow comparisons", ["primary", "candidate", "outcome"],

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,12 +89,17 @@ def encode_mask(mask: np.ndarray, fmt: str) -> Any:
     return rle(mask) if fmt == "rle" else png_b64(mask.astype(np.uint8) * 255)
 
 
-def predicted(predictor: Predictor, data: bytes, limits: ImageLimits) -> tuple[np.ndarray, Prediction]:
+def predicted(predictor: Predictor, data: bytes, limits: ImageLimits,
+              check: Callable[[np.ndarray], None] | None = None) -> tuple[np.ndarray, Prediction]:
     """Decode and predict one request (the worker thread's part every answer shares); the decoded RGB
-    image and the prediction, whose ``timings`` hold decode and each stage in seconds."""
+    image and the prediction, whose ``timings`` hold decode and each stage in seconds. ``check`` sees the
+    decoded image before the prediction (and may refuse the request: ``/api/{version}/score``'s label size)."""
     t0 = time.perf_counter()
     rgb = predictor.decode(data, limits)
-    return rgb, predictor.predict_rgb(rgb, {"decode": time.perf_counter() - t0})
+    decoded = time.perf_counter() - t0
+    if check is not None:
+        check(rgb)
+    return rgb, predictor.predict_rgb(rgb, {"decode": decoded})
 
 
 def summary(predictor: Predictor, pred: Prediction) -> dict[str, Any]:

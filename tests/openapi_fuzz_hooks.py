@@ -3,7 +3,8 @@
 The parse route's body is ``format: binary`` with image media types: JSON Schema cannot say "a
 decodable image", so these strategies teach the generator what a schema-valid upload is — small real
 images (1-48 px a side, aspect ratio within the server's limit) in every format the server accepts,
-encoded by OpenCV. Negative cases (bodies the schema refuses) stay schemathesis' own.
+encoded by OpenCV, and for multipart file fields also label maps (8-bit single-channel PNGs of class ids,
+what the score route's ``label`` takes). Negative cases (bodies the schema refuses) stay schemathesis' own.
 """
 
 from __future__ import annotations
@@ -46,8 +47,22 @@ ANY_IMAGE = st.one_of(*(images(ext) for ext in FORMATS.values()))
 for _media_type, _ext in FORMATS.items():
     schemathesis.openapi.media_type(_media_type, images(_ext))
 schemathesis.openapi.media_type("application/octet-stream", ANY_IMAGE)
-# the multipart field `image` (`format: binary`, the only binary value the API takes in)
-schemathesis.openapi.format("binary", ANY_IMAGE)
+
+
+@st.composite
+def _label(draw: st.DrawFn) -> bytes:
+    """A label map as ``/api/{version}/score`` takes it: an 8-bit single-channel PNG of class ids 0-20 (an image
+    too: a dark grey one), of a size of its own (an image of the same size is rare: mostly 422 label_mismatch)."""
+    width = draw(st.integers(1, 48))
+    height = draw(st.integers(max(1, -(-width // 4)), min(48, 4 * width)))
+    ids = np.random.default_rng(draw(st.integers(0, 2**16))).integers(0, 21, (height, width), dtype=np.uint8)
+    ok, buf = cv2.imencode(".png", ids)
+    assert ok
+    return buf.tobytes()
+
+
+# the multipart file fields (`format: binary`): `image`, and the score route's `label` (a label map or an image)
+schemathesis.openapi.format("binary", st.one_of(ANY_IMAGE, _label()))
 
 
 def _base64(data: bytes) -> str:

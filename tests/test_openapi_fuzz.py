@@ -16,7 +16,10 @@ One documented exception: schemathesis' ``positive_data_acceptance`` check also 
 operations that take an image. Their schema says "non-empty bytes" (``format: binary``, ``minLength:
 1``), but "bytes that decode as an image" is not something JSON Schema can state, so a schema-valid
 body may be bytes that are no image at all (the coverage phase sends such strings), which the server
-rightly refuses with 415 ``unsupported_media``.
+rightly refuses with 415 ``unsupported_media``. Likewise ``score`` (``/api/{version}/score``) also accepts 400
+and 422: its ``label`` must be a PNG of the image's size holding the version's class ids, which a schema cannot
+tie to the other part (the hook draws 8-bit label PNGs of their own size: mostly 422 ``label_mismatch``; the
+coverage phase's arbitrary strings are 400 ``bad_label``).
 """
 
 from __future__ import annotations
@@ -46,11 +49,13 @@ ROUTES = '[weights]\n"v1.0" = 50\n"v1.2" = 50\n\n[aliases]\ncanary = "v1.2"\n'
 #: the access log's path and status of a request to an admin or distribution route
 ACCESS_LINE = re.compile(r"m2fpkit\.access: \S+ [A-Z]+ (/admin/\S*|/bundles\S*) (\d{3}) ")
 #: the operations that take an image, where bytes that are not one are a schema-valid 415 (module docstring)
-IMAGE_OPERATIONS = ("parse", "compare", "oipInfer", "oipInferVersioned")
+IMAGE_OPERATIONS = ("parse", "compare", "score", "oipInfer", "oipInferVersioned")
+#: statuses a schema-valid request may also get, per operation, beyond 415 (module docstring)
+ALSO_ACCEPTED = {"score": ["400", "422"]}
 POSITIVE_STATUSES = ["2xx", "3xx", "401", "403", "404", "409", "429", "5xx"]  # schemathesis' defaults
 IMAGE_OPERATIONS_ACCEPT_415 = "".join(
     f'[[operations]]\ninclude-operation-id = "{op}"\n'
-    f"checks.positive_data_acceptance.expected-statuses = {[*POSITIVE_STATUSES, '415']!r}\n"
+    f"checks.positive_data_acceptance.expected-statuses = {[*POSITIVE_STATUSES, '415', *ALSO_ACCEPTED.get(op, [])]!r}\n"
     for op in IMAGE_OPERATIONS).replace("'", '"')
 
 

@@ -190,10 +190,12 @@ async def test_versions_listing(client):
         assert v["state"] in STATES
         assert v["channel"] == CHANNELS[name] and v["task"] == TASKS[name]
         assert v["weight"] == 0.0 and v["in_flight"] == 0 and v["reason"] is None
-    assert set(by["v1.0"]) == {  # the registry's 23 fields and the weight the server adds from its routes
+    assert set(by["v1.0"]) == {  # the registry's 24 fields, the weight from the routes and the grades (quality)
         "version", "state", "reason", "update_error", "channel", "task", "compatible_api", "semver", "created_at",
         "notes", "aliases", "pinned", "loaded", "in_flight", "requests", "last_used_seconds_ago", "load_seconds",
-        "memory_bytes", "shared_weight_bytes", "weight", "random_weights", "weights_note", "plan", "golden"}
+        "memory_bytes", "shared_weight_bytes", "weight", "random_weights", "weights_note", "plan", "golden",
+        "identity", "quality"}
+    assert all(v["quality"] == [] for v in by.values())  # no grade recorded
     assert all(v["random_weights"] is True and "random-init" in v["weights_note"] for v in by.values())
     # latest and aliased versions are loaded at start, the others on first use
     assert (by["v1.2"]["state"], by["v1.2"]["loaded"], by["v1.2"]["pinned"]) == ("ready", True, True)

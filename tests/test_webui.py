@@ -3,17 +3,23 @@
 Needs ``apt-get install -y chromium`` and ``pip install playwright`` (never ``playwright install``:
 the browser is the system's, at /usr/bin/chromium). Screenshots land in ``$M2FP_WEBUI_SCREENSHOTS``
 (default /tmp/webui-screenshots; the README's pictures ``docs/webui-*.png`` are four of them).
-Every version of the demo root has random-init weights, so every result carries the demo banner.
+Every version of the demo root has random-init weights, so every result carries the demo banner. v1.2 has a
+grade (recorded as ``m2fp-eval --state-dir`` would, in the store directory: the server's default state dir).
 """
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import shutil
 from pathlib import Path
 
 import pytest
+
+from m2fpkit.runtime.bundle.reader import identity_of
+from m2fpkit.runtime.quality import grades
+from m2fpkit.runtime.quality.grades import DatasetRef, Grade
 
 pytest.register_assert_rewrite("server_fixtures")
 pytest_plugins = ["server_fixtures"]
@@ -50,6 +56,9 @@ def server(demo_root: Path, tmp_path_factory: pytest.TempPathFactory):
     root = copy_root(demo_root, work / "bundles")
     # a broken version: v1.1's bundle under another name does not verify (config says v1.1)
     shutil.copytree(root / "m2fp" / "v1.1", root / "m2fp" / "v0.9")
+    grades.record(root / "m2fp", Grade("v1.2", identity_of(root / "m2fp" / "v1.2"), "ort-fp32",
+                                       DatasetRef("figures-val", "/data/figures-val", 40, "0" * 64), miou=0.71,
+                                       pixel_accuracy=0.9, mean_class_accuracy=0.8, per_class={"Face": 0.5}, at=1e9))
     with ServerProcess(root, work / "server.log") as srv:
         yield srv
 
@@ -130,6 +139,8 @@ def test_webui_parses_a_sample_and_an_upload(browser, server):
     assert disabled and "failed" in text, text
     assert version.input_value() == "latest"
     expect(page.locator("#version-info")).to_contain_text("multi-human — demo weights")
+    # the grade people decide on, beside the picker (latest → v1.2, graded); none for an ungraded version
+    expect(page.locator("#version-grade")).to_have_text("v1.2 · mIoU 0.71 on figures-val")
 
     # experimental versions carry a visible warning; others do not
     warning = page.locator("#warning")
@@ -139,6 +150,7 @@ def test_webui_parses_a_sample_and_an_upload(browser, server):
     expect(warning).to_contain_text("experimental")
     version.select_option("v1.0")
     expect(warning).to_be_hidden()
+    expect(page.locator("#version-grade")).to_be_hidden()
     version.select_option("v2.0-beta")
     expect(warning).to_be_visible()
 
@@ -217,6 +229,9 @@ def test_webui_compares_two_versions(browser, server):
         assert size == [320, 240], (v, size)
     expect(page.locator("#compare-demo-banner")).to_be_visible()
     expect(page.locator("#compare-demo-banner")).to_contain_text("v1.0, v1.2")
+    grid = page.locator("#compare-grid")
+    expect(grid.locator("figure[data-version='v1.2'] .grade")).to_have_text("mIoU 0.71 on figures-val")
+    expect(grid.locator("figure[data-version='v1.0'] .grade")).to_have_text("not graded")
     row = page.locator("#agreement tbody tr[data-pair='v1.0|v1.2']")
     expect(row).to_have_count(1)
     agreement = row.locator("td").nth(1).text_content()
@@ -227,6 +242,22 @@ def test_webui_compares_two_versions(browser, server):
     expect(page.locator("#status")).to_have_text("done")
     expect(page.locator("#error")).to_be_hidden()
     page.screenshot(path=str(SHOTS / "webui-compare-desktop.png"), full_page=True)
+
+    # a label map for the image: v1.0's own parse, so v1.0 scores 1 against it and v1.2 what it agrees
+    label = base64.b64decode(page.evaluate("""async () => {
+      const form = new FormData();
+      form.append("image", await (await fetch("/static/samples/two_people.jpg")).blob(), "two_people.jpg");
+      const r = await fetch("/api/v1.0/parse?include=label_map&visualization=0", {method: "POST", body: form});
+      return (await r.json()).label_map; }"""))
+    page.locator("#label-file").set_input_files(files=[{"name": "label.png", "mimeType": "image/png",
+                                                         "buffer": label}])
+    scores = page.locator("#score-table")
+    expect(scores.locator("tr[data-row='miou'] td[data-version='v1.0']")).to_have_text("1.000", timeout=60_000)
+    assert re.fullmatch(r"[01]\.\d{3}", scores.locator("tr[data-row='miou'] td[data-version='v1.2']").inner_text())
+    assert scores.locator("tbody tr").count() >= 3  # mIoU, pixel accuracy and a row per class in the label
+    expect(grid.locator("figure[data-version='v1.0'] .vs-label")).to_have_text("vs your label: mIoU 1.000")
+    expect(page.locator("#status")).to_have_text("done")
+    page.screenshot(path=str(SHOTS / "webui-compare-label-desktop.png"), full_page=True)
 
     # "all" ticks every version that can serve, loaded or not (v1.1 is not loaded yet), never a failed one
     page.locator("#compare-none").click()

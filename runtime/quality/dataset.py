@@ -90,6 +90,8 @@ def decode_label(data: bytes, what: str, *, max_pixels: int = DEFAULT_MAX_PIXELS
         raise DatasetError(what, str(exc)) from None
     if info.format != "PNG":
         raise DatasetError(what, f"a {info.format} image; a label map is a PNG (lossless)")
+    if len(data) < 26:  # probe reads the size (bytes 16-23); depth and colour type follow
+        raise DatasetError(what, "PNG header is truncated or corrupt")
     depth, colour = data[24], data[25]
     if depth != 8 or colour != 0:
         kind = _PNG_COLOUR.get(colour, f"colour type {colour}")

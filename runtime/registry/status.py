@@ -53,6 +53,9 @@ class VersionStatus:
     #: the runtime's verdict on the golden sample (``GoldenVerdict.to_dict``: degenerate, reason, classes);
     #: None without a golden sample (or before it could be read)
     golden: dict[str, Any] | None = None
+    #: content key of the bundle ``config`` describes (``bundle.reader.identity``: what grades are keyed by);
+    #: None before its bundle verified
+    identity: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A new JSON-ready dict (the caller may add to it)."""
@@ -99,7 +102,7 @@ def version_status(slot: Slot, aliases: list[str], pinned: bool, now: float) -> 
         memory_bytes=active.memory_bytes if active else 0,
         shared_weight_bytes=active.shared_bytes if active else 0,
         plan=active.predictor.plan.to_dict() if active and active.predictor.plan else None,
-        golden=slot.golden.to_dict() if slot.golden else None)
+        golden=slot.golden.to_dict() if slot.golden else None, identity=slot.identity or None)
 
 
 def snapshot(slots: Mapping[str, Slot], names: Names, last_known_good: str) -> RegistrySnapshot:
