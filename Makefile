@@ -33,9 +33,10 @@ shell: $(VENV)/.stamp-base  ## a shell with .venv active: m2fp-export, m2fp-bund
 
 test: $(VENV)/.stamp-test /usr/bin/chromium /usr/sbin/nginx /usr/bin/promtool  ## lint, type-check, then the whole test suite
 	$(VENV)/bin/ruff check m2fpkit/__init__.py runtime server export tests benchmarks
-	@# mypy (one core, ~20 s from a cold cache) runs beside pytest's start; both must pass
+	@# mypy (one core, ~20 s from a cold cache) runs beside pytest's start; both must pass. pytest runs on both
+	@# cores (pytest-xdist; tests/reference/shared.py: what its workers build once)
 	$(VENV)/bin/mypy m2fpkit > $(VENV)/mypy.log 2>&1 & mypy=$$!; \
-	$(VENV)/bin/pytest -q --durations=25; tests=$$?; \
+	$(VENV)/bin/pytest -q -n 2 --dist load --durations=25; tests=$$?; \
 	wait $$mypy; typed=$$?; echo "mypy m2fpkit:"; cat $(VENV)/mypy.log; \
 	test $$tests -eq 0 && test $$typed -eq 0
 

@@ -69,6 +69,8 @@ DIGEST = "graph.hmac"
 #: the cache's secret key, beside the entries (a dot-file: never taken for an entry or pruned)
 KEY_FILE = ".key"
 _KEY_BYTES = 32
+#: graph metadata the trace adds about itself (dropped: not about the model, and not deterministic)
+_TRACE_NOTES = "pkg.torch.export."
 _CODE = (Path(__file__), *sorted(Path(__file__).with_name("model").glob("*.py")))
 
 
@@ -181,13 +183,17 @@ def cache_key(model: M2FP, *, opset: int, example_hw: tuple[int, int]) -> str:
 
 
 def _without_weights(program: torch.onnx.ONNXProgram, model: M2FP) -> onnx.ModelProto:
-    """The traced graph with every parameter turned into an extra graph input (name, dtype, shape; no values).
+    """The traced graph with every parameter turned into an extra graph input (name, dtype, shape; no values),
+    without the trace's own notes (``pkg.torch.export.*`` graph metadata: torch's graph signature and range
+    constraints, whose order varies with the process's string hashing).
 
     Fresh and cached exports both continue from this form, so they cannot differ.
     """
     import onnx_ir as ir
 
     graph = program.model.graph
+    for key in [key for key in graph.metadata_props if key.startswith(_TRACE_NOTES)]:
+        del graph.metadata_props[key]
     for name in [name for name in model.state_dict() if name in graph.initializers]:
         graph.inputs.append(graph.initializers.pop(name))
     return ir.serde.serialize_model(program.model)

@@ -1,6 +1,7 @@
 """Shared fixtures.
 
-Session fixtures (built once, read-only — copy a bundle with ``shutil.copytree`` before changing it):
+Session fixtures (built once per test run — under pytest-xdist by one process, the others wait and read the same
+files, ``reference.shared`` — and read-only: copy a bundle with ``shutil.copytree`` before changing it):
 
 ``reference_bundles_root``
     One bundle root shared by both reference cases (``<root>/m2fp/v9.0`` and ``<root>/m2fp/v9.1``).
@@ -12,11 +13,12 @@ Session fixtures (built once, read-only — copy a bundle with ``shutil.copytree
     Each costs one tiny export (~20 s when its architecture is not in the export cache yet, else ~5 s).
 
 ``export_cache`` (autouse)
-    ``$M2FP_EXPORT_CACHE`` for the session, empty at its start: an architecture is traced once
+    ``$M2FP_EXPORT_CACHE`` for the run, empty at its start: an architecture is traced once
     (~20 s), every later export of it applies its own weights to the cached graph.
 ``full_depth_graph`` / ``uncached_tiny_export`` / ``demo_root`` (server_fixtures)
-    Built by a background process (``reference.background``) that starts with the session's first test
-    when a collected test asks for one of them, on the otherwise idle second core: the full-depth graph
+    Built by a background process (``reference.background``), one per run, that starts with the run's first
+    test when a collected test asks for one of them, beside the tests (which run last the tests that need its
+    work): the full-depth graph
     (``r101``'s depth at ``tiny``'s widths), a fresh uncached ``tiny`` export, the demo bundle root.
 
 Function fixtures:
@@ -29,14 +31,11 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from reference import background
+from reference import background, shared
 from reference.bundles import clone_bundle
 from reference.cases import ReferenceCase, make_case
 from reference.modelscope_pipeline import Reference, reference, torch_threads
@@ -53,13 +52,15 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.fixture(scope="session", autouse=True)
 def export_cache(tmp_path_factory: pytest.TempPathFactory):
-    """One ONNX graph cache for the session (``onnx_export.CACHE_ENV``; subprocesses inherit it): an
-    architecture is traced once, every export still runs its parity gate against PyTorch."""
+    """One ONNX graph cache for the run (``onnx_export.CACHE_ENV``; subprocesses and xdist workers share it), empty
+    at its start: an architecture is traced once, every export still runs its parity gate against PyTorch."""
     from m2fpkit.export.onnx_export import CACHE_ENV
 
     before = os.environ.get(CACHE_ENV)
-    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("export_cache"))
-    yield Path(os.environ[CACHE_ENV])
+    cache = shared.run_dir(tmp_path_factory) / "export_cache"
+    cache.mkdir(mode=0o700, exist_ok=True)
+    os.environ[CACHE_ENV] = str(cache)
+    yield cache
     if before is None:
         os.environ.pop(CACHE_ENV, None)
     else:
@@ -71,41 +72,55 @@ BACKGROUND_FIXTURES = {"demo_root": "demo_bundles", "uncached_tiny_export": "unc
                        "full_depth_graph": "full_depth"}
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests that need the background builder's work run last, in the order it makes it: until then the tests that
+    need nothing from it keep the cores busy, instead of one waiting for it while others could run."""
+    rank = {step: i + 1 for i, step in enumerate(background.STEPS)}
+
+    def needs(item: pytest.Item) -> int:
+        used = getattr(item, "fixturenames", ())
+        return max((rank[step] for fixture, step in BACKGROUND_FIXTURES.items() if fixture in used), default=0)
+
+    items.sort(key=needs)  # stable: within a rank, the collection's order
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _background(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
-                export_cache: Path) -> Iterator[tuple[subprocess.Popen, Path] | None]:
-    """The background builder, started at the session's first test with the steps the collected tests need:
-    niced, one thread, through the session's graph cache; killed at the end if still running."""
+                export_cache: Path) -> Path | None:
+    """The run's background builder (its directory), started by the first process of the run to get here with
+    the steps the collected tests need; the run's last process kills it if it still runs
+    (:func:`pytest_sessionfinish`)."""
     used = set().union(*(getattr(item, "fixturenames", ()) for item in request.session.items))
     steps = [step for fixture, step in BACKGROUND_FIXTURES.items() if fixture in used]
     if not steps:
-        yield None
-        return
-    base = tmp_path_factory.mktemp("background")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    with open(base / "log.txt", "wb") as log:  # a file, not a pipe: nobody reads it until the end
-        proc = subprocess.Popen(["nice", "-n", "10", sys.executable, "-m", "reference.background", str(base),
-                                 *steps], cwd=Path(__file__).parent, env=env, stdout=log, stderr=subprocess.STDOUT)
-    yield proc, base
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait()
+        return None
+    base = shared.run_dir(tmp_path_factory) / "background"
+    background.start(base, steps)
+    return base
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if not shared.is_worker():  # the controller (or the only process) ends after every worker
+        factory: pytest.TempPathFactory = session.config._tmp_path_factory  # type: ignore[attr-defined]
+        background.stop(factory.getbasetemp() / "background")
 
 
 @pytest.fixture(scope="session")
-def full_depth_graph(_background: tuple[subprocess.Popen, Path] | None) -> Path:
+def full_depth_graph(_background: Path | None) -> Path:
     return background.step(_background, "full_depth") / "model.onnx"
 
 
 @pytest.fixture(scope="session")
-def uncached_tiny_export(_background: tuple[subprocess.Popen, Path] | None) -> Path:
+def uncached_tiny_export(_background: Path | None) -> Path:
     """``tiny`` multi-human, seed ``reference.background.UNCACHED_SEED``, exported with the graph cache off."""
     return background.step(_background, "uncached") / "model.onnx"
 
 
 @pytest.fixture(scope="session")
 def reference_bundles_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("reference_bundles")
+    root = shared.run_dir(tmp_path_factory) / "reference_bundles"
+    root.mkdir(exist_ok=True)
+    return root
 
 
 @pytest.fixture(scope="session")

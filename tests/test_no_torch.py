@@ -12,7 +12,6 @@ import pkgutil
 import subprocess
 import sys
 import textwrap
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -95,32 +94,41 @@ def test_runtime_and_server_run_a_prediction_without_torch_or_pillow(ms_multi, t
     assert len(out["exported"]) == len(importlib.import_module("m2fpkit.runtime").__all__)
 
 
-ONE_MODULE = textwrap.dedent("""
-    import importlib, json, sys
-    importlib.import_module(sys.argv[1])
-    print(json.dumps(LOADED))
+EACH_MODULE = textwrap.dedent("""
+    import contextlib, importlib, io, json, sys
+    report = {}
+    for name in sys.argv[1:]:
+        for loaded in [m for m in sys.modules if m == "m2fpkit" or m.startswith("m2fpkit.")]:
+            del sys.modules[loaded]  # each module imports as if first: none of ours is loaded before it
+        err, before = io.StringIO(), set(LOADED)
+        try:
+            with contextlib.redirect_stderr(err):
+                importlib.import_module(name)
+        except BaseException as exc:
+            report[name] = {"error": repr(exc)}
+            continue
+        report[name] = {"stderr": err.getvalue(), "forbidden": sorted({m.split(".")[0] for m in set(LOADED) - before})}
+    print(json.dumps(report))
 """).replace("LOADED", _loaded(FORBIDDEN))
 
 
 @pytest.mark.parametrize("package", ALL_PACKAGES)
 def test_every_module_imports_cleanly_on_its_own(package, tmp_path):
-    """``python -c 'import <module>'`` for each module; runtime and server ones must not pull in torch."""
+    """Each module imported with none of the project's modules loaded before it (one fresh interpreter per
+    package; third-party modules stay loaded between two imports); runtime and server ones must not pull in
+    torch (the interpreter of those packages never imports it, so any module that did would be named)."""
     names = modules_of(package)
     assert len(names) > 1
-
-    def check(name: str) -> str | None:
-        proc = run_python(ONE_MODULE, name, cwd=tmp_path)
-        if proc.returncode != 0:
-            return f"{name}: exit {proc.returncode}\n{proc.stderr[-2000:]}"
-        if package in LIGHT_PACKAGES and proc.stderr.strip():
-            return f"{name}: wrote to stderr on import:\n{proc.stderr[-2000:]}"
-        forbidden = json.loads(proc.stdout.strip().splitlines()[-1])
-        if package in LIGHT_PACKAGES and forbidden:
-            return f"{name}: imports {forbidden}"
-        return None
-
-    with ThreadPoolExecutor(2) as pool:  # two interpreters at a time: the machine has 2 cores
-        problems = [p for p in pool.map(check, names) if p]
+    proc = run_python(EACH_MODULE, *names, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert sorted(report) == sorted(names)
+    problems = [f"{name}: {entry['error']}" for name, entry in report.items() if "error" in entry]
+    if package in LIGHT_PACKAGES:
+        problems += [f"{name}: wrote to stderr on import:\n{entry['stderr'][-2000:]}"
+                     for name, entry in report.items() if entry.get("stderr", "").strip()]
+        problems += [f"{name}: imports {entry['forbidden']}"
+                     for name, entry in report.items() if entry.get("forbidden")]
     assert problems == [], "\n\n".join(problems)
 
 

@@ -1,6 +1,7 @@
-"""What the test session builds on the core the (mostly single-threaded) suite leaves idle.
+"""What the test run builds on a core the (mostly single-threaded) tests leave idle, once per run.
 
-``python -m reference.background DIR [STEP...]`` (from ``tests/``, with the session's ``$M2FP_EXPORT_CACHE``)
+``python -m reference.background DIR [STEP...]`` (from ``tests/``, with the run's ``$M2FP_EXPORT_CACHE``;
+:func:`start` starts it once for all the run's processes)
 makes the steps asked for (default: all), in the order the suite first needs them, each published by an atomic
 rename so a reader sees all or nothing:
 
@@ -16,23 +17,62 @@ A failed step writes ``DIR/<step>.failed`` with the traceback and the later step
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
 import traceback
 from pathlib import Path
 
+from reference import shared
+
 STEPS = ("demo_bundles", "uncached", "full_depth")
+#: in the builder's directory: its pid, and the file it holds an ``flock`` on while it runs
+PID, ALIVE = "pid", "alive.lock"
 #: the seed of the uncached export
 UNCACHED_SEED = 102
 
 
-def wait_for(base: Path, step: str, alive, timeout: float = 900.0) -> Path:
-    """``base/step`` once published; raises RuntimeError with the step's failure, or if the builder died first.
+def start(base: Path, steps: list[str]) -> None:
+    """Start the builder for ``steps`` in ``base`` unless a process of this run already did (one thread, through
+    the run's graph cache; not niced: the tests that need its work run last and wait for it). While it runs it
+    holds an ``flock`` on ``base/alive.lock`` (taken before it starts, handed down), which is how every process
+    of the run tells it is alive (:func:`alive`)."""
+    base.mkdir(parents=True, exist_ok=True)
+    with shared.locked(base / ".start.lock"):
+        if (base / PID).exists():
+            return
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        fd = os.open(base / ALIVE, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            with open(base / "log.txt", "wb") as log:  # a file, not a pipe: nobody reads it until the end
+                proc = subprocess.Popen([sys.executable, "-m", "reference.background", str(base), *steps],
+                                        cwd=Path(__file__).parent.parent, env=env, stdout=log,
+                                        stderr=subprocess.STDOUT, pass_fds=(fd,))
+        finally:
+            os.close(fd)  # the child's copy keeps the lock
+        (base / PID).write_text(str(proc.pid))
 
-    ``alive()`` says whether the background process still runs."""
+
+def alive(base: Path) -> bool:
+    return shared.held(base / ALIVE)
+
+
+def stop(base: Path) -> None:
+    """Kill the builder if it still runs (the run's last process calls it at the session's end)."""
+    pid = base / PID
+    if pid.exists() and alive(base):
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(pid.read_text()), signal.SIGKILL)
+
+
+def wait_for(base: Path, step: str, timeout: float = 900.0) -> Path:
+    """``base/step`` once published; raises RuntimeError with the step's failure, or if the builder died first."""
     deadline = time.monotonic() + timeout
     while True:
         if (base / step).exists():
@@ -40,7 +80,7 @@ def wait_for(base: Path, step: str, alive, timeout: float = 900.0) -> Path:
         failed = base / f"{step}.failed"
         if failed.exists():
             raise RuntimeError(f"background step {step} failed:\n{failed.read_text(errors='replace')[-3000:]}")
-        if not alive():
+        if not alive(base):
             if (base / step).exists():  # published just before it exited
                 return base / step
             raise RuntimeError(f"the background builder exited before {step}, or was not asked for it "
@@ -50,16 +90,15 @@ def wait_for(base: Path, step: str, alive, timeout: float = 900.0) -> Path:
         time.sleep(0.2)
 
 
-def step(built: tuple[subprocess.Popen, Path] | None, name: str) -> Path:
-    """What the session's builder (``conftest._background``: process, directory) made for step ``name``;
-    fails the calling test, with the builder's log, if it could not."""
+def step(base: Path | None, name: str) -> Path:
+    """What the run's builder (``conftest._background``: its directory) made for step ``name``; fails the calling
+    test, with the builder's log, if it could not."""
     import pytest
 
-    if built is None:
+    if base is None:
         pytest.fail(f"{name} asked for, but no collected test named a fixture the background builder serves")
-    proc, base = built
     try:
-        return wait_for(base, name, lambda: proc.poll() is None)
+        return wait_for(base, name)
     except RuntimeError as exc:
         log = (base / "log.txt").read_text(errors="replace")[-2000:]
         pytest.fail(f"{exc}\n--- background log ---\n{log}")

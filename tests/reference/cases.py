@@ -13,6 +13,7 @@ A :class:`ReferenceCase` ties together
 from __future__ import annotations
 
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,18 +85,27 @@ def build_reference_model(task: str, seed: int, scratch: Path):
 
 
 def make_case(task: str, work: Path, bundles_root: Path) -> ReferenceCase:
-    """Build ModelScope's model, write its ModelScope directory and export it with the library call."""
+    """Build ModelScope's model (in this process, scratch files in ``work``), and once per test run write its
+    ModelScope directory beside ``bundles_root`` and export it into ``bundles_root`` with the library call (the
+    run's other processes wait for it and use the same files)."""
     from m2fpkit.export.build import export_version
     from m2fpkit.export.sources import save_modelscope_dir
     from m2fpkit.export.specs import VersionSpec
     from m2fpkit.runtime.bundle.config import BundleConfig
 
+    from .shared import locked
+
     cfg, ms_model = build_reference_model(task, CASE_SEEDS[task], work / "scratch")
-    model_dir = save_modelscope_dir(work / "modelscope_dir", cfg, ms_model.state_dict())
-    spec = VersionSpec(version=CASE_VERSIONS[task], source=str(model_dir), task=None, channel="stable")
-    result = export_version(spec, bundles_root)
+    model_dir = bundles_root.parent / f"modelscope-{task}"
+    bundle_dir = bundles_root / "m2fp" / CASE_VERSIONS[task]
+    with locked(bundles_root.parent / f".case-{task}.lock"):
+        if not bundle_dir.exists():
+            shutil.rmtree(model_dir, ignore_errors=True)
+            save_modelscope_dir(model_dir, cfg, ms_model.state_dict())
+            spec = VersionSpec(version=CASE_VERSIONS[task], source=str(model_dir), task=None, channel="stable")
+            bundle_dir = export_version(spec, bundles_root).bundle_dir
     return ReferenceCase(task=task, model_dir=model_dir, ms_model=ms_model, bundles_root=bundles_root,
-                         bundle_dir=result.bundle_dir, config=BundleConfig.read(result.bundle_dir))
+                         bundle_dir=bundle_dir, config=BundleConfig.read(bundle_dir))
 
 
 # ------------------------------------------------------------------------------------ inputs
