@@ -13,7 +13,7 @@ BUNDLES ?= bundles
 # pip's and setuptools' output goes here; printed only when an install fails
 INSTALL_LOG := $(VENV)/install.log
 
-.PHONY: serve shell test bundles bench bench-quick setup clean-bundles
+.PHONY: serve shell test bundles bench bench-quick setup clean-bundles train-demo
 
 # `make serve ADMIN_TOKEN=…` enables /admin/* and the OIP repository routes (`DISTRIBUTION_TOKEN=…`: /bundles);
 # passed in the environment (M2FP_ADMIN_TOKEN), so the token is not on m2fp-serve's command line
@@ -43,6 +43,9 @@ test: $(VENV)/.stamp-test /usr/bin/chromium /usr/sbin/nginx /usr/bin/promtool  #
 bundles: $(VENV)/.stamp-base  ## export the demo versions (tiny random-init models) into bundles/
 	@test -d $(BUNDLES)/m2fp || echo "exporting the demo versions into $(BUNDLES)/ (first time: about 2 minutes)"
 	@$(VENV)/bin/m2fp-export --all --quiet --bundles $(BUNDLES)
+
+train-demo: $(VENV)/.stamp-base  ## retrain the demo versions' weights on drawn figures into export/demo_weights/ (~25 min, niced)
+	OMP_NUM_THREADS=1 nice -n 10 $(PY) -m m2fpkit.export.train --jobs 2
 
 bench-quick: $(VENV)/.stamp-bench  ## benchmarks on tiny bundles (asserts nothing about speed)
 	$(PY) -m benchmarks.run --quick

@@ -12,10 +12,14 @@ from pathlib import Path
 import torch
 
 from m2fpkit.runtime.bundle import jsonfile
+from m2fpkit.runtime.bundle.config import MAX_TRAINED_ON
 from m2fpkit.runtime.errors import MalformedFile
 
 from .model import config as mcfg
 from .source_types import CONFIG_FILE, WEIGHTS_FILE, Checkpoint, SourceError, probe
+
+#: ``configuration.json``'s key for what this project adds to a ModelScope model directory (ModelScope ignores it)
+OURS_KEY = "m2fpkit"
 
 
 def _sha256_file(path: Path) -> str:
@@ -51,8 +55,25 @@ def load_modelscope_dir(path: str | os.PathLike, uri: str | None = None) -> Chec
     sd = blob.get("model", blob) if isinstance(blob, dict) else None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise SourceError(f"{w_path}: expected a dict with a \"model\" state dict of tensors")
-    return Checkpoint(kind="dir", uri=uri or str(root.resolve()), config=config,
-                      sha256=_sha256_file(w_path), state_dict=sd)
+    ck = Checkpoint(kind="dir", uri=uri or str(root.resolve()), config=config,
+                    sha256=_sha256_file(w_path), state_dict=sd)
+    trained_on = _trained_on(raw, cfg_path)
+    if trained_on is not None:
+        ck.lineage["trained_on"] = trained_on
+    return ck
+
+
+def _trained_on(raw: dict, cfg_path: Path) -> str | None:
+    """``configuration.json → m2fpkit → trained_on``: what a demo checkpoint was trained on (the bundle records it
+    and the runtime says so beside every result), None when absent."""
+    ours = raw.get(OURS_KEY)
+    if ours is None:
+        return None
+    value = ours.get("trained_on") if isinstance(ours, dict) else None
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_TRAINED_ON or not value.isprintable():
+        raise SourceError(f"{cfg_path}: {OURS_KEY} → trained_on must be a line of at most {MAX_TRAINED_ON} printable "
+                          f"characters")
+    return value
 
 
 def load_modelscope_hub(model_id: str, revision: str | None, timeout: float = 5.0) -> Checkpoint:
@@ -74,12 +95,16 @@ def load_modelscope_hub(model_id: str, revision: str | None, timeout: float = 5.
     return ck
 
 
-def save_modelscope_dir(path: str | os.PathLike, config: mcfg.M2FPConfig, state_dict: dict[str, torch.Tensor]) -> Path:
-    """Write a ModelScope-format model directory (used by tests and demos)."""
+def save_modelscope_dir(path: str | os.PathLike, config: mcfg.M2FPConfig, state_dict: dict[str, torch.Tensor],
+                        *, trained_on: str | None = None) -> Path:
+    """Write a ModelScope-format model directory (used by tests and demos); ``trained_on`` marks a demo
+    checkpoint (``configuration.json → m2fpkit → trained_on``)."""
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
-    conf = {"framework": "pytorch", "task": "image-segmentation",
-            "pipeline": {"type": "image-human-parsing"}, "model": config.to_modelscope()}
+    conf: dict = {"framework": "pytorch", "task": "image-segmentation",
+                  "pipeline": {"type": "image-human-parsing"}, "model": config.to_modelscope()}
+    if trained_on is not None:
+        conf[OURS_KEY] = {"trained_on": trained_on}
     (root / CONFIG_FILE).write_text(json.dumps(conf, indent=2))
     torch.save({"model": {k: v.detach().clone() for k, v in state_dict.items()}}, root / WEIGHTS_FILE)
     return root

@@ -1,7 +1,12 @@
-"""Version specs: the declarative ``versions.toml`` that names every exportable version."""
+"""Version specs: the declarative ``versions.toml`` that names every exportable version.
+
+A ``source`` that is a relative directory (no ``scheme:`` prefix such as ``random:``) is relative to the spec
+file, not to the working directory: :func:`load` makes it absolute, so a spec means the same from anywhere.
+"""
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +17,8 @@ from m2fpkit.runtime.bundle.versions import is_alias_name, is_api_version, is_ve
 from m2fpkit.runtime.errors import ExportError
 
 DEFAULT_SPECS = Path(__file__).with_name("versions.toml")
+#: a source URI's scheme (``modelscope:``, ``random:``, ``mlflow:``): anything without one is a directory
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
 _KEYS = {"source", "task", "channel", "compatible_api", "notes", "opset", "preprocess", "build_by_default", "int8"}
 
 
@@ -54,6 +61,13 @@ def _check(cond: bool, path: str, msg: str) -> None:
         raise SpecError(f"versions.toml → {path}: {msg}")
 
 
+def anchored(source: str, base: Path) -> str:
+    """``source`` with a relative directory taken relative to ``base`` (the spec file's directory)."""
+    if not source or _SCHEME.match(source) or Path(source).is_absolute():
+        return source
+    return str((base / source).resolve())
+
+
 def load(path: Path = DEFAULT_SPECS) -> SpecFile:
     """Parse a versions.toml; SpecError naming the file and key path for anything unusable."""
     try:
@@ -90,7 +104,9 @@ def load(path: Path = DEFAULT_SPECS) -> SpecFile:
         _check(isinstance(int8, bool), f"{p}.int8", "expected true or false")
         pre = merged.get("preprocess", {})
         _check(isinstance(pre, dict), f"{p}.preprocess", "expected a table")
-        versions[name] = VersionSpec(version=name, source=merged["source"], task=task, channel=channel,
+        _check("\x00" not in merged["source"], f"{p}.source", "contains a NUL character")
+        source = anchored(merged["source"], Path(path).resolve().parent)
+        versions[name] = VersionSpec(version=name, source=source, task=task, channel=channel,
                                      compatible_api=tuple(api), notes=str(merged.get("notes", "")), opset=opset,
                                      preprocess=dict(pre), build_by_default=bool(merged.get("build_by_default", True)),
                                      int8=int8)
