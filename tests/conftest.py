@@ -48,6 +48,11 @@ os.environ.setdefault("M2FP_PLAN", "fp32")
 
 def pytest_configure(config: pytest.Config) -> None:
     logging.getLogger("m2fpkit").setLevel(logging.INFO)
+    if shared.is_worker():  # workers share the cores: one OpenMP thread each (and in their subprocesses)
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        import torch
+
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session", autouse=True)

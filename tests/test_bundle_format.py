@@ -96,6 +96,17 @@ def test_random_weights_are_read_from_the_source_not_the_name():
         assert cfg.random_weights is False and cfg.weights_note is None, source
 
 
+def test_a_demo_checkpoint_says_what_it_was_trained_on_and_nothing_else_is_echoed():
+    trained = {"kind": "dir", "uri": "/x/demo_weights/v1.2", "sha256": "1" * 64,
+               "trained_on": "synthetic figures (m2fp-figures)"}
+    cfg = make_config(source=trained)
+    assert cfg.random_weights is False and cfg.trained_on == trained["trained_on"]
+    assert cfg.weights_note is not None and "trained on synthetic figures (m2fp-figures)" in cfg.weights_note
+    for bad in ("", "x" * 201, "line\nbreak", "<b>\x1b[31m</b>", 7, None, ["a"]):
+        cfg = make_config(source={**trained, "trained_on": bad})
+        assert cfg.trained_on is None and cfg.weights_note is None, bad
+
+
 def test_config_input_size():
     assert make_config("single-human").input_size == [512, 384]  # [height, width] of a 384x512 (W,H) canvas
     assert make_config("multi-human").input_size is None

@@ -384,6 +384,27 @@ def test_offline_hub_subprocess(tmp_bundles):
 
 # ------------------------------------------------------------------------------- --source <dir>
 
+def test_a_demo_checkpoint_records_what_it_was_trained_on(tmp_path):
+    """``configuration.json → m2fpkit → trained_on`` reaches the checkpoint's lineage (the bundle's ``source``);
+    a value that is no short printable line is refused, naming the file and key."""
+    from m2fpkit.export.model import config as mcfg
+    from m2fpkit.export.model.m2fp import build as build_model
+    from m2fpkit.export.modelscope_source import load_modelscope_dir, save_modelscope_dir
+
+    cfg = mcfg.preset("tiny")
+    weights = build_model(cfg, seed=1).state_dict()
+    plain = load_modelscope_dir(save_modelscope_dir(tmp_path / "plain", cfg, weights))
+    assert "trained_on" not in plain.lineage
+    demo = load_modelscope_dir(save_modelscope_dir(tmp_path / "demo", cfg, weights, trained_on="drawn figures"))
+    assert demo.lineage["trained_on"] == "drawn figures"
+    for bad in ("", "two\nlines", "x" * 201, 3, {"a": 1}):
+        conf = json.loads((tmp_path / "demo" / "configuration.json").read_text())
+        conf["m2fpkit"] = {"trained_on": bad}
+        (tmp_path / "demo" / "configuration.json").write_text(json.dumps(conf))
+        with pytest.raises(sources.SourceError, match=r"configuration\.json: m2fpkit → trained_on"):
+            load_modelscope_dir(tmp_path / "demo")
+
+
 def test_source_modelscope_dir(tmp_bundles, ms_multi):
     result = invoke("v1.2", "--source", str(ms_multi.model_dir), "--bundles", str(tmp_bundles))
     assert result.exit_code == 0, result.output

@@ -81,10 +81,10 @@ def check_parse_body(body: dict, headers: dict, meta: dict, hw: tuple[int, int])
     assert set(body["classes_present"]) <= set(meta["classes"]) and body["classes_present"]
     t = body["timing"]
     assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in t.values()), t  # all ms
-    # the demo's random-init weights are said in every response, with the channel
+    # every response says whether the weights are random, with the channel: the demo's are trained ones
     assert body["channel"] == meta["channel"]
-    assert body["random_weights"] is meta["random_weights"] is True
-    assert body["weights_note"] == meta["weights_note"] and "m2fp-export" in body["weights_note"]
+    assert body["random_weights"] is meta["random_weights"] is False
+    assert body["weights_note"] == meta["weights_note"] and "not M2FP's checkpoint" in body["weights_note"]
     for step in ("queue", "decode", "preprocess", "inference", "postprocess", "render", "encode"):
         assert isinstance(t[step], (int, float)) and t[step] >= 0, step
     assert t["inference"] > 0
@@ -196,7 +196,9 @@ async def test_versions_listing(client):
         "memory_bytes", "shared_weight_bytes", "weight", "random_weights", "weights_note", "plan", "golden",
         "identity", "quality"}
     assert all(v["quality"] == [] for v in by.values())  # no grade recorded
-    assert all(v["random_weights"] is True and "random-init" in v["weights_note"] for v in by.values())
+    # the demo versions are trained on synthetic figures (not random, not M2FP's checkpoint) and say so
+    assert all(v["random_weights"] is False and "trained on synthetic figures" in v["weights_note"]
+               and "synthetic figures" in v["notes"] for v in by.values())
     # latest and aliased versions are loaded at start, the others on first use
     assert (by["v1.2"]["state"], by["v1.2"]["loaded"], by["v1.2"]["pinned"]) == ("ready", True, True)
     assert (by["v1.0"]["state"], by["v1.0"]["loaded"], by["v1.0"]["pinned"]) == ("ready", True, True)
@@ -241,7 +243,7 @@ async def test_meta(client):
             assert pre["resize"] == "center-canvas" and m["human_class"] is None
             assert m["input_size"] == [pre["canvas"][1], pre["canvas"][0]]
         assert m["compatible_api"] and m["semver"].startswith(version[1:])
-        assert m["random_weights"] is True and "Serving the real M2FP" in m["weights_note"]
+        assert m["random_weights"] is False and "trained on synthetic figures" in m["weights_note"]
     for name, status in (("auto", 404), ("v9.9", 404), ("nosuch", 404), ("Bad Name", 400)):
         r = await client.get(f"/api/{name}/meta")
         body = await r.json()

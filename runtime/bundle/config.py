@@ -32,6 +32,9 @@ RANDOM_SOURCE = "random"
 RANDOM_WEIGHTS_NOTE = ("demo: random-init weights, not a trained M2FP checkpoint; the parsing means nothing. "
                        "Serve the real M2FP: m2fp-export VERSION --source DIR (a ModelScope model directory), "
                        "see the README section 'Serving the real M2FP'")
+#: ``source.trained_on``: what a demo checkpoint was trained on (export copies it from the checkpoint's
+#: ``configuration.json → m2fpkit → trained_on``); a note is made of it only when it is this short and printable
+MAX_TRAINED_ON = 200
 
 
 @dataclass(frozen=True)
@@ -193,9 +196,23 @@ class BundleConfig:
         return kind == RANDOM_SOURCE or (isinstance(uri, str) and uri.startswith(RANDOM_SOURCE + ":"))
 
     @property
+    def trained_on(self) -> str | None:
+        """What a demo checkpoint says it was trained on (``source.trained_on``), None for any other checkpoint."""
+        value = self.source.get("trained_on")
+        if isinstance(value, str) and 0 < len(value) <= MAX_TRAINED_ON and value.isprintable():
+            return value
+        return None
+
+    @property
     def weights_note(self) -> str | None:
-        """:data:`RANDOM_WEIGHTS_NOTE` for random-init weights, else None."""
-        return RANDOM_WEIGHTS_NOTE if self.random_weights else None
+        """What every surface says about demo weights: :data:`RANDOM_WEIGHTS_NOTE` for random-init weights, what a
+        demo checkpoint was trained on, None for a checkpoint that claims neither (M2FP's own)."""
+        if self.random_weights:
+            return RANDOM_WEIGHTS_NOTE
+        if self.trained_on is not None:
+            return (f"demo: trained on {self.trained_on}, not M2FP's checkpoint; it parses drawn people, not photos. "
+                    "Serve the real M2FP: see the README section 'Serving the real M2FP'")
+        return None
 
     @property
     def input_size(self) -> list[int] | None:
