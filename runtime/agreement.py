@@ -24,7 +24,8 @@ def semantic_scores(logits: np.ndarray, masks: np.ndarray) -> np.ndarray:
     the inputs' float type."""
     e = np.exp(logits - logits.max(-1, keepdims=True))
     probs = (e / e.sum(-1, keepdims=True))[..., :-1]
-    sig = 1.0 / (1.0 + np.exp(-masks))
+    with np.errstate(over="ignore"):  # a trained model's logits below about -88: exp → inf, sigmoid → 0, as it is
+        sig = 1.0 / (1.0 + np.exp(-masks))
     return np.einsum("bqc,bqhw->bchw", probs, sig)
 
 

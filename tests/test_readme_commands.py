@@ -58,6 +58,11 @@ PLAN: list[tuple[str, str, str]] = [
     (r"make bench ", SKIP, "the full-size r101 benchmarks: tens of minutes"),
     (r"python:from m2fpkit\.runtime import Runtime", RUN, "test_the_library_example_runs"),
     (r"python:import base64, json", RUN, "test_the_inference_protocol_example_runs"),
+    (r"m2fp-figures figures-val", SKIP, "50 scenes: seconds; tests/test_figures.py runs m2fp-figures on a few"),
+    (r"m2fp-eval v1\.[012]", SKIP, "grades 50 scenes per version (a minute); tests/test_eval.py runs m2fp-eval "
+     "on a small generated set, with its JSON"),
+    (r"make train-demo", SKIP, "long (~25 min of training); tests/test_training.py runs a few steps whose loss "
+     "must fall"),
 ]
 
 
