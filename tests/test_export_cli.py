@@ -173,8 +173,9 @@ def test_demo_export_is_a_verified_bundle(demo):
     assert cfg.task == spec.task == "multi-human"
     assert cfg.channel == spec.channel and cfg.compatible_api == spec.compatible_api and cfg.notes == spec.notes
     assert cfg.num_classes == 21 and cfg.human_class == 20
-    assert cfg.source == {"kind": "dir", "uri": spec.source, "sha256": cfg.source["sha256"]}
-    assert cfg.random_weights is False
+    assert cfg.source == {"kind": "dir", "uri": spec.source, "sha256": cfg.source["sha256"],
+                          "trained_on": "synthetic figures (m2fp-figures)"}  # the demo checkpoint's own mark
+    assert cfg.random_weights is False and cfg.trained_on == cfg.source["trained_on"]
     assert cfg.parity["passed"] is True and len(cfg.parity["inputs"]) >= 3
     assert cfg.tools["opset"] == spec.opset
 

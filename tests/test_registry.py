@@ -682,7 +682,7 @@ async def test_the_status_is_a_frozen_snapshot(fast_multi_src, root, make_regist
         snap.aliases["x"] = "v1.0"  # type: ignore[index]
     rendered = snap.versions[0].to_dict()
     rendered["weight"] = 5.0  # a renderer adds to its own copy
-    assert "weight" not in snap.versions[0].to_dict() and len(snap.versions[0].to_dict()) == 23
+    assert "weight" not in snap.versions[0].to_dict() and len(snap.versions[0].to_dict()) == 24
     assert rendered["state"] == "ready" and rendered["aliases"] == ["latest"]
     await reg.predict("v1.0", IMAGE)
     assert snap.versions[0].requests == 0 and reg.status().get("v1.0").requests == 1
