@@ -40,7 +40,7 @@ test: $(VENV)/.stamp-test /usr/bin/chromium /usr/sbin/nginx /usr/bin/promtool  #
 	wait $$mypy; typed=$$?; echo "mypy m2fpkit:"; cat $(VENV)/mypy.log; \
 	test $$tests -eq 0 && test $$typed -eq 0
 
-bundles: $(VENV)/.stamp-base  ## export the demo versions (tiny random-init models) into bundles/
+bundles: $(VENV)/.stamp-base  ## export the demo versions (tiny models trained on drawn figures) into bundles/
 	@test -d $(BUNDLES)/m2fp || echo "exporting the demo versions into $(BUNDLES)/ (first time: about 2 minutes)"
 	@$(VENV)/bin/m2fp-export --all --quiet --bundles $(BUNDLES)
 

@@ -220,7 +220,10 @@ class GuardedHandler(RequestHandler):
             return
         self.guard.lingering += 1
         self._linger = self._loop.call_later(REFUSED_LINGER, transport.abort)
-        transport.write_eof()
+        try:
+            transport.write_eof()
+        except OSError:  # the client is gone already (reset before its answer): nothing to linger for
+            transport.abort()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._disarm()

@@ -520,3 +520,50 @@ def test_a_repeated_warning_is_written_a_few_times_per_interval_then_counted():
     for _ in range(3):
         limit.filter(with_args)
     assert "10.0.0.1" in with_args.getMessage()  # notes keep the record's own arguments working
+
+
+class _ResetTransport(asyncio.Transport):
+    """A transport whose client reset the connection before its answer: ``write_eof`` fails as the socket does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written: list[bytes] = []
+        self.aborted = self.closed = False
+
+    def get_extra_info(self, name, default=None):
+        return ("127.0.0.1", 40000) if name == "peername" else default
+
+    def write(self, data) -> None:
+        self.written.append(bytes(data))
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        raise OSError(107, "Transport endpoint is not connected")
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.aborted or self.closed
+
+
+async def test_refusing_a_client_that_already_reset_aborts_its_connection_without_an_error():
+    """Seen under load with reconnecting drippers: the refusal's FIN raised ENOTCONN out of ``connection_made``
+    (an ERROR with a traceback per refused connection). The connection is aborted instead, and the refusal's
+    lingering slot is given back when it is lost."""
+    from m2fpkit.server.connections import ConnectionGuard, GuardedHandler
+
+    guard = ConnectionGuard(1, 1)
+    manager = web.Server(lambda request: web.Response())
+    refused = GuardedHandler(manager, guard=guard, header_timeout=5, write_timeout=5, loop=asyncio.get_running_loop())
+    transport = _ResetTransport()
+    refused.refuse(transport, "too many connections")  # must not raise
+    assert transport.written and transport.written[0].startswith(b"HTTP/1.1 503")
+    assert transport.aborted and guard.lingering == 1
+    refused.connection_lost(None)
+    assert guard.lingering == 0
