@@ -1,11 +1,10 @@
-"""What the processes of one test run share: a directory, and things built in it once.
+"""What the processes of one test run share: a directory, and locks that let one of them build what all read.
 
 Under pytest-xdist a run is a controller and its workers (``PYTEST_XDIST_WORKER`` set in each worker, whose
 base temp directory lies inside the controller's); without it the run is one process. Invariants: every process
-of a run gets the same :func:`run_dir`; :func:`once` builds ``run_dir/name`` in exactly one process and every
-other process that asks waits for it and then reads the same files (published by an atomic rename, so a reader
-sees all or nothing). A build that fails is not published: the next process to ask tries again and fails the same
-way, naming the error in its own test.
+of a run gets the same :func:`run_dir`; a builder that checks for its output under :func:`locked` builds it in
+exactly one process, the others wait for the lock and then read the same files (``reference.cases.make_case``,
+``reference.background.start``); :func:`held` tells whether a process still holds a lock (the builder's life).
 """
 
 from __future__ import annotations
@@ -13,8 +12,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -56,18 +54,3 @@ def held(path: Path) -> bool:
     finally:
         os.close(fd)
     return False
-
-
-def once(root: Path, name: str, build: Callable[[Path], None]) -> Path:
-    """``root/name``, built by ``build(tmp)`` in the first process that asks, then renamed into place."""
-    target = root / name
-    with locked(root / f".{name}.lock"):
-        if not target.exists():
-            tmp = root / f".{name}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            try:
-                build(tmp)
-                tmp.rename(target)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-    return target
